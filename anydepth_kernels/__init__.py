@@ -1,0 +1,21 @@
+"""Fused kernels for any-depth detectors, usable on their own.
+
+Ops are registered as ``torch.ops.anydepth.*`` (schema, fake kernel, autograd) and dispatch to a
+compiled C++ (CPU), CUDA or Triton implementation, with the eager reference in
+:mod:`anydepth_kernels.reference` as the fallback. :func:`extension_info` says what is available.
+"""
+from ._ext import extension_info
+from .modules import FusedConvNormAct, activation_name, fold_batchnorm
+from .ops import BACKENDS, conv_norm_act, scale_bias_act
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "FusedConvNormAct",
+    "activation_name",
+    "conv_norm_act",
+    "extension_info",
+    "fold_batchnorm",
+    "scale_bias_act",
+]

@@ -1,0 +1,237 @@
+"""Kernel microbenchmarks: each fused op per backend against the eager modules it replaces.
+
+Timing method (the numbers users read before trusting a speedup):
+  * every backend of a case is timed in the same process, interleaved in rounds (round r times
+    each backend ``reps`` times, in turn), so drift and noise of the machine hit all of them alike;
+  * the reported time is the median over all timed calls after ``warmup`` calls;
+  * the speedup is eager median / backend median, both measured in this run;
+  * CUDA timings synchronise the device around each call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import _ext
+from .modules import FusedConvNormAct
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One switchable conv block shape (batch 1)."""
+
+    name: str
+    cin: int
+    cout: int
+    hw: int
+    k: int
+    stride: int = 1
+    residual: bool = False
+
+
+#: Conv blocks of YOLOv12-s at 640x640 input (channels x spatial size as they occur there).
+DEFAULT_CASES = [
+    ConvCase("stem 3x3/2 3->32 @640", 3, 32, 640, 3, 2),
+    ConvCase("3x3 64->64 @160", 64, 64, 160, 3),
+    ConvCase("3x3 64->64 @160 +res", 64, 64, 160, 3, residual=True),
+    ConvCase("1x1 128->128 @80", 128, 128, 80, 1),
+    ConvCase("3x3/2 128->256 @80", 128, 256, 80, 3, 2),
+    ConvCase("1x1 256->256 @40", 256, 256, 40, 1),
+    ConvCase("1x1 512->256 @20", 512, 256, 20, 1),
+]
+
+
+@dataclass
+class Result:
+    case: str
+    backend: str
+    median_ms: float
+    speedup_vs_eager: float
+    samples: int
+    max_rel_err: Optional[float] = None
+
+
+@dataclass
+class Report:
+    machine: Dict[str, str]
+    device: str
+    dtype: str
+    results: List[Result] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        head = f"{'case':<26} {'backend':<18} {'median ms':>10} {'vs eager':>9} {'rel err':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.results:
+            err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+            lines.append(f"{r.case:<26} {r.backend:<18} {r.median_ms:>10.3f} "
+                         f"{r.speedup_vs_eager:>8.2f}x {err:>9}")
+        for name, why in self.skipped.items():
+            lines.append(f"(skipped {name}: {why})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"machine": self.machine, "device": self.device, "dtype": self.dtype,
+                "method": "median over interleaved rounds after warm-up; speedup = eager / backend "
+                          "measured in the same run",
+                "results": [r.__dict__ for r in self.results], "skipped": self.skipped}
+
+
+def machine_info(device: torch.device) -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if _ext.CPU_AVAILABLE:
+        info["anydepth_cpu_isa"] = torch.ops.anydepth._ext_cpu_isa()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _eager_block(case: ConvCase, device, dtype) -> nn.Module:
+    conv = nn.Conv2d(case.cin, case.cout, case.k, case.stride, case.k // 2, bias=False)
+    bn = nn.BatchNorm2d(case.cout)
+    g = torch.Generator().manual_seed(0)
+    bn.weight.data = torch.rand(case.cout, generator=g) + 0.5
+    bn.bias.data = torch.randn(case.cout, generator=g)
+    bn.running_mean = torch.randn(case.cout, generator=g) * 0.1
+    bn.running_var = torch.rand(case.cout, generator=g) + 0.5
+    return nn.Sequential(conv, bn, nn.SiLU()).eval().to(device=device, dtype=dtype)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        def timed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return timed
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
+    """Backend name -> None if it can run here, else the reason it cannot."""
+    from .ops.conv_norm_act import select_backend
+
+    probe = torch.empty(1, device=device, dtype=dtype)
+    out: Dict[str, Optional[str]] = {}
+    for name in ("reference", "cpp", "cuda", "triton"):
+        if name == "triton" and device.type != "cuda":
+            out[name] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
+            continue
+        try:
+            select_backend("bench", probe, name)
+            out[name] = None
+        except RuntimeError as e:
+            out[name] = str(e).split("not available: ", 1)[-1]
+    return out
+
+
+def run_conv_benchmarks(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cases: Optional[List[ConvCase]] = None,
+    rounds: int = 10,
+    reps: int = 3,
+    warmup: int = 3,
+    compile_eager: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Time eager Conv2d+BatchNorm2d+SiLU(+add) against FusedConvNormAct on every backend."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
+    cases = DEFAULT_CASES if cases is None else cases
+    report = Report(machine_info(dev), str(dev), str(dtype).replace("torch.", ""))
+    backends = available_backends(dev, dtype)
+    for name, why in backends.items():
+        if why is not None:
+            report.skipped[name] = why
+    timed = _timer(dev)
+    for ci, case in enumerate(cases):
+        if progress:
+            print(f"[{ci + 1}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+        eager = _eager_block(case, dev, dtype)
+        fused = FusedConvNormAct.from_modules(eager[0], eager[1], act=eager[2]).to(dev)
+        g = torch.Generator().manual_seed(ci)
+        x = torch.randn(1, case.cin, case.hw, case.hw, generator=g).to(dev, dtype)
+        oh = (case.hw + 2 * (case.k // 2) - case.k) // case.stride + 1
+        res = torch.randn(1, case.cout, oh, oh, generator=g).to(dev, dtype) if case.residual else None
+
+        def eager_fn(m=eager, x=x, res=res):
+            y = m(x)
+            return y + res if res is not None else y
+
+        fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (nn modules)": eager_fn}
+        if compile_eager:
+            fns["torch.compile(eager)"] = torch.compile(eager_fn)
+        for name, why in backends.items():
+            if why is None:
+                fns[name] = (lambda b=name: torch.ops.anydepth.conv_norm_act(
+                    x, fused.weight, fused.scale[0], fused.bias[0], list(fused.stride),
+                    list(fused.padding), [1, 1], 1, "silu", res, b))
+        samples: Dict[str, List[float]] = {k: [] for k in fns}
+        errors: Dict[str, float] = {}
+        with torch.no_grad():
+            ref = eager_fn().double()
+            for name, fn in fns.items():
+                out = fn()
+                errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
+                for _ in range(warmup):
+                    fn()
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    for _ in range(reps):
+                        samples[name].append(timed(fn))
+        base = statistics.median(samples["eager (nn modules)"])
+        for name, s in samples.items():
+            med = statistics.median(s)
+            report.results.append(Result(case.name, name, med, base / med, len(s), errors[name]))
+    return report
+
+
+def save_report(report: Report, out_dir: str, stem: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=1)
+    return path
+
+

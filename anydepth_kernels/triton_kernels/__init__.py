@@ -1,0 +1,30 @@
+"""Triton implementations of the fused conv-block ops (see :mod:`.conv_norm_act`).
+
+Importing this package never raises: when Triton cannot be imported, ``AVAILABLE`` is False and
+``UNAVAILABLE_REASON`` says why; otherwise the kernels' entry points are re-exported here.
+They run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton
+was first imported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+AVAILABLE: bool
+UNAVAILABLE_REASON: Optional[str]
+
+try:
+    from .conv_norm_act import conv1x1_norm_act, conv_norm_act, scale_bias_act
+except Exception as exc:  # noqa: BLE001 - any failure (missing, broken install) disables it
+    AVAILABLE = False
+    UNAVAILABLE_REASON = f"Triton is not usable: {type(exc).__name__}: {exc}"
+    __all__ = ["AVAILABLE", "UNAVAILABLE_REASON"]
+else:
+    AVAILABLE = True
+    UNAVAILABLE_REASON = None
+    __all__ = [
+        "AVAILABLE",
+        "UNAVAILABLE_REASON",
+        "conv1x1_norm_act",
+        "conv_norm_act",
+        "scale_bias_act",
+    ]

@@ -1,0 +1,177 @@
+"""Ahead-of-time compilation of the Triton kernels for NVIDIA GPUs, without a GPU.
+
+:func:`compile_all_for` drives ``triton.compile`` through the full pipeline (TTIR, TTGIR, LLVM
+IR, PTX, then ``ptxas``, which Triton ships, to a cubin) for one compute capability, over the
+constexpr variants the launchers in :mod:`.conv_norm_act` actually use. It catches what the
+interpreter cannot: non-power-of-two blocks, ``tl.dot`` shapes the MMA lowering rejects, type
+errors in code paths the interpreter evaluates differently.
+
+The variants form a covering set rather than the full product (which takes minutes):
+
+* the axes that change the generated code structurally are fully crossed: the layout
+  (``CHANNELS_LAST``) or the stride path (``UNIT_STRIDE``), every block configuration, and the
+  main dtypes (fp32 with exact ``"ieee"`` dots, bf16);
+* the remaining dtype/precision variants (fp16, fp32 with ``"tf32"`` and ``"tf32x3"``, 16-bit
+  scale and bias) are compiled once each;
+* ``(ACT, HAS_RESIDUAL)`` cycles through all six pairs across those compiles, so every pair is
+  compiled for every kernel and every main dtype, and every activation with every layout or
+  stride path.
+
+``UPCAST_DOT`` is always False here: only the interpreter sets it.
+
+Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
+compiled kernels); no CUDA device or driver is needed.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Dict, List, NamedTuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..reference import ACTIVATIONS
+from .conv_norm_act import (
+    CONV1X1_CONFIGS,
+    EPILOGUE_BLOCK_LS,
+    EPILOGUE_TILE,
+    _conv1x1_kernel,
+    _scale_bias_act_kernel,
+)
+
+
+class Variant(NamedTuple):
+    """One compilation: kernel, a readable name, the argument types and the constexprs."""
+
+    kernel: object
+    name: str
+    types: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int
+
+
+#: Every (ACT, HAS_RESIDUAL) pair.
+_ACT_RESIDUAL = list(itertools.product(range(len(ACTIVATIONS)), (False, True)))
+
+
+def _pair_act_residual(combos: list, shift: int) -> list:
+    """Give ``combos[j]`` the ``(ACT, HAS_RESIDUAL)`` pair ``j + shift`` (cyclically)."""
+    return [(c, _ACT_RESIDUAL[(j + shift) % len(_ACT_RESIDUAL)]) for j, c in enumerate(combos)]
+
+
+def _epilogue_variants() -> List[Variant]:
+    # (dtype of y / residual / out, dtype of scale and bias). The dtype is the outer loop and
+    # its pairs are shifted by half a cycle, so each dtype sees all six (ACT, HAS_RESIDUAL)
+    # pairs and each layout sees every activation, with and without residual.
+    main = [("fp32", "fp32"), ("bf16", "fp32")]
+    combos = []
+    for d, dt in enumerate(main):
+        structural = [(cl, block_l, dt) for cl in (False, True) for block_l in EPILOGUE_BLOCK_LS]
+        combos += _pair_act_residual(structural, 3 * d)
+    combos += _pair_act_residual([(False, EPILOGUE_BLOCK_LS[1], ("fp16", "fp16"))], 5)
+    out = []
+    for (cl, block_l, (dt, sdt)), (act, res) in combos:
+        types = {
+            "y_ptr": f"*{dt}", "scale_ptr": f"*{sdt}", "bias_ptr": f"*{sdt}",
+            "res_ptr": f"*{dt}", "out_ptr": f"*{dt}", "R": "i32", "L": "i32", "C": "i32",
+        }
+        constexprs = dict(
+            ACT=act, HAS_RESIDUAL=res, CHANNELS_LAST=cl,
+            BLOCK_R=EPILOGUE_TILE // block_l, BLOCK_L=block_l,
+        )
+        name = (
+            f"scale_bias_act[{dt},scale={sdt},{ACTIVATIONS[act]},residual={int(res)},"
+            f"channels_last={int(cl)},block={constexprs['BLOCK_R']}x{block_l}]"
+        )
+        out.append(Variant(_scale_bias_act_kernel, name, types, constexprs, 4))
+    return out
+
+
+def _conv1x1_variants() -> List[Variant]:
+    # Same scheme as the epilogue: dtype outer, pairs shifted by half a cycle per dtype.
+    main = [("fp32", "ieee"), ("bf16", "ieee")]
+    combos = []
+    for d, dt in enumerate(main):
+        structural = [(unit, cfg, dt) for unit in (True, False) for cfg in CONV1X1_CONFIGS]
+        combos += _pair_act_residual(structural, 3 * d)
+    extras = [
+        (True, CONV1X1_CONFIGS[1], extra)
+        for extra in (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "ieee"))
+    ]
+    combos += _pair_act_residual(extras, 2)
+    out = []
+    for (unit, cfg, (dt, prec)), (act, res) in combos:
+        types = {name: "i32" for name in _conv1x1_kernel.arg_names}
+        types.update({p: f"*{dt}" for p in ("x_ptr", "w_ptr", "res_ptr", "out_ptr")})
+        types.update(scale_ptr="*fp32", bias_ptr="*fp32")
+        constexprs = dict(
+            ACT=act, HAS_RESIDUAL=res, UNIT_STRIDE=unit,
+            INPUT_PRECISION=prec, UPCAST_DOT=False,
+            BLOCK_CO=cfg.block_co, BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
+        )
+        name = (
+            f"conv1x1[{dt},{prec},{ACTIVATIONS[act]},residual={int(res)},unit_stride={int(unit)},"
+            f"block={cfg.block_co}x{cfg.block_p}x{cfg.block_k},warps={cfg.num_warps}]"
+        )
+        out.append(Variant(_conv1x1_kernel, name, types, constexprs, cfg.num_warps))
+    return out
+
+
+def variants() -> List[Variant]:
+    """Every variant :func:`compile_all_for` compiles (same list for every architecture)."""
+    return _epilogue_variants() + _conv1x1_variants()
+
+
+def _source(v: Variant) -> ASTSource:
+    fn = v.kernel
+    signature = {}
+    for name in fn.arg_names:
+        if name in v.constexprs:
+            signature[name] = "constexpr"
+        elif name in v.types:
+            signature[name] = v.types[name]
+        else:
+            raise RuntimeError(f"{v.name}: no type given for kernel argument {name!r}")
+    # Pointers from the PyTorch allocator are 16-byte aligned; the JIT specialises on that, so
+    # compile what a real launch compiles.
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*")
+    }
+    return ASTSource(fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
+
+
+def compile_all_for(arch: int) -> List[str]:
+    """Compile every variant for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90).
+
+    Returns the names of the variants compiled, each having produced non-empty PTX and cubin.
+    Raises ``RuntimeError`` naming every variant that failed, with the compiler's message.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError(
+            "compile_all_for needs compiled Triton kernels: run it in a process without "
+            "TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions)"
+        )
+    target = GPUTarget("cuda", arch, 32)
+    done: List[str] = []
+    failures: List[str] = []
+    for v in variants():
+        try:
+            compiled = triton.compile(_source(v), target=target, options={"num_warps": v.num_warps})
+            missing = [key for key in ("ptx", "cubin") if not compiled.asm.get(key)]
+            if missing:
+                raise RuntimeError(f"produced no {' or '.join(missing)}")
+        except Exception as exc:  # noqa: BLE001 - collect every failure, report them together
+            message = str(exc).strip().replace("\n", "\n    ")
+            failures.append(f"  {v.name}: {type(exc).__name__}: {message}")
+        else:
+            done.append(v.name)
+    if failures:
+        raise RuntimeError(
+            f"Triton AOT compilation for sm_{arch} failed for {len(failures)} of "
+            f"{len(failures) + len(done)} variants:\n" + "\n".join(failures)
+        )
+    return done

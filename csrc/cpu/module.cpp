@@ -1,0 +1,2 @@
+#include "../pymodule.h"
+ANYDEPTH_PY_MODULE(_C)
