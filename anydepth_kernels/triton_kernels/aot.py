@@ -25,7 +25,6 @@ compiled kernels); no CUDA device or driver is needed.
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Dict, List, NamedTuple
 
 import triton
@@ -37,6 +36,7 @@ from .conv_norm_act import (
     CONV1X1_CONFIGS,
     EPILOGUE_BLOCK_LS,
     EPILOGUE_TILE,
+    _INTERPRETED,
     _conv1x1_kernel,
     _scale_bias_act_kernel,
 )
@@ -150,10 +150,11 @@ def compile_all_for(arch: int) -> List[str]:
     Returns the names of the variants compiled, each having produced non-empty PTX and cubin.
     Raises ``RuntimeError`` naming every variant that failed, with the compiler's message.
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _INTERPRETED:
         raise RuntimeError(
-            "compile_all_for needs compiled Triton kernels: run it in a process without "
-            "TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions)"
+            "compile_all_for needs compiled Triton kernels: run it in a process where "
+            "TRITON_INTERPRET was not set when they were imported (the interpreter replaces "
+            "@triton.jit functions)"
         )
     target = GPUTarget("cuda", arch, 32)
     done: List[str] = []

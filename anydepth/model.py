@@ -1,0 +1,74 @@
+"""Base class of the any-depth model families."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .depth import DepthConfig, DepthLike, DepthSpace
+
+Shape = Tuple[int, ...]
+
+
+class AnyDepthModel(nn.Module):
+    """A model whose depth is chosen per call: ``model(x, depth=...)``.
+
+    Subclasses set ``depth_space`` and implement ``forward_depth(x, depth: DepthConfig)``.
+    ``depth`` may be ``None`` (full), ``"full"``/``"base"``, a float in [0, 1] (a position on the
+    FLOP-ordered ladder of :meth:`depth_configs`), a :class:`DepthConfig` or a dict of switch/knob
+    values. Nothing about depth is stored on the module between calls, so one instance can serve
+    several depths from several threads at once.
+    """
+
+    depth_space: DepthSpace
+    default_input_shape: Shape = (1, 3, 640, 640)
+
+    def __init__(self):
+        super().__init__()
+        self._flops_cache: Dict[Tuple[DepthConfig, Shape, torch.dtype], int] = {}
+
+    def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, depth: DepthLike = None):
+        return self.forward_depth(x, self.resolve_depth(depth, x.shape))
+
+    def resolve_depth(self, depth: DepthLike, input_shape: Optional[Sequence[int]] = None) -> DepthConfig:
+        if isinstance(depth, (int, float)) and not isinstance(depth, bool):
+            ladder = self.depth_configs(tuple(input_shape) if input_shape is not None else None)
+            return self.depth_space.resolve(depth, ladder=ladder)
+        return self.depth_space.resolve(depth)
+
+    def flops(self, depth: DepthLike = None, input_shape: Optional[Sequence[int]] = None,
+              dtype: torch.dtype = torch.float32) -> int:
+        """FLOPs of one forward pass at ``depth`` (counted with torch.utils.flop_counter)."""
+        config = self.depth_space.resolve(depth)
+        shape = tuple(input_shape or self.default_input_shape)
+        key = (config, shape, dtype)
+        if key not in self._flops_cache:
+            param = next(self.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            x = torch.zeros(shape, dtype=dtype, device=device)
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                self.forward_depth(x, config)
+            self._flops_cache[key] = counter.get_total_flops()
+        return self._flops_cache[key]
+
+    def depth_configs(self, input_shape: Optional[Sequence[int]] = None,
+                      candidates: Optional[Sequence[DepthConfig]] = None) -> List[DepthConfig]:
+        """The depth ladder from base to full, ordered by FLOPs (ties keep the candidates' order).
+
+        ``candidates`` defaults to the space's default ladder; base and full are always included.
+        """
+        space = self.depth_space
+        points = list(candidates) if candidates is not None else space.default_ladder()
+        points = list(dict.fromkeys([space.base(), *(space.resolve(c) for c in points), space.full()]))
+        flops = {c: self.flops(c, input_shape) for c in points}
+        ordered = sorted(points, key=lambda c: flops[c])
+        # base first and full last even where FLOPs tie (e.g. a knob that adds no FLOPs)
+        ordered.remove(space.base())
+        ordered.remove(space.full())
+        return [space.base(), *ordered, space.full()]

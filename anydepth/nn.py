@@ -1,0 +1,124 @@
+"""Building blocks of the any-depth models: skip-aware norms, the switchable conv block, and the
+skippable stage container.
+
+Depth reaches these modules as a ``skip`` argument of ``forward`` (True = this stage runs shallow:
+its refinement path is skipped and its essential convs use their shallow-path norms), never as
+module state.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from anydepth_kernels.modules import activation_name
+
+_ACTS = {"silu": nn.SiLU, "relu": nn.ReLU, "identity": nn.Identity}
+
+
+def split_blocks(n: int) -> Tuple[int, int]:
+    """The papers' split rule: a stage of ``n`` blocks keeps ``min(n - 1, (n + 1) // 2)`` essential
+    blocks and the rest are refinement. Returns ``(essential, refinement)``; a single block has no
+    refinement path. ResNet-50 [3, 4, 6, 3] -> refinement [1, 2, 3, 1]."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"a stage needs at least one block, got {n!r}")
+    if n == 1:
+        return 1, 0
+    essential = min(n - 1, (n + 1) // 2)
+    return essential, n - essential
+
+
+def _accepts_skip(module: nn.Module) -> bool:
+    try:
+        return "skip" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class SkipAwareBatchNorm2d(nn.Module):
+    """Two BatchNorm2d sets: ``bn`` for full depth, ``bn_skip`` for when the stage runs shallow,
+    so each depth keeps its own statistics. ``forward(x, skip)`` applies the matching one."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+        self.bn_skip = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "SkipAwareBatchNorm2d":
+        """Both sets initialised from ``bn`` (weights and running statistics copied)."""
+        new = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1)
+        new.bn.load_state_dict(bn.state_dict())
+        new.bn_skip.load_state_dict(bn.state_dict())
+        return new.to(bn.weight.device if bn.weight is not None else "cpu")
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        return self.bn_skip(x) if skip else self.bn(x)
+
+
+class SkipAwareLayerNorm(nn.Module):
+    """Two LayerNorm sets for transformer parts: ``ln`` at full depth, ``ln_skip`` when shallow."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5):
+        super().__init__()
+        self.ln = nn.LayerNorm(normalized_shape, eps=eps)
+        self.ln_skip = nn.LayerNorm(normalized_shape, eps=eps)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        return self.ln_skip(x) if skip else self.ln(x)
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d (no bias) + BatchNorm (skip-aware if ``skip_aware``) + activation: the trainable,
+    eager form of a switchable conv block. :meth:`fuse` returns the inference form, a
+    :class:`anydepth_kernels.FusedConvNormAct` with one epilogue per norm set."""
+
+    def __init__(self, in_ch: int, out_ch: int, k: int = 1, s: int = 1, p: Optional[int] = None,
+                 d: int = 1, g: int = 1, act: str = "silu", skip_aware: bool = False,
+                 bn_eps: float = 1e-3, bn_momentum: float = 0.03):
+        super().__init__()
+        act = activation_name(act)
+        p = d * (k - 1) // 2 if p is None else p
+        self.conv = nn.Conv2d(in_ch, out_ch, k, s, p, dilation=d, groups=g, bias=False)
+        self.skip_aware = skip_aware
+        self.bn = (SkipAwareBatchNorm2d(out_ch, bn_eps, bn_momentum) if skip_aware
+                   else nn.BatchNorm2d(out_ch, eps=bn_eps, momentum=bn_momentum))
+        self.act = _ACTS[act]()
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        y = self.conv(x)
+        y = self.bn(y, skip) if self.skip_aware else self.bn(y)
+        return self.act(y)
+
+    def fuse(self):
+        """The inference form (eval-mode statistics folded); epilogue index = ``int(skip)``."""
+        from anydepth_kernels import FusedConvNormAct
+
+        if self.skip_aware:
+            return FusedConvNormAct.from_modules(self.conv, self.bn.bn, self.bn.bn_skip, self.act)
+        return FusedConvNormAct.from_modules(self.conv, self.bn, None, self.act)
+
+
+class SkippableStage(nn.Module):
+    """A stage = essential path (always runs) + refinement path (skippable).
+
+    ``forward(x, skip)``: the essential path runs with ``skip`` (so its skip-aware norms pick their
+    set); when ``skip`` is True the refinement path is not called and the essential output tensor
+    itself is returned (no copy, no add, nothing allocated). Otherwise ``refinement(e)`` is
+    returned: a residual refinement block adds its own residual.
+    """
+
+    def __init__(self, essential: nn.Module, refinement: Optional[nn.Module] = None):
+        super().__init__()
+        self.essential = essential
+        self.refinement = refinement
+        self._essential_skip = _accepts_skip(essential)
+        self._refinement_skip = refinement is not None and _accepts_skip(refinement)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        e = self.essential(x, skip=skip) if self._essential_skip else self.essential(x)
+        if skip or self.refinement is None:
+            return e
+        return self.refinement(e, skip=False) if self._refinement_skip else self.refinement(e)
