@@ -7,6 +7,7 @@ compiled C++ (CPU), CUDA or Triton implementation, with the eager reference in
 from ._ext import extension_info
 from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
+from .ops.ms_deform_attn import ms_deform_attn
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,6 @@ __all__ = [
     "conv_norm_act",
     "extension_info",
     "fold_batchnorm",
+    "ms_deform_attn",
     "scale_bias_act",
 ]

@@ -66,3 +66,39 @@ def conv_norm_act(
     """``act(conv2d(x, weight) * scale + bias) + residual`` (conv without bias: fold it into ``bias``)."""
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     return scale_bias_act(y, scale, bias, act, residual)
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Deformable-DETR convention).
+
+    ``value[N, S, M, D]`` holds the flattened feature maps of ``L`` levels (``S = sum(H_l * W_l)``,
+    level ``l`` starting at ``level_start_index[l]``, shape ``spatial_shapes[l] = (H_l, W_l)``),
+    ``M`` heads of ``D`` channels. Each query ``q`` and head ``m`` samples ``P`` points per level at
+    ``sampling_locations[n, q, m, l, p] = (x, y)`` in [0, 1] (normalised over width and height),
+    bilinearly with zero padding outside the map (``grid_sample(align_corners=False,
+    padding_mode="zeros")``), and sums them weighted by ``attention_weights[n, q, m, l, p]``.
+    Returns ``[N, Q, M * D]``.
+    """
+    n, _, m, d = value.shape
+    _, q, _, levels, points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        # [N, Q, M, P, 2] -> [N*M, Q, P, 2]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [N*M, D, Q, L, P] weighted by [N*M, 1, Q, L, P]
+    stacked = torch.stack(sampled, dim=-2)
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, q, levels, points)
+    out = (stacked * weights).sum((-1, -2)).view(n, m * d, q)
+    return out.transpose(1, 2).contiguous()

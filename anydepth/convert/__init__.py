@@ -1,0 +1,27 @@
+"""Weight import from the implementations people already run.
+
+* :func:`from_ultralytics` — an Ultralytics YOLO12 ``DetectionModel`` (or its checkpoint / state
+  dict) to ``yolov12{n,s,m,l,x}-anydepth``.
+* :func:`from_transformers` — a HuggingFace ``RTDetrForObjectDetection`` (or its state dict and
+  config) to ``rtdetr-r{18,34,50,101}-anydepth``.
+
+Both peers are optional dependencies, imported only inside these adapters. The converted model
+at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
+ones.
+"""
+from __future__ import annotations
+
+
+def from_ultralytics(model_or_checkpoint, **kwargs):
+    from ._ultralytics import from_ultralytics as impl
+
+    return impl(model_or_checkpoint, **kwargs)
+
+
+def from_transformers(model_or_state_dict, **kwargs):
+    from ._transformers import from_transformers as impl
+
+    return impl(model_or_state_dict, **kwargs)
+
+
+__all__ = ["from_transformers", "from_ultralytics"]

@@ -1,0 +1,160 @@
+"""Shared detection utilities: image batching with letterbox/resize, the result type, NMS.
+
+Images given to ``model.predict`` may be a single image or a list of images, each an
+``HxWx3`` uint8 ``numpy`` array / tensor (RGB, as decoded by PIL or ``cv2`` + BGR->RGB), or a
+``3xHxW`` float tensor in [0, 1]. Results are :class:`Detections`, one per image, in the pixel
+coordinates of the original image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Detections:
+    """Detections of one image: ``boxes`` [N, 4] xyxy pixels, ``scores`` [N], ``labels`` [N]."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+    def to(self, device) -> "Detections":
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+
+
+@dataclass
+class Letterbox:
+    """How an image was placed on the network canvas: ``canvas = orig * gain + (pad_x, pad_y)``."""
+
+    gain_x: float
+    gain_y: float
+    pad_x: float
+    pad_y: float
+    orig_h: int
+    orig_w: int
+
+    def unmap(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Canvas xyxy boxes back to original-image pixels, clipped to the image."""
+        out = boxes.clone()
+        out[:, [0, 2]] = ((out[:, [0, 2]] - self.pad_x) / self.gain_x).clamp(0, self.orig_w)
+        out[:, [1, 3]] = ((out[:, [1, 3]] - self.pad_y) / self.gain_y).clamp(0, self.orig_h)
+        return out
+
+
+ImageLike = Union[np.ndarray, torch.Tensor]
+
+
+def _to_chw_float(img: ImageLike, index: int) -> torch.Tensor:
+    if isinstance(img, np.ndarray):
+        img = torch.from_numpy(np.ascontiguousarray(img))
+    if not isinstance(img, torch.Tensor):
+        raise TypeError(f"image {index}: expected a numpy array or a torch tensor, got {type(img).__name__}")
+    if img.dim() != 3:
+        raise ValueError(f"image {index}: expected HxWx3 (uint8) or 3xHxW (float), got shape {tuple(img.shape)}")
+    if img.dtype == torch.uint8:
+        if img.shape[-1] != 3:
+            raise ValueError(f"image {index}: a uint8 image must be HxWx3 RGB, got shape {tuple(img.shape)}")
+        img = img.permute(2, 0, 1).float().div_(255.0)
+    elif img.is_floating_point():
+        if img.shape[0] != 3:
+            raise ValueError(f"image {index}: a float image must be 3xHxW in [0, 1], got shape {tuple(img.shape)}")
+        img = img.float()
+    else:
+        raise TypeError(f"image {index}: dtype {img.dtype} is neither uint8 nor floating point")
+    if img.shape[1] < 1 or img.shape[2] < 1:
+        raise ValueError(f"image {index}: empty image of shape {tuple(img.shape)}")
+    if not torch.isfinite(img).all():
+        raise ValueError(f"image {index}: contains NaN or infinite values")
+    return img
+
+
+def as_image_list(images) -> List[ImageLike]:
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim == 4:  # a batch
+            return list(images)
+        return [images]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("predict: got an empty list of images")
+        return list(images)
+    raise TypeError(f"predict: images must be an image, a batch tensor or a list of images, got {type(images).__name__}")
+
+
+def letterbox_batch(images, size: Union[int, Tuple[int, int]], stride: int = 32, fill: float = 114 / 255,
+                    device=None, dtype=torch.float32) -> Tuple[torch.Tensor, List[Letterbox]]:
+    """Resize each image keeping its aspect ratio to fit ``size`` (canvas h, w; multiples of
+    ``stride``), pad the rest with ``fill`` (centred, as Ultralytics does). Returns the batch
+    ``[B, 3, H, W]`` and one :class:`Letterbox` per image."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if h % stride or w % stride or h <= 0 or w <= 0:
+        raise ValueError(f"letterbox: canvas size {(h, w)} must be positive multiples of {stride}")
+    imgs = [_to_chw_float(im, i) for i, im in enumerate(as_image_list(images))]
+    batch = torch.full((len(imgs), 3, h, w), fill, dtype=torch.float32)
+    boxes = []
+    for i, im in enumerate(imgs):
+        ih, iw = im.shape[1:]
+        r = min(h / ih, w / iw)
+        nh, nw = max(1, round(ih * r)), max(1, round(iw * r))
+        if (nh, nw) != (ih, iw):
+            im = F.interpolate(im[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                               antialias=r < 1)[0]
+        top, left = (h - nh) // 2, (w - nw) // 2
+        batch[i, :, top:top + nh, left:left + nw] = im
+        boxes.append(Letterbox(nw / iw, nh / ih, left, top, ih, iw))
+    return batch.to(device=device, dtype=dtype), boxes
+
+
+def resize_batch(images, size: Union[int, Tuple[int, int]], device=None,
+                 dtype=torch.float32) -> Tuple[torch.Tensor, List[Letterbox]]:
+    """Plain resize to ``size`` (no aspect preservation), as RT-DETR's preprocessing does."""
+    h, w = (size, size) if isinstance(size, int) else size
+    imgs = [_to_chw_float(im, i) for i, im in enumerate(as_image_list(images))]
+    batch = torch.empty((len(imgs), 3, h, w), dtype=torch.float32)
+    boxes = []
+    for i, im in enumerate(imgs):
+        ih, iw = im.shape[1:]
+        batch[i] = F.interpolate(im[None], size=(h, w), mode="bilinear", align_corners=False,
+                                 antialias=(ih > h or iw > w))[0]
+        boxes.append(Letterbox(w / iw, h / ih, 0.0, 0.0, ih, iw))
+    return batch.to(device=device, dtype=dtype), boxes
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes: [N, 4] x [M, 4] -> [N, M]."""
+    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
+    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-12)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Class-aware greedy NMS; indices kept, by decreasing score. Uses torchvision's kernel when
+    installed, else an exact pure-PyTorch version."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    try:
+        from torchvision.ops import batched_nms as tv_nms
+
+        return tv_nms(boxes.float(), scores.float(), labels, iou)
+    except ImportError:  # pragma: no cover - torchvision is a dependency, but stay usable without
+        pass
+    offset = labels.to(boxes.dtype)[:, None] * (boxes.max() + 1)
+    b = boxes + offset
+    order = scores.argsort(descending=True)
+    b = b[order]
+    ious = box_iou(b, b)
+    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    for i in range(len(order)):
+        if keep[i]:
+            keep[i + 1:] &= ious[i, i + 1:] <= iou
+    return order[keep]
