@@ -2,18 +2,55 @@
 
 Same signature as Deformable-DETR's ``MSDeformAttnFunction`` / HF's
 ``multi_scale_deformable_attention``; see :func:`anydepth_kernels.reference.ms_deform_attn` for
-the semantics. This module is the single entry point: fast backends plug in behind it.
+the semantics. Registered as ``torch.ops.anydepth.ms_deform_attn`` (schema, fake kernel for
+``torch.compile``/export, autograd through ``torch.ops.anydepth.ms_deform_attn_backward``); the op
+body is the single dispatch point.
+
+Backends (``backend=``):
+  ``"cpp"``       fused C++ kernels, float32/float64 (float16/bfloat16 computed in float32) (CPU)
+  ``"cuda"``      CUDA kernels, float32/float16/bfloat16/float64, fp32 accumulation (CUDA)
+  ``"triton"``    Triton kernels, float32/float16/bfloat16 (CUDA; CPU tensors only under
+                  ``TRITON_INTERPRET=1``)
+  ``"reference"`` the eager ``grid_sample`` reference (backward: autograd through it)
+  ``"auto"``      cpp on CPU, cuda then triton on CUDA, else the reference with a one-time warning
+
+The backward runs on the same backend as the forward (``"auto"`` resolves the same way), so every
+backend above has its own forward and backward.
+
+Input handling:
+  * ``value``, ``sampling_locations`` and ``attention_weights`` share one floating dtype and one
+    device; any strides are accepted (non-contiguous inputs are copied to contiguous ones).
+  * ``spatial_shapes`` ``[L, 2]`` and ``level_start_index`` ``[L]`` are integer tensors on any
+    device (moved to ``value``'s device as int64); every level must be non-empty, their sizes
+    must sum to ``S`` and ``level_start_index`` must be their running offsets (checked on every
+    eager call; reading the two small tables synchronises a CUDA device).
+  * Empty ``N``, ``Q``, ``M`` or ``D`` give an empty ``[N, Q, M*D]`` result (and zero gradients);
+    ``P = 0`` gives zeros.
+  * NaN/inf policy, identical in every backend and in the reference: a non-finite sampling
+    location samples NaN (its output row becomes NaN); an attention weight multiplies the sampled
+    value, so a non-finite weight gives NaN (``inf * 0``) or inf; a NaN in ``value`` reaches every
+    output whose bilinear corners read it, even with a zero bilinear weight. Finite locations
+    far outside ``[0, 1]`` sample zeros. The gradients of a point at a non-finite location are NaN.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 
-from .. import reference
+from .. import _ext, reference
+from ._checks import FLOAT_DTYPES
+from .conv_norm_act import select_backend
 
-MS_DEFORM_BACKENDS = ("auto", "reference")
+MS_DEFORM_BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+
+_OP = "anydepth.ms_deform_attn"
+_BWD_OP = "anydepth.ms_deform_attn_backward"
+_EXT_FWD = "anydepth::_ext_ms_deform_attn_forward"
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    """Types, shapes, dtypes and devices (trace-friendly: reads no tensor data)."""
     op = "ms_deform_attn"
     for name, t in (("value", value), ("spatial_shapes", spatial_shapes),
                     ("level_start_index", level_start_index),
@@ -22,14 +59,19 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if value.dim() != 4:
         raise ValueError(f"{op}: value must be [N, S, M, D], got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{op}: value must be floating point, got {value.dtype}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: value has dtype {value.dtype}; expected one of "
+                        f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
     n, s, m, d = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point():
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point() \
+            or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
         raise ValueError(f"{op}: spatial_shapes must be an integer [L, 2] tensor, got "
                          f"{tuple(spatial_shapes.shape)} {spatial_shapes.dtype}")
     levels = spatial_shapes.shape[0]
-    if level_start_index.shape != (levels,) or level_start_index.is_floating_point():
+    if levels == 0:
+        raise ValueError(f"{op}: spatial_shapes is empty: at least one level is needed")
+    if level_start_index.shape != (levels,) or level_start_index.is_floating_point() \
+            or level_start_index.is_complex() or level_start_index.dtype == torch.bool:
         raise ValueError(f"{op}: level_start_index must be an integer [L={levels}] tensor, got "
                          f"{tuple(level_start_index.shape)} {level_start_index.dtype}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[0] != n or sampling_locations.shape[2] != m \
@@ -45,22 +87,194 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but value has {value.dtype}")
         if t.device != value.device:
             raise ValueError(f"{op}: {name} is on {t.device} but value is on {value.device}")
-    if not torch.compiler.is_compiling():
-        hw = spatial_shapes.prod(1)
-        if int(hw.sum()) != s:
-            raise ValueError(f"{op}: value has S={s} positions but spatial_shapes sum to {int(hw.sum())}")
-        starts = torch.cat([hw.new_zeros(1), hw.cumsum(0)[:-1]])
-        if not torch.equal(starts.to(level_start_index.device), level_start_index.long()):
-            raise ValueError(f"{op}: level_start_index {level_start_index.tolist()} does not match "
-                             f"spatial_shapes (expected {starts.tolist()})")
+
+
+def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                  level_start_index: torch.Tensor) -> None:
+    """The level table against ``S`` (reads the two small tables; runs on every eager call)."""
+    op = "ms_deform_attn"
+    s = value.shape[1]
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    offset = 0
+    expected = []
+    for lvl, (h, w) in enumerate(shapes):
+        if h <= 0 or w <= 0:
+            raise ValueError(f"{op}: level {lvl} has an empty feature map {h}x{w} (spatial_shapes "
+                             f"{shapes})")
+        expected.append(offset)
+        offset += h * w
+    if offset != s:
+        raise ValueError(f"{op}: value has S={s} positions but spatial_shapes {shapes} sum to {offset}")
+    if starts != expected:
+        raise ValueError(f"{op}: level_start_index {starts} does not match spatial_shapes "
+                         f"(expected {expected})")
+
+
+def _ext_registered(device_type: str) -> bool:
+    key = "CPU" if device_type == "cpu" else "CUDA"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_EXT_FWD, key)
+    except RuntimeError:  # the schema itself is missing: an extension built before this op
+        return False
+
+
+def _resolve(t: torch.Tensor, backend: str) -> str:
+    """``select_backend`` plus a check that the loaded extension has this op."""
+    if backend not in MS_DEFORM_BACKENDS:
+        raise ValueError(f"{_OP}: unknown backend {backend!r}; expected one of {MS_DEFORM_BACKENDS}")
+    chosen = select_backend(_OP, t, backend)
+    if chosen in ("cpp", "cuda") and not _ext_registered(t.device.type):
+        why = "the loaded compiled extension predates this op; rebuild it"
+        if backend != "auto":
+            raise RuntimeError(f"{_OP}: backend {backend!r} is not available: {why}")
+        if t.device.type == "cuda":
+            from .conv_norm_act import _triton_usable
+
+            if _triton_usable(t) is None:
+                return "triton"
+        _ext.warn_fallback(_OP, t.device, why)
+        return "reference"
+    return chosen
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    dev = value.device
+    return (value.contiguous(),
+            spatial_shapes.to(device=dev, dtype=torch.int64).contiguous(),
+            level_start_index.to(device=dev, dtype=torch.int64).contiguous(),
+            sampling_locations.contiguous(), attention_weights.contiguous())
+
+
+def _cpp_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The C++ CPU kernels compute float16/bfloat16 in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.custom_op(_OP.replace(".", "::"), mutates_args=())
+def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                       level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                       attention_weights: torch.Tensor, backend: str) -> torch.Tensor:
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    n, _, m, d = value.shape
+    q, p = sampling_locations.shape[1], sampling_locations.shape[4]
+    chosen = _resolve(value, backend)
+    _check_levels(value, spatial_shapes, level_start_index)
+    if n * q * m * d == 0 or p == 0:
+        return value.new_zeros((n, q, m * d))
+    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if chosen == "cpp":
+        ct = _cpp_dtype(value.dtype)
+        v, ss, lsi, loc, attn = args
+        out = torch.ops.anydepth._ext_ms_deform_attn_forward(v.to(ct), ss, lsi, loc.to(ct), attn.to(ct))
+        return out.to(value.dtype)
+    if chosen == "cuda":
+        return torch.ops.anydepth._ext_ms_deform_attn_forward(*args)
+    if chosen == "triton":
+        from ..triton_kernels import ms_deform_attn as tk
+
+        return tk.ms_deform_attn_forward(*args)
+    return reference.ms_deform_attn(*args)
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+def _reference_backward(value, spatial_shapes, level_start_index, loc, attn, grad):
+    # torch.func.vjp: plain autograd is switched off inside a custom op's body.
+    def fn(v, sl, aw):
+        return reference.ms_deform_attn(v, spatial_shapes, level_start_index, sl, aw)
+
+    _, vjp = torch.func.vjp(fn, value, loc, attn)
+    return vjp(grad)
+
+
+@torch.library.custom_op(_BWD_OP.replace(".", "::"), mutates_args=())
+def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                attention_weights: torch.Tensor, grad_output: torch.Tensor,
+                                backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_value, grad_sampling_locations, grad_attention_weights)`` of ``ms_deform_attn``."""
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    n, _, m, d = value.shape
+    q, p = sampling_locations.shape[1], sampling_locations.shape[4]
+    if tuple(grad_output.shape) != (n, q, m * d):
+        raise ValueError(f"{_BWD_OP}: grad_output must be [N, Q, M*D] = {(n, q, m * d)}, got "
+                         f"{tuple(grad_output.shape)}")
+    chosen = _resolve(value, backend)
+    _check_levels(value, spatial_shapes, level_start_index)
+    if n * q * m * d == 0 or p == 0:
+        return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
+                torch.zeros_like(attention_weights))
+    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    grad = grad_output.to(value.dtype).contiguous()
+    if chosen == "cpp":
+        ct = _cpp_dtype(value.dtype)
+        v, ss, lsi, loc, attn = args
+        grads = torch.ops.anydepth._ext_ms_deform_attn_backward(
+            v.to(ct), ss, lsi, loc.to(ct), attn.to(ct), grad.to(ct))
+        return tuple(g.to(value.dtype) for g in grads)
+    if chosen == "cuda":
+        return tuple(torch.ops.anydepth._ext_ms_deform_attn_backward(*args, grad))
+    if chosen == "triton":
+        from ..triton_kernels import ms_deform_attn as tk
+
+        return tk.ms_deform_attn_backward(*args, grad)
+    return tuple(_reference_backward(*args, grad))
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+      backend):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, loc, attn, backend = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, attn)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    value, spatial_shapes, level_start_index, loc, attn = ctx.saved_tensors
+    need_value, _, _, need_loc, need_attn, _ = ctx.needs_input_grad
+    if not (need_value or need_loc or need_attn):
+        return None, None, None, None, None, None
+    grad_value, grad_loc, grad_attn = torch.ops.anydepth.ms_deform_attn_backward(
+        value, spatial_shapes, level_start_index, loc, attn, grad, ctx.backend)
+    return (grad_value if need_value else None, None, None, grad_loc if need_loc else None,
+            grad_attn if need_attn else None, None)
+
+
+_ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
-    """Multi-scale deformable attention ``-> [N, Q, M*D]`` (see module docstring)."""
+    """Multi-scale deformable attention ``-> [N, Q, M*D]`` (see the module docstring).
+
+    Args:
+        value: ``[N, S, M, D]`` flattened feature maps of all levels, ``M`` heads of ``D``
+            channels (float32, float16, bfloat16 or float64).
+        spatial_shapes: ``[L, 2]`` integer ``(H_l, W_l)`` per level, ``sum(H_l * W_l) == S``.
+        level_start_index: ``[L]`` integer offset of each level in ``S``.
+        sampling_locations: ``[N, Q, M, L, P, 2]`` ``(x, y)`` normalised to ``[0, 1]`` (points
+            outside sample zeros, as ``grid_sample(align_corners=False, padding_mode="zeros")``).
+        attention_weights: ``[N, Q, M, L, P]``.
+        backend: ``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"reference"``; a named
+            backend that cannot run here raises ``RuntimeError`` saying why.
+
+    Returns:
+        ``[N, Q, M * D]`` in ``value``'s dtype.
+    """
     if backend not in MS_DEFORM_BACKENDS:
         raise ValueError(f"ms_deform_attn: unknown backend {backend!r}; expected one of {MS_DEFORM_BACKENDS}")
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return reference.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights)
+    return torch.ops.anydepth.ms_deform_attn(value, spatial_shapes, level_start_index,
+                                             sampling_locations, attention_weights, backend)
