@@ -1,11 +1,17 @@
 """anydepth: any-depth object detectors — one network, one set of weights, depth chosen per call.
 
-This release holds the depth-control API and the building blocks of the model families; the
-fused kernels live in :mod:`anydepth_kernels`.
+    model = anydepth.create_model("yolov12s-anydepth")        # or a converter in anydepth.convert
+    model(x, depth="base") / model(x, depth=0.5) / model.predict(images, depth="full")
+
+The fused kernels live in :mod:`anydepth_kernels`.
 """
+from . import checkpoint
+from .checkpoint import load, save
 from .depth import DepthConfig, DepthSpace, KnobSpec
+from .detection import Detections
 from .model import AnyDepthModel
 from .nn import ConvNormAct, SkipAwareBatchNorm2d, SkipAwareLayerNorm, SkippableStage, split_blocks
+from .registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
@@ -14,9 +20,16 @@ __all__ = [
     "ConvNormAct",
     "DepthConfig",
     "DepthSpace",
+    "Detections",
     "KnobSpec",
     "SkipAwareBatchNorm2d",
     "SkipAwareLayerNorm",
     "SkippableStage",
+    "checkpoint",
+    "create_model",
+    "list_models",
+    "load",
+    "register_model",
+    "save",
     "split_blocks",
 ]

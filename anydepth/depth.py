@@ -97,12 +97,17 @@ class DepthSpace:
 
     def __init__(self, switches: Sequence[str], knobs: Optional[Mapping[str, KnobSpec]] = None):
         self.switches: Tuple[str, ...] = tuple(switches)
-        self.knob_specs: Mapping[str, KnobSpec] = MappingProxyType(dict(knobs or {}))
+        self._knob_specs: Dict[str, KnobSpec] = dict(knobs or {})
         if len(set(self.switches)) != len(self.switches):
             raise ValueError(f"duplicate switch names in {self.switches}")
         clash = set(self.switches) & set(self.knob_specs)
         if clash:
             raise ValueError(f"names used both as switch and knob: {sorted(clash)}")
+
+    @property
+    def knob_specs(self) -> Mapping[str, KnobSpec]:
+        """Knob name -> :class:`KnobSpec` (read-only view)."""
+        return MappingProxyType(self._knob_specs)
 
     # -- construction -------------------------------------------------------------------------
     def make(self, skip: Optional[Mapping[str, bool]] = None, knobs: Optional[Mapping[str, int]] = None,
