@@ -1,4 +1,4 @@
-"""Triton implementations of the fused conv-block ops (see :mod:`.conv_norm_act`).
+"""Triton implementations of the fused ops (:mod:`.conv_norm_act`, :mod:`.ms_deform_attn`).
 
 Importing this package never raises: when Triton cannot be imported, ``AVAILABLE`` is False and
 ``UNAVAILABLE_REASON`` says why; otherwise the kernels' entry points are re-exported here.
@@ -14,6 +14,7 @@ UNAVAILABLE_REASON: Optional[str]
 
 try:
     from .conv_norm_act import conv1x1_norm_act, conv_norm_act, scale_bias_act
+    from .ms_deform_attn import ms_deform_attn_backward, ms_deform_attn_forward
 except Exception as exc:  # noqa: BLE001 - any failure (missing, broken install) disables it
     AVAILABLE = False
     UNAVAILABLE_REASON = f"Triton is not usable: {type(exc).__name__}: {exc}"
@@ -26,5 +27,7 @@ else:
         "UNAVAILABLE_REASON",
         "conv1x1_norm_act",
         "conv_norm_act",
+        "ms_deform_attn_backward",
+        "ms_deform_attn_forward",
         "scale_bias_act",
     ]

@@ -19,13 +19,17 @@ The variants form a covering set rather than the full product (which takes minut
 
 ``UPCAST_DOT`` is always False here: only the interpreter sets it.
 
+The multi-scale deformable attention kernels (family ``"ms_deform_attn"``, compiled when asked
+for: ``compile_all_for(arch, ["ms_deform_attn"])``) are compiled forward and backward for the
+head-dim blocks 16, 32, 64 and 256 in fp32 and at 32 in fp16 and bf16.
+
 Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
 compiled kernels); no CUDA device or driver is needed.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -40,6 +44,7 @@ from .conv_norm_act import (
     _conv1x1_kernel,
     _scale_bias_act_kernel,
 )
+from .ms_deform_attn import MSDA_BLOCK_DS, _msda_bwd_kernel, _msda_fwd_kernel, msda_config
 
 
 class Variant(NamedTuple):
@@ -119,9 +124,42 @@ def _conv1x1_variants() -> List[Variant]:
     return out
 
 
-def variants() -> List[Variant]:
+def _ms_deform_variants() -> List[Variant]:
+    # Forward and backward for every head-dim block the launcher uses, in fp32; fp16 and bf16
+    # (loads converted to fp32, stores converted back) once each at the RT-DETR head dim 32.
+    combos = [("fp32", block_d) for block_d in MSDA_BLOCK_DS if block_d in (16, 32, 64, 256)]
+    combos += [("fp16", 32), ("bf16", 32)]
+    out = []
+    for dt, block_d in combos:
+        cfg = msda_config(block_d)
+        assert cfg.block_d == block_d
+        for kernel, direction in ((_msda_fwd_kernel, "fwd"), (_msda_bwd_kernel, "bwd")):
+            types = {name: "i32" for name in ("S", "M", "D", "L", "Q", "P")}
+            types.update({p: f"*{dt}" for p in ("value_ptr", "loc_ptr", "attn_ptr", "out_ptr",
+                                                "grad_out_ptr", "grad_loc_ptr", "grad_attn_ptr")})
+            types.update(shapes_ptr="*i64", starts_ptr="*i64", grad_value_ptr="*fp32")
+            constexprs = dict(BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d)
+            name = f"ms_deform_attn_{direction}[{dt},block={cfg.block_q}x{cfg.block_d}]"
+            out.append(Variant(kernel, name, types, constexprs, cfg.num_warps))
+    return out
+
+
+#: Kernel families by op. ``compile_all_for`` compiles ``DEFAULT_FAMILIES`` unless told
+#: otherwise (the conv family alone, as before the deformable-attention kernels existed).
+FAMILIES = {
+    "conv_norm_act": lambda: _epilogue_variants() + _conv1x1_variants(),
+    "ms_deform_attn": _ms_deform_variants,
+}
+DEFAULT_FAMILIES = ("conv_norm_act",)
+
+
+def variants(families: Optional[Sequence[str]] = None) -> List[Variant]:
     """Every variant :func:`compile_all_for` compiles (same list for every architecture)."""
-    return _epilogue_variants() + _conv1x1_variants()
+    families = DEFAULT_FAMILIES if families is None else tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown kernel families {unknown}; expected some of {sorted(FAMILIES)}")
+    return [v for f in families for v in FAMILIES[f]()]
 
 
 def _source(v: Variant) -> ASTSource:
@@ -144,8 +182,10 @@ def _source(v: Variant) -> ASTSource:
     return ASTSource(fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
 
 
-def compile_all_for(arch: int) -> List[str]:
+def compile_all_for(arch: int, families: Optional[Sequence[str]] = None) -> List[str]:
     """Compile every variant for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90).
+
+    ``families``: names from ``FAMILIES`` (default ``DEFAULT_FAMILIES``).
 
     Returns the names of the variants compiled, each having produced non-empty PTX and cubin.
     Raises ``RuntimeError`` naming every variant that failed, with the compiler's message.
@@ -159,7 +199,7 @@ def compile_all_for(arch: int) -> List[str]:
     target = GPUTarget("cuda", arch, 32)
     done: List[str] = []
     failures: List[str] = []
-    for v in variants():
+    for v in variants(families):
         try:
             compiled = triton.compile(_source(v), target=target, options={"num_warps": v.num_warps})
             missing = [key for key in ("ptx", "cubin") if not compiled.asm.get(key)]
