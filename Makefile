@@ -10,7 +10,7 @@ TORCHVISION_SPEC ?= torchvision==0.29.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-BENCH_ARGS ?= --kernels
+BENCH_ARGS ?= --model yolov12s-anydepth --imgsz 640
 PYTEST_ARGS ?=
 
 # nvcc lives here on the development machines; the CUDA extension is built when it is found.

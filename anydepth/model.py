@@ -57,6 +57,36 @@ class AnyDepthModel(nn.Module):
             self._flops_cache[key] = counter.get_total_flops()
         return self._flops_cache[key]
 
+    def params_used(self, depth: DepthLike = None, input_shape: Optional[Sequence[int]] = None) -> int:
+        """Parameters that one forward pass at ``depth`` reads: those of every module that runs
+        (counted once), plus :meth:`_extra_params_used` for weights read partially (slices)."""
+        config = self.depth_space.resolve(depth)
+        shape = tuple(input_shape or (1, 3, 64, 64))
+        ran = set()
+        handles = [m.register_forward_pre_hook(lambda mod, args, ran=ran: ran.add(id(mod)))
+                   for m in self.modules()]
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        try:
+            with torch.no_grad():
+                self.forward_depth(torch.zeros(shape, device=device,
+                                               dtype=param.dtype if param is not None else torch.float32), config)
+        finally:
+            for h in handles:
+                h.remove()
+        seen = set()
+        total = 0
+        for m in self.modules():
+            if id(m) in ran:
+                for p in m.parameters(recurse=False):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        total += p.numel()
+        return total + self._extra_params_used(config, ran)
+
+    def _extra_params_used(self, config: DepthConfig, ran: set) -> int:
+        return 0
+
     def depth_configs(self, input_shape: Optional[Sequence[int]] = None,
                       candidates: Optional[Sequence[DepthConfig]] = None) -> List[DepthConfig]:
         """The depth ladder from base to full, ordered by FLOPs (ties keep the candidates' order).

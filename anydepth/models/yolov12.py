@@ -396,6 +396,16 @@ class AnyDepthYOLOv12(AnyDepthModel):
         """Switch name -> its CSP module."""
         return {name: self.layers[i] for name, i in SWITCHES}
 
+    def _extra_params_used(self, config: DepthConfig, ran: set) -> int:
+        # a shallow output conv that reads a slice of cv2's weight calls F.conv2d directly: count
+        # the slice and cv2's shallow norm set (skip-aware norms count the set that ran via hooks)
+        extra = 0
+        for name, csp in self.switchable_modules.items():
+            if config.is_skipped(name) and csp.conv_skip is None and id(csp.cv2.conv) not in ran:
+                extra += csp.cv2.conv.weight[:, : csp.shallow_in_channels].numel()
+                extra += sum(p.numel() for p in csp.cv2.bn.bn_skip.parameters())
+        return extra
+
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a tensor [B, 3, H, W], got {type(x).__name__}")

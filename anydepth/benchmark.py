@@ -1,0 +1,222 @@
+"""Per-depth model benchmark: ``anydepth bench --model yolov12s-anydepth --imgsz 640``.
+
+For every configuration of the model's depth ladder: GFLOPs (``torch.utils.flop_counter``; a
+multiply-add counts as 2 FLOPs), parameters read, median latency and speedup against full depth,
+plus the peer implementation (Ultralytics / HuggingFace eager) with the same weights at full depth.
+All timings are interleaved round by round in one run, so the ratios share the machine's state.
+Written as a table, JSON and a latency-vs-GFLOPs plot (PNG).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from anydepth_kernels.benchmark import machine_info
+
+from .registry import create_model
+
+
+@dataclass
+class Row:
+    name: str
+    code: str
+    gflops: Optional[float]
+    params_m: Optional[float]
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    speedup_vs_full: float = 1.0
+    skip: Dict[str, bool] = field(default_factory=dict)
+    knobs: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ModelReport:
+    model: str
+    imgsz: int
+    batch: int
+    device: str
+    dtype: str
+    rounds: int
+    machine: Dict[str, str]
+    rows: List[Row]
+    peer: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    def table(self) -> str:
+        head = f"{'depth':<14}{'code':<16}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}{'speedup':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            g = f"{r.gflops:9.2f}" if r.gflops is not None else f"{'-':>9}"
+            p = f"{r.params_m:11.2f}" if r.params_m is not None else f"{'-':>11}"
+            lines.append(f"{r.name:<14}{r.code[:15]:<16}{g}{p}{r.median_ms:11.1f}"
+                         f"{f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>17}{r.speedup_vs_full:8.2f}x")
+        return "\n".join(lines)
+
+    def summary(self) -> List[str]:
+        full, base = self.row("full"), self.row("base")
+        out = []
+        if full.gflops and base.gflops:
+            flop_ratio = full.gflops / base.gflops
+            lat_ratio = full.median_ms / base.median_ms
+            out.append(f"full/base: GFLOPs ratio {flop_ratio:.2f}, latency ratio {lat_ratio:.2f} "
+                       f"(= {lat_ratio / flop_ratio:.2f} x the FLOP ratio)")
+        if self.peer is not None:
+            peer = self.row("peer")
+            out.append(f"full depth vs {self.peer} eager, same weights: {peer.median_ms / full.median_ms:.2f}x "
+                       f"({full.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["summary"] = self.summary()
+        return d
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        def t(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+    else:
+        def t(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return t
+
+
+def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):
+    """``(ours, peer, peer_name, peer_call)``: our model with random well-conditioned weights and,
+    when the peer package is installed, the peer implementation holding the same weights."""
+    note = None
+    try:
+        if model_name.startswith("yolov12"):
+            from .convert._ultralytics import build_peer
+
+            peer, ours = build_peer(model_name, num_classes, seed)
+            return ours, peer, "ultralytics", (lambda m, x: m(x)), None
+        if model_name.startswith("rtdetr"):
+            from .convert._transformers import build_peer
+
+            peer, ours = build_peer(model_name, num_classes, seed)
+            return ours, peer, "transformers", (lambda m, x: m(pixel_values=x)), None
+    except ImportError as e:
+        note = f"peer not timed: {e}"
+    from .testing import randomize_
+
+    torch.manual_seed(seed)
+    ours = create_model(model_name, num_classes=num_classes)
+    randomize_(ours, seed)
+    return ours.eval(), None, None, None, note
+
+
+def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2,
+                        peer: bool = True, progress: bool = True) -> ModelReport:
+    dev = torch.device(device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
+    ours, peer_model, peer_name, peer_call, note = build_with_peer(model_name)
+    if not peer:
+        peer_model = peer_name = None
+    ours = ours.to(dev, dtype).eval()
+    shape = (batch, 3, imgsz, imgsz)
+    log("counting FLOPs of the depth ladder ...")
+    ladder = ours.depth_configs(shape)
+    names = []
+    for i, c in enumerate(ladder):
+        names.append("base" if i == 0 else "full" if i == len(ladder) - 1 else f"ladder{i}")
+    gflops = {c: ours.flops(c, shape) / 1e9 for c in ladder}
+    params = {c: ours.params_used(c) / 1e6 for c in ladder}
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    fns: Dict[str, Callable[[], object]] = {}
+    for n, c in zip(names, ladder):
+        fns[n] = (lambda c=c: ours(x, depth=c))
+    if peer_model is not None:
+        peer_model = peer_model.to(dev, dtype).eval()
+        fns["peer"] = lambda: peer_call(peer_model, x)
+    timer = _timer(dev)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for k, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+        for r in range(rounds):
+            for k, fn in fns.items():
+                times[k].append(timer(fn))
+            log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}ms" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def pct(v, q):
+        s = sorted(v)
+        return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+    rows = []
+    for n, c in zip(names, ladder):
+        rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
+                        med["full"] / med[n], dict(c.skip), dict(c.knobs)))
+    if "peer" in fns:
+        rows.append(Row("peer", peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
+                        med["peer"], pct(times["peer"], 0.1), pct(times["peer"], 0.9), med["full"] / med["peer"]))
+    report = ModelReport(model_name, imgsz, batch, str(dev), str(dtype).replace("torch.", ""), rounds,
+                         machine_info(dev), rows, peer_name)
+    if note:
+        report.notes.append(note)
+    return report
+
+
+def device_tag(report: ModelReport) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", report.machine.get("gpu", "cpu")).strip("-").lower()
+
+
+def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[str]]:
+    """Write ``<model>-<imgsz>-<device>.json`` and the latency-vs-GFLOPs ``.png``; return paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"model-{report.model}-{report.imgsz}-{device_tag(report)}-{report.dtype}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report.to_json(), f, indent=1)
+    png = None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in report.rows if r.gflops is not None]
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        ax.plot([r.gflops for r in rows], [r.median_ms for r in rows], "o-", label=f"{report.model} (one set of weights)")
+        for r in rows:
+            ax.annotate(r.name, (r.gflops, r.median_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if report.peer:
+            peer = report.row("peer")
+            full = report.row("full")
+            ax.plot([full.gflops], [peer.median_ms], "x", color="red", label=f"{report.peer} eager (full)")
+        ax.set_xlabel("GFLOPs (multiply-add = 2)")
+        ax.set_ylabel("median latency (ms)")
+        where = report.machine.get("gpu") or report.machine.get("cpu", "")
+        ax.set_title(f"{report.model} @ {report.imgsz}, batch {report.batch}, {report.device}\n{where}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = stem + ".png"
+        fig.savefig(png)
+        plt.close(fig)
+    except ImportError:
+        report.notes.append("matplotlib not installed: no plot written")
+    return stem + ".json", png
