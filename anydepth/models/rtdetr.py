@@ -1,0 +1,726 @@
+"""AnyDepth-RT-DETR: RT-DETR (ResNet-vd backbone, hybrid encoder, deformable decoder) whose depth is
+chosen per call.
+
+Topology (matches HuggingFace ``RTDetrForObjectDetection`` / the official RT-DETR, so its weights
+load with :func:`anydepth.convert.from_transformers`):
+
+* ``backbone``: ResNet-vd. A stem of three 3x3 conv-BN-ReLU (stride 2 on the first) and a 3x3/2
+  max-pool, then ``stage1..stage4`` of basic blocks (R18/R34) or bottlenecks (R50/R101). The first
+  block of a downsampling stage uses an avg-pool + 1x1 conv shortcut (the "vd" trick).
+* ``encoder`` (hybrid encoder): a conv-BN input projection per level (C3, C4, C5 -> hidden), one
+  AIFI transformer layer on the stride-32 map with a 2D sin-cos position embedding, then CCFM:
+  top-down and bottom-up fusion with CSP blocks of three RepVGG blocks.
+* ``decoder``: conv-BN input projections, query selection from the encoder memory with anchors
+  (top-``num_queries`` by class score), then decoder layers (self-attention, multi-scale deformable
+  cross-attention through :func:`anydepth_kernels.ms_deform_attn`, FFN) with iterative box
+  refinement.
+
+Any-depth split (the AnyDepth-DETR paper):
+
+* switches ``backbone.stage1`` .. ``backbone.stage4``: each ResNet stage is a
+  :class:`~anydepth.nn.SkippableStage` split with :func:`~anydepth.nn.split_blocks`; every conv of
+  the essential blocks (shortcut included) has a skip-aware BatchNorm.
+* switch ``encoder``: each CSP block's three RepVGG blocks = 1 essential + 2 refinement. Every
+  conv-BN of the hybrid encoder outside the refinement blocks (input projections, lateral and
+  downsample convs, CSP convs, essential RepVGG blocks) has a skip-aware BatchNorm keyed on this
+  switch, since everything downstream of the first CSP block sees different statistics when it
+  runs shallow. (The input projections belong to the hybrid encoder in the official code.) The
+  AIFI layer always runs, with its own LayerNorm set (:class:`~anydepth.nn.SkipAwareLayerNorm`)
+  when the switch is on.
+* knob ``decoder_layers`` in ``1..L`` (``L`` = the variant's decoder layers; RT-DETR's own
+  no-retrain knob: the first ``k`` layers run and layer ``k``'s heads give the output). Its base
+  value is ``max(1, L - 2)``: 4 for the 6-layer R50/R101 (the published base = every switch
+  skipped + 4 decoder layers), 1 for R18 (3 layers) and 2 for R34 (4 layers).
+
+The denoising class embedding used only in training (contrastive denoising queries) is kept as an
+unused parameter ``decoder.denoising_class_embed`` (when ``denoising=True``, the default) so that a
+HuggingFace checkpoint converts losslessly and a later trainer can use it; inference never reads it.
+
+:meth:`AnyDepthRTDETR.deploy` reparameterises every RepVGG block into one 3x3 conv per norm set
+and folds every conv-BN into :class:`anydepth_kernels.FusedConvNormAct` (two epilogues where the
+BN is skip-aware).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
+
+from ..depth import DepthConfig, DepthSpace, KnobSpec
+from ..detection import Detections, resize_batch
+from ..model import AnyDepthModel
+from ..nn import ConvNormAct, SkipAwareLayerNorm, SkippableStage, split_blocks
+from ..registry import register_model
+
+__all__ = ["AnyDepthRTDETR", "VARIANTS", "decoder_base_layers"]
+
+#: The official variants: backbone block type, stage depths, stage widths, encoder in-channels,
+#: CSP expansion, decoder layers, encoder hidden size and FFN size.
+VARIANTS: Dict[str, Dict] = {
+    "r18": dict(layer_type="basic", depths=(2, 2, 2, 2), hidden_sizes=(64, 128, 256, 512),
+                hidden_expansion=0.5, decoder_layers=3, encoder_hidden_dim=256, encoder_ffn_dim=1024),
+    "r34": dict(layer_type="basic", depths=(3, 4, 6, 3), hidden_sizes=(64, 128, 256, 512),
+                hidden_expansion=0.5, decoder_layers=4, encoder_hidden_dim=256, encoder_ffn_dim=1024),
+    "r50": dict(layer_type="bottleneck", depths=(3, 4, 6, 3), hidden_sizes=(256, 512, 1024, 2048),
+                hidden_expansion=1.0, decoder_layers=6, encoder_hidden_dim=256, encoder_ffn_dim=1024),
+    "r101": dict(layer_type="bottleneck", depths=(3, 4, 23, 3), hidden_sizes=(256, 512, 1024, 2048),
+                 hidden_expansion=1.0, decoder_layers=6, encoder_hidden_dim=384, encoder_ffn_dim=2048),
+}
+
+SWITCHES = ("backbone.stage1", "backbone.stage2", "backbone.stage3", "backbone.stage4", "encoder")
+_TRANSFORMER_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def decoder_base_layers(layers: int) -> int:
+    """Base value of the ``decoder_layers`` knob: ``max(1, layers - 2)`` (4 of 6 as published)."""
+    return max(1, layers - 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv blocks: eager form and deployed (folded) form share one call signature
+# ------------------------------------------------------------------------------------------------
+class ConvBN(ConvNormAct):
+    """Conv (no bias) + BatchNorm (skip-aware if ``skip_aware``) + activation, then an optional
+    residual add: ``act(bn(conv(x))) + residual`` (the epilogue of ``FusedConvNormAct``)."""
+
+    def forward(self, x: torch.Tensor, skip: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = super().forward(x, skip)
+        return y if residual is None else y + residual
+
+
+class FusedConvBN(nn.Module):
+    """Deployed :class:`ConvBN`: a :class:`FusedConvNormAct` whose epilogue is ``int(skip)``
+    (one epilogue when the BN was not skip-aware)."""
+
+    def __init__(self, fused: FusedConvNormAct):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor, skip: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        e = int(skip) if self.fused.num_epilogues > 1 else 0
+        return self.fused(x, epilogue=e, residual=residual)
+
+
+def _conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip_aware: bool = False,
+             eps: float = 1e-5) -> ConvBN:
+    return ConvBN(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+
+
+class Blocks(nn.Module):
+    """A sequence of blocks sharing one ``skip`` argument."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x, skip)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# backbone: ResNet-vd
+# ------------------------------------------------------------------------------------------------
+class Shortcut(nn.Module):
+    """Projection shortcut: optional 2x2 avg-pool (ceil mode; the "vd" downsampling) + 1x1 conv-BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int, pool: bool, skip_aware: bool):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if pool else None
+        self.conv = _conv_bn(cin, cout, 1, 1 if pool else stride, skip_aware=skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        if self.pool is not None:
+            x = self.pool(x)
+        return self.conv(x, skip)
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, first: bool, skip_aware: bool):
+        super().__init__()
+        # RT-DETR's ResNet-18/34 always project the shortcut of a stage's first block
+        self.shortcut = Shortcut(cin, cout, stride, pool=cin != cout, skip_aware=skip_aware) if first else None
+        self.conv1 = _conv_bn(cin, cout, 3, stride, "relu", skip_aware)
+        self.conv2 = _conv_bn(cout, cout, 3, 1, "identity", skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        r = x if self.shortcut is None else self.shortcut(x, skip)
+        return F.relu(self.conv2(self.conv1(x, skip), skip, residual=r))
+
+
+class Bottleneck(nn.Module):
+    """``relu(bn(conv1x1(relu(bn(conv3x3/s(relu(bn(conv1x1(x))))))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool):
+        super().__init__()
+        mid = cout // 4
+        project = cin != cout or stride != 1
+        self.shortcut = Shortcut(cin, cout, stride, pool=stride == 2, skip_aware=skip_aware) if project else None
+        self.pool_only = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if (stride == 2 and not project) else None
+        self.conv1 = _conv_bn(cin, mid, 1, 1, "relu", skip_aware)
+        self.conv2 = _conv_bn(mid, mid, 3, stride, "relu", skip_aware)
+        self.conv3 = _conv_bn(mid, cout, 1, 1, "identity", skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        if self.shortcut is not None:
+            r = self.shortcut(x, skip)
+        else:
+            r = x if self.pool_only is None else self.pool_only(x)
+        return F.relu(self.conv3(self.conv2(self.conv1(x, skip), skip), skip, residual=r))
+
+
+class ResNetVd(nn.Module):
+    def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
+                 stem_size: int = 64):
+        super().__init__()
+        self.stem = nn.ModuleList([
+            _conv_bn(3, stem_size // 2, 3, 2, "relu"),
+            _conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
+            _conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
+        ])
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        cin = stem_size
+        for i, (n, cout) in enumerate(zip(depths, hidden_sizes)):
+            stride = 1 if i == 0 else 2
+            ess, _ = split_blocks(n)
+            blocks = []
+            for j in range(n):
+                aware = j < ess
+                if layer_type == "basic":
+                    blocks.append(BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, aware))
+                else:
+                    blocks.append(Bottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, aware))
+            refinement = Blocks(blocks[ess:]) if n > ess else None
+            setattr(self, f"stage{i + 1}", SkippableStage(Blocks(blocks[:ess]), refinement))
+            cin = cout
+        self.out_channels = tuple(hidden_sizes[1:])
+
+    def forward(self, x: torch.Tensor, skips: Sequence[bool]) -> List[torch.Tensor]:
+        for conv in self.stem:
+            x = conv(x)
+        x = self.pool(x)
+        outs = []
+        for i, skip in enumerate(skips):
+            x = getattr(self, f"stage{i + 1}")(x, skip)
+            if i >= 1:
+                outs.append(x)
+        return outs
+
+
+# ------------------------------------------------------------------------------------------------
+# hybrid encoder
+# ------------------------------------------------------------------------------------------------
+class RepVGGBlock(nn.Module):
+    """``act(bn(conv3x3(x)) + bn(conv1x1(x)))``; :meth:`reparameterize` turns it into one 3x3 conv
+    per norm set (:class:`RepVGGDeployed`)."""
+
+    def __init__(self, channels: int, act: str, skip_aware: bool, eps: float):
+        super().__init__()
+        self.conv1 = _conv_bn(channels, channels, 3, 1, "identity", skip_aware, eps)
+        self.conv2 = _conv_bn(channels, channels, 1, 1, "identity", skip_aware, eps)
+        self.act_name = act
+        self.act = {"silu": nn.SiLU, "relu": nn.ReLU, "identity": nn.Identity}[act]()
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        return self.act(self.conv1(x, skip) + self.conv2(x, skip))
+
+    def reparameterize(self) -> "RepVGGDeployed":
+        """One fused 3x3 conv per norm set (the 1x1 branch's BN differs per set, so the combined
+        weights differ: set ``s`` gives ``W3 * s3_s + pad(W1) * s1_s`` and bias ``b3_s + b1_s``)."""
+        c3, c1 = self.conv1, self.conv2
+        aware = c3.skip_aware
+        fused = []
+        for name in (("bn", "bn_skip") if aware else ("bn",)):
+            bn3 = getattr(c3.bn, name) if aware else c3.bn
+            bn1 = getattr(c1.bn, name) if aware else c1.bn
+            s3, b3 = fold_batchnorm(bn3)
+            s1, b1 = fold_batchnorm(bn1)
+            w = c3.conv.weight.detach().double() * s3.double().view(-1, 1, 1, 1)
+            w[:, :, 1, 1] += c1.conv.weight.detach().double()[:, :, 0, 0] * s1.double().view(-1, 1)
+            f = FusedConvNormAct(c3.conv.in_channels, c3.conv.out_channels, 3, 1, 1, act=self.act_name,
+                                 device=w.device, dtype=c3.conv.weight.dtype)
+            with torch.no_grad():
+                f.weight.copy_(w)
+            f.set_epilogue(0, torch.ones_like(b3), b3.double() + b1.double())
+            fused.append(f)
+        return RepVGGDeployed(*fused)
+
+
+class RepVGGDeployed(nn.Module):
+    """Deployed RepVGG block: ``fused`` at full depth, ``fused_skip`` (if any) when shallow."""
+
+    def __init__(self, fused: FusedConvNormAct, fused_skip: Optional[FusedConvNormAct] = None):
+        super().__init__()
+        self.fused = fused
+        self.fused_skip = fused_skip
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        return self.fused_skip(x) if (skip and self.fused_skip is not None) else self.fused(x)
+
+
+class CSPRepLayer(nn.Module):
+    """CSP block (RepC3-like): ``conv3(bottlenecks(conv1(x)) + conv2(x))``, ``bottlenecks`` = 3
+    RepVGG blocks split 1 essential + 2 refinement."""
+
+    def __init__(self, cin: int, cout: int, expansion: float, act: str, eps: float, num_blocks: int = 3):
+        super().__init__()
+        hidden = int(cout * expansion)
+        self.conv1 = _conv_bn(cin, hidden, 1, 1, act, True, eps)
+        self.conv2 = _conv_bn(cin, hidden, 1, 1, act, True, eps)
+        # the paper's encoder split: 1 essential block, the rest refinement (not split_blocks' rule)
+        ess = 1
+        blocks = [RepVGGBlock(hidden, act, j < ess, eps) for j in range(num_blocks)]
+        self.bottlenecks = SkippableStage(Blocks(blocks[:ess]), Blocks(blocks[ess:]) if num_blocks > ess else None)
+        self.conv3 = _conv_bn(hidden, cout, 1, 1, act, True, eps) if hidden != cout else None
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        y = self.conv2(x, skip, residual=self.bottlenecks(self.conv1(x, skip), skip))
+        return y if self.conv3 is None else self.conv3(y, skip)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; the position embedding is added to queries and keys only."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        b, n, c = x.shape
+        qk = x if pos is None else x + pos
+        shape = (b, n, self.heads, c // self.heads)
+        q = self.q_proj(qk).view(shape).transpose(1, 2)
+        k = self.k_proj(qk).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))`` (the transformer FFN)."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = _TRANSFORMER_ACTS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AIFILayer(nn.Module):
+    """Post-norm transformer encoder layer; its LayerNorms are skip-aware (encoder switch)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, act: str, eps: float):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads)
+        self.self_attn_layer_norm = SkipAwareLayerNorm(dim, eps)
+        self.mlp = MLP(dim, ffn, act)
+        self.final_layer_norm = SkipAwareLayerNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        x = self.self_attn_layer_norm(x + self.self_attn(x, pos), skip)
+        return self.final_layer_norm(x + self.mlp(x), skip)
+
+
+@functools.lru_cache(maxsize=32)
+def _sincos_2d(h: int, w: int, dim: int, temperature: float, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``[1, h*w, dim]`` 2D sin-cos embedding, row-major, laid out ``[sin_y | cos_y | sin_x | cos_x]``
+    (computed in float64, as the reference does)."""
+    if dim % 4:
+        raise ValueError(f"the 2D sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    d = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64, device=device) / d)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=device),
+                            torch.arange(w, dtype=torch.float64, device=device), indexing="ij")
+    ey, ex = gy.flatten().outer(omega), gx.flatten().outer(omega)
+    return torch.cat([ey.sin(), ey.cos(), ex.sin(), ex.cos()], 1).to(dtype)[None]
+
+
+class HybridEncoder(nn.Module):
+    def __init__(self, in_channels: Sequence[int], hidden: int, ffn: int, heads: int, aifi_layers: int,
+                 expansion: float, act: str, enc_act: str, ln_eps: float, bn_eps: float,
+                 temperature: float):
+        super().__init__()
+        self.hidden = hidden
+        self.temperature = temperature
+        # the input projections keep BatchNorm's default eps (as in the reference)
+        self.input_proj = nn.ModuleList([_conv_bn(c, hidden, 1, 1, "identity", True, 1e-5) for c in in_channels])
+        self.aifi = nn.ModuleList([AIFILayer(hidden, heads, ffn, enc_act, ln_eps) for _ in range(aifi_layers)])
+        n = len(in_channels) - 1
+        self.lateral_convs = nn.ModuleList([_conv_bn(hidden, hidden, 1, 1, act, True, bn_eps) for _ in range(n)])
+        self.fpn_blocks = nn.ModuleList([CSPRepLayer(2 * hidden, hidden, expansion, act, bn_eps) for _ in range(n)])
+        self.downsample_convs = nn.ModuleList([_conv_bn(hidden, hidden, 3, 2, act, True, bn_eps) for _ in range(n)])
+        self.pan_blocks = nn.ModuleList([CSPRepLayer(2 * hidden, hidden, expansion, act, bn_eps) for _ in range(n)])
+
+    def forward(self, feats: Sequence[torch.Tensor], skip: bool = False) -> List[torch.Tensor]:
+        maps = [proj(f, skip) for proj, f in zip(self.input_proj, feats)]
+        if len(self.aifi):
+            top = maps[-1]
+            b, c, h, w = top.shape
+            x = top.flatten(2).transpose(1, 2)
+            pos = _sincos_2d(h, w, c, self.temperature, x.device, x.dtype)
+            for layer in self.aifi:
+                x = layer(x, pos, skip)
+            maps[-1] = x.transpose(1, 2).reshape(b, c, h, w).contiguous()
+        # top-down
+        n = len(self.fpn_blocks)
+        inner = [maps[-1]]
+        for i in range(n):
+            top = self.lateral_convs[i](inner[-1], skip)
+            inner[-1] = top
+            up = F.interpolate(top, scale_factor=2.0, mode="nearest")
+            inner.append(self.fpn_blocks[i](torch.cat([up, maps[n - 1 - i]], 1), skip))
+        inner.reverse()
+        # bottom-up
+        outs = [inner[0]]
+        for i in range(n):
+            down = self.downsample_convs[i](outs[-1], skip)
+            outs.append(self.pan_blocks[i](torch.cat([down, inner[i + 1]], 1), skip))
+        return outs
+
+
+# ------------------------------------------------------------------------------------------------
+# decoder
+# ------------------------------------------------------------------------------------------------
+class PredictionHead(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, num_layers: int):
+        super().__init__()
+        dims = [cin] + [hidden] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [cout]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = F.relu(x)
+        return x
+
+
+class MSDeformableAttention(nn.Module):
+    """Multi-scale deformable cross-attention with box reference points (RT-DETR form): offsets
+    are scaled by half the reference box size over the number of points."""
+
+    def __init__(self, dim: int, heads: int, levels: int, points: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model {dim} is not divisible by {heads} heads")
+        self.heads, self.levels, self.points = heads, levels, points
+        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(dim, heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self._reset()
+
+    def _reset(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.heads, dtype=torch.float32) * (2.0 * math.pi / self.heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.heads, 1, 1, 2)
+        grid = grid.repeat(1, self.levels, self.points, 1) * torch.arange(1, self.points + 1).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: torch.Tensor, ref: torch.Tensor, memory: torch.Tensor,
+                shapes: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        b, q, c = query.shape
+        m, L, P = self.heads, self.levels, self.points
+        value = self.value_proj(memory).view(b, memory.shape[1], m, c // m)
+        off = self.sampling_offsets(query).view(b, q, m, L, P, 2)
+        attn = self.attention_weights(query).view(b, q, m, L * P).softmax(-1).view(b, q, m, L, P)
+        r = ref[:, :, None, None, None, :]
+        loc = r[..., :2] + off / P * r[..., 2:] * 0.5
+        return self.output_proj(ms_deform_attn(value, shapes, starts, loc, attn))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int, levels: int, points: int, act: str, eps: float):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.encoder_attn = MSDeformableAttention(dim, heads, levels, points)
+        self.encoder_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, ffn, act)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, pos, ref, memory, shapes, starts):
+        x = self.self_attn_layer_norm(x + self.self_attn(x, pos))
+        x = self.encoder_attn_layer_norm(x + self.encoder_attn(x + pos, ref, memory, shapes, starts))
+        return self.final_layer_norm(x + self.mlp(x))
+
+
+def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+@functools.lru_cache(maxsize=32)
+def _anchors(shapes: Tuple[Tuple[int, int], ...], device: torch.device, dtype: torch.dtype,
+             grid_size: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Anchor logits ``[1, S, 4]`` (cx, cy, w, h before the sigmoid) and their valid mask
+    ``[1, S, 1]``; invalid anchors (too close to the border) get the dtype's max value."""
+    out = []
+    for lvl, (h, w) in enumerate(shapes):
+        gy, gx = torch.meshgrid(torch.arange(h, device=device).to(dtype),
+                                torch.arange(w, device=device).to(dtype), indexing="ij")
+        xy = torch.stack([gx, gy], -1)[None] + 0.5
+        xy[..., 0] /= w
+        xy[..., 1] /= h
+        wh = torch.ones_like(xy) * grid_size * (2.0 ** lvl)
+        out.append(torch.cat([xy, wh], -1).reshape(1, h * w, 4))
+    a = torch.cat(out, 1)
+    valid = ((a > 1e-2) * (a < 1 - 1e-2)).all(-1, keepdim=True)
+    a = torch.log(a / (1 - a))
+    a = torch.where(valid, a, torch.full((), torch.finfo(dtype).max, dtype=dtype, device=device))
+    return a, valid
+
+
+class RTDETRDecoder(nn.Module):
+    """Input projections, query selection, decoder layers and per-layer heads."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, dim: int, heads: int, ffn: int,
+                 layers: int, points: int, num_queries: int, act: str, ln_eps: float, bn_eps: float,
+                 denoising: bool):
+        super().__init__()
+        self.num_queries = num_queries
+        self.input_proj = nn.ModuleList([_conv_bn(c, dim, 1, 1, "identity", False, bn_eps) for c in in_channels])
+        self.enc_output = nn.Linear(dim, dim)
+        self.enc_output_norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.enc_score_head = nn.Linear(dim, num_classes)
+        self.enc_bbox_head = PredictionHead(dim, dim, 4, 3)
+        self.query_pos_head = PredictionHead(4, 2 * dim, dim, 2)
+        levels = len(in_channels)
+        self.layers = nn.ModuleList([DecoderLayer(dim, heads, ffn, levels, points, act, ln_eps) for _ in range(layers)])
+        self.class_embed = nn.ModuleList([nn.Linear(dim, num_classes) for _ in range(layers)])
+        self.bbox_embed = nn.ModuleList([PredictionHead(dim, dim, 4, 3) for _ in range(layers)])
+        # training-only (contrastive denoising queries); never read at inference, kept for lossless
+        # conversion and training
+        self.denoising_class_embed = (nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
+                                      if denoising else None)
+        prior = -math.log((1 - 0.01) / 0.01)
+        for head in [self.enc_score_head, *self.class_embed]:
+            nn.init.constant_(head.bias, prior)
+        for head in self.bbox_embed:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    def forward(self, feats: Sequence[torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        shapes_list = tuple((int(s.shape[2]), int(s.shape[3])) for s in srcs)
+        memory = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        device, dtype = memory.device, memory.dtype
+        shapes = torch.tensor(shapes_list, dtype=torch.long, device=device)
+        hw = shapes.prod(1)
+        starts = torch.cat([hw.new_zeros(1), hw.cumsum(0)[:-1]])
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"the input gives {memory.shape[1]} encoder positions, fewer than num_queries="
+                             f"{self.num_queries}; use a larger image")
+
+        anchors, valid = _anchors(shapes_list, device, dtype)
+        out_mem = self.enc_output_norm(self.enc_output(valid.to(dtype) * memory))
+        enc_logits = self.enc_score_head(out_mem)
+        enc_coord = self.enc_bbox_head(out_mem) + anchors
+        idx = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
+        ref_unact = enc_coord.gather(1, idx[..., None].expand(-1, -1, 4))
+        x = out_mem.gather(1, idx[..., None].expand(-1, -1, out_mem.shape[-1])).detach()
+
+        ref = ref_unact.detach().sigmoid()
+        logits = boxes = None
+        for i in range(num_layers):
+            pos = self.query_pos_head(ref)
+            x = self.layers[i](x, pos, ref, memory, shapes, starts)
+            new_ref = torch.sigmoid(self.bbox_embed[i](x) + _inverse_sigmoid(ref))
+            if i == num_layers - 1:
+                logits, boxes = self.class_embed[i](x), new_ref
+            ref = new_ref.detach()
+        return {"logits": logits, "pred_boxes": boxes}
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------
+class AnyDepthRTDETR(AnyDepthModel):
+    """RT-DETR with skippable backbone stages and encoder CSP blocks, and a decoder-depth knob.
+
+    ``model(x, depth=...)``: ``x`` is ``[B, 3, H, W]`` float (normalised to [0, 1], as HF's
+    processor gives), ``H`` and ``W`` positive multiples of 32. Returns a dict with ``logits``
+    ``[B, num_queries, num_classes]`` (before the sigmoid) and ``pred_boxes``
+    ``[B, num_queries, 4]`` (cx, cy, w, h normalised to [0, 1]). :meth:`predict` takes images of
+    any size and returns :class:`~anydepth.detection.Detections`.
+    """
+
+    stride = 32
+
+    def __init__(self, variant: str = "r50", num_classes: int = 80, num_queries: int = 300,
+                 decoder_layers: Optional[int] = None, encoder_hidden_dim: Optional[int] = None,
+                 encoder_ffn_dim: Optional[int] = None, hidden_expansion: Optional[float] = None,
+                 d_model: int = 256, decoder_ffn_dim: int = 1024, num_heads: int = 8,
+                 encoder_heads: int = 8, decoder_points: int = 4, aifi_layers: int = 1,
+                 activation: str = "silu", encoder_activation: str = "gelu", decoder_activation: str = "relu",
+                 layer_norm_eps: float = 1e-5, batch_norm_eps: float = 1e-5,
+                 positional_temperature: float = 10000.0, denoising: bool = True):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown RT-DETR variant {variant!r}; valid: {list(VARIANTS)}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        v = VARIANTS[variant]
+        layers = v["decoder_layers"] if decoder_layers is None else decoder_layers
+        for name, value in (("num_queries", num_queries), ("decoder_layers", layers), ("d_model", d_model),
+                            ("aifi_layers", aifi_layers), ("decoder_points", decoder_points)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "aifi_layers" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if activation not in ("silu", "relu"):
+            raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
+        for name, a in (("encoder_activation", encoder_activation), ("decoder_activation", decoder_activation)):
+            if a not in _TRANSFORMER_ACTS:
+                raise ValueError(f"{name} must be one of {list(_TRANSFORMER_ACTS)}, got {a!r}")
+        self.variant = variant
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_decoder_layers = layers
+        hidden = v["encoder_hidden_dim"] if encoder_hidden_dim is None else encoder_hidden_dim
+        ffn = v["encoder_ffn_dim"] if encoder_ffn_dim is None else encoder_ffn_dim
+        expansion = v["hidden_expansion"] if hidden_expansion is None else hidden_expansion
+
+        self.depth_space = DepthSpace(
+            SWITCHES, {"decoder_layers": KnobSpec(1, layers, decoder_base_layers(layers))})
+        self.backbone = ResNetVd(v["layer_type"], v["depths"], v["hidden_sizes"])
+        self.encoder = HybridEncoder(self.backbone.out_channels, hidden, ffn, encoder_heads, aifi_layers,
+                                     expansion, activation, encoder_activation, layer_norm_eps,
+                                     batch_norm_eps, positional_temperature)
+        self.decoder = RTDETRDecoder([hidden] * 3, num_classes, d_model, num_heads, decoder_ffn_dim, layers,
+                                     decoder_points, num_queries, decoder_activation, layer_norm_eps,
+                                     batch_norm_eps, denoising)
+        self.deployed = False
+
+    # -- input checks -------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor [B, 3, H, W], got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected input [B, 3, H, W] (3 RGB channels), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input in [0, 1], got {x.dtype} "
+                            "(predict() takes uint8 images)")
+        h, w = x.shape[2:]
+        if x.shape[0] == 0 or h == 0 or w == 0 or h % self.stride or w % self.stride:
+            raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
+                             f"{h}x{w} (batch {x.shape[0]}); predict() resizes arbitrary images")
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
+
+    # -- forward --------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor, depth: DepthConfig) -> List[torch.Tensor]:
+        """The three encoder outputs (strides 8, 16, 32) at ``depth``."""
+        self.check_input(x)
+        skips = [depth.is_skipped(f"backbone.stage{i}") for i in range(1, 5)]
+        return self.encoder(self.backbone(x, skips), depth.is_skipped("encoder"))
+
+    def forward_depth(self, x: torch.Tensor, depth: DepthConfig) -> Dict[str, torch.Tensor]:
+        return self.decoder(self.features(x, depth), depth.knob("decoder_layers"))
+
+    # -- deployment -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def deploy(self) -> "AnyDepthRTDETR":
+        """Inference form, in place: each RepVGG block becomes one 3x3 conv per norm set and every
+        conv-BN(-act) becomes a :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where
+        the BN is skip-aware). Puts the model in eval mode (the running statistics are folded);
+        outputs equal the eager model's at every depth. Returns ``self``."""
+        self.eval()
+
+        def swap(module: nn.Module) -> None:
+            for name, child in module.named_children():
+                if isinstance(child, RepVGGBlock):
+                    setattr(module, name, child.reparameterize())
+                elif isinstance(child, ConvBN):
+                    setattr(module, name, FusedConvBN(child.fuse()))
+                else:
+                    swap(child)
+
+        swap(self)
+        self.deployed = True
+        self._flops_cache.clear()
+        return self
+
+    # -- images in, detections out ----------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images, depth=None, conf: float = 0.5, imgsz: int = 640,
+                max_det: int = 300) -> List[Detections]:
+        """Detect objects in ``images`` (one or a list; HxWx3 uint8 RGB or 3xHxW float in [0, 1],
+        any size): plain resize to ``imgsz`` x ``imgsz`` (as RT-DETR does), run at ``depth``, take
+        the top-``max_det`` (query, class) pairs by sigmoid score (as HF's post-processing does) and
+        keep those above ``conf``. Returns one :class:`~anydepth.detection.Detections` per image
+        (xyxy boxes in the original image's pixels, scores, labels), by decreasing score."""
+        if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0:
+            raise ValueError(f"conf must be in [0, 1], got {conf!r}")
+        if isinstance(max_det, bool) or not isinstance(max_det, int) or max_det < 1:
+            raise ValueError(f"max_det must be a positive int, got {max_det!r}")
+        if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0 or imgsz % self.stride:
+            raise ValueError(f"imgsz must be a positive multiple of {self.stride}, got {imgsz!r}")
+        param = next(self.parameters())
+        batch, metas = resize_batch(images, imgsz, device=param.device, dtype=param.dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(batch, depth=depth)
+        finally:
+            self.train(was_training)
+        prob = out["logits"].float().sigmoid()
+        b, q, c = prob.shape
+        k = min(max_det, q * c)
+        scores, index = prob.flatten(1).topk(k, dim=1)
+        labels, query = index % c, index // c
+        boxes = out["pred_boxes"].float().gather(1, query[..., None].expand(-1, -1, 4))
+        cxcy, wh = boxes[..., :2], boxes[..., 2:]
+        xyxy = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1) * float(imgsz)
+        results = []
+        for i, meta in enumerate(metas):
+            keep = scores[i] > conf
+            results.append(Detections(meta.unmap(xyxy[i][keep]), scores[i][keep], labels[i][keep]))
+        return results
+
+
+def _factory(variant: str):
+    def build(num_classes: int = 80, **kwargs) -> AnyDepthRTDETR:
+        return AnyDepthRTDETR(variant, num_classes, **kwargs)
+
+    build.__name__ = f"rtdetr_{variant}_anydepth"
+    build.__doc__ = (f"RT-DETR-{variant.upper()}-vd any-depth ({VARIANTS[variant]['decoder_layers']} decoder "
+                     "layers by default). Options are those of :class:`AnyDepthRTDETR`.")
+    return build
+
+
+for _v in VARIANTS:
+    register_model(f"rtdetr-{_v}-anydepth")(_factory(_v))
