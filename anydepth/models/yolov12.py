@@ -144,7 +144,8 @@ class AAttn(nn.Module):
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
         b, _, h, w = x.shape
         n = h * w
-        qkv = self.qkv(x, skip).flatten(2).transpose(1, 2)  # [B, N, 3C]
+        # [B, N, 3C] with channels contiguous: the fused SDPA kernels need a unit-stride head dim
+        qkv = self.qkv(x, skip).flatten(2).transpose(1, 2).contiguous()
         c = qkv.shape[-1] // 3
         area = self.area if self.area > 1 else 1
         if n % area:
