@@ -73,7 +73,7 @@ def _point(loc_ptr, attn_ptr, pi, q_mask, H, W):
     x = tl.load(loc_ptr + 2 * pi, mask=q_mask, other=0.0).to(tl.float32) * Wf - 0.5
     y = tl.load(loc_ptr + 2 * pi + 1, mask=q_mask, other=0.0).to(tl.float32) * Hf - 0.5
     finite = (tl.abs(x) < _INF) & (tl.abs(y) < _INF)  # False for NaN too
-    inside = finite & (x > -1.0) & (y > -1.0) & (x < Wf) & (y < Hf) & q_mask
+    inside = finite & (x >= -1.0) & (y >= -1.0) & (x < Wf) & (y < Hf) & q_mask
     xf = tl.floor(tl.where(inside, x, 0.0))
     yf = tl.floor(tl.where(inside, y, 0.0))
     return a, finite, inside, xf, yf, x - xf, y - yf

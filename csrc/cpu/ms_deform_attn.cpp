@@ -52,7 +52,8 @@ struct Corners {
   T fx, fy;
 };
 
-// Pixel coordinates (x, y) of a point known to be finite and inside (-1, W) x (-1, H).
+// Pixel coordinates (x, y) of a point known to be finite and inside [-1, W) x [-1, H) (at
+// x = -1 the corner x = 0 has weight 0 but, as in grid_sample, a gradient).
 template <typename T>
 inline Corners<T> corners(T x, T y, int64_t H, int64_t W, int64_t start) {
   Corners<T> c;
@@ -104,7 +105,7 @@ inline __attribute__((always_inline)) void forward_row(
           for (int64_t d = 0; d < D; ++d) o[d] += std::numeric_limits<T>::quiet_NaN();
           continue;
         }
-        const bool inside = x > T(-1) && y > T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H);
+        const bool inside = x >= T(-1) && y >= T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H);
         if (!inside) {
           if (!finite(a)) {  // a * 0, as in the reference: NaN for inf or NaN weights
             for (int64_t d = 0; d < D; ++d) o[d] += a * T(0);
@@ -187,7 +188,7 @@ inline __attribute__((always_inline)) void backward_slice(
           grad_loc[2 * idx + 1] = nan;
           continue;
         }
-        const bool inside = x > T(-1) && y > T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H);
+        const bool inside = x >= T(-1) && y >= T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H);
         if (!inside) {
           grad_attn[idx] = T(0);
           grad_loc[2 * idx] = T(0);

@@ -51,7 +51,8 @@ __device__ __forceinline__ acc_t quiet_nan() {
 }
 
 // Bilinear geometry of one point: rows (-1 when outside the map) and weights of the corners
-// (x0, y0), (x1, y0), (x0, y1), (x1, y1). (x, y) is finite and inside (-1, W) x (-1, H).
+// (x0, y0), (x1, y0), (x0, y1), (x1, y1). (x, y) is finite and inside [-1, W) x [-1, H)
+// (at x = -1 the corner x = 0 has weight 0 but, as in grid_sample, a gradient).
 template <typename acc_t>
 struct Corners {
   int64_t row[4];
@@ -110,7 +111,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value,
           continue;
         }
         acc_t s = 0;
-        if (x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H)) {
+        if (x >= acc_t(-1) && y >= acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H)) {
           const Corners<acc_t> c = corners(x, y, H, W, start);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
@@ -166,7 +167,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value,
       }
       continue;
     }
-    if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H))) {
+    if (!(x >= acc_t(-1) && y >= acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H))) {
       if (lane == 0) {
         grad_attn[pi] = scalar_t(0);
         grad_loc[2 * pi] = scalar_t(0);
