@@ -17,7 +17,8 @@
 // Non-finite inputs follow the reference (grid_sample): a non-finite sampling location samples
 // NaN, a non-finite attention weight multiplies the sample (inf * 0 = NaN), NaN in value spreads
 // through the corners that read it. The float32 hot loops are compiled for AVX-512, AVX2+FMA and
-// the baseline and chosen at load time (GCC target_clones).
+// the baseline and chosen once, at first use (ANYDEPTH_CPU_ISA forces one, as for the conv
+// epilogue).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -28,7 +29,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../ms_deform_attn.h"
@@ -36,11 +39,7 @@
 namespace anydepth {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ANYDEPTH_MSDA_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define ANYDEPTH_MSDA_CLONES
-#endif
+#define ANYDEPTH_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // One sampling point resolved into its four corners: offsets (in rows of the value tensor, -1
 // when the corner is outside the map) and bilinear weights, in the order
@@ -84,7 +83,7 @@ inline bool finite(T v) {
 //   value_n: value[n] ([S, M, D]); loc_q: loc[n, q] ([M, L, P, 2]); attn_q: attn[n, q];
 //   out_q: out[n, q] ([M, D]); zeros: D zeros.
 template <typename T>
-inline __attribute__((always_inline)) void forward_row(
+ANYDEPTH_ALWAYS_INLINE void forward_row(
     const T* __restrict__ value_n, const int64_t* shapes, const int64_t* starts,
     const T* __restrict__ loc_q, const T* __restrict__ attn_q, T* __restrict__ out_q,
     const T* zeros, int64_t M, int64_t D, int64_t L, int64_t P) {
@@ -131,7 +130,7 @@ inline __attribute__((always_inline)) void forward_row(
 }
 
 template <typename T>
-void forward_rows(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
+ANYDEPTH_ALWAYS_INLINE void forward_rows(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                   const T* attn, T* out, const T* zeros, const MsDeformDims& k, int64_t begin,
                   int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
@@ -141,11 +140,54 @@ void forward_rows(const T* value, const int64_t* shapes, const int64_t* starts, 
   }
 }
 
-ANYDEPTH_MSDA_CLONES
+// float32 rows compiled for three instruction sets (the inlined body is generated per target).
+#define ANYDEPTH_FWD_F32(suffix, target)                                                        \
+  target void forward_rows_f32_##suffix(const float* value, const int64_t* shapes,              \
+                                        const int64_t* starts, const float* loc,                \
+                                        const float* attn, float* out, const float* zeros,      \
+                                        const MsDeformDims& k, int64_t begin, int64_t end) {    \
+    forward_rows<float>(value, shapes, starts, loc, attn, out, zeros, k, begin, end);           \
+  }
+ANYDEPTH_FWD_F32(avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+ANYDEPTH_FWD_F32(avx2, __attribute__((target("avx2,fma"))))
+ANYDEPTH_FWD_F32(base, )
+#undef ANYDEPTH_FWD_F32
+
+// The instruction set of the float32 kernels: the best this CPU has, or ANYDEPTH_CPU_ISA
+// (auto|base|avx2|avx512, the variable the conv epilogue reads too) when set.
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa choose_isa() {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("ANYDEPTH_CPU_ISA");
+  const std::string want = env ? env : "auto";
+  TORCH_CHECK(want == "auto" || want == "base" || want == "avx2" || want == "avx512",
+              "ANYDEPTH_CPU_ISA=", want, ": expected auto, base, avx2 or avx512");
+  TORCH_CHECK(want != "avx512" || avx512, "ANYDEPTH_CPU_ISA=avx512 but this CPU lacks AVX-512");
+  TORCH_CHECK(want != "avx2" || avx2, "ANYDEPTH_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+  if (want == "avx512" || (want == "auto" && avx512)) return Isa::kAvx512;
+  if (want == "avx2" || (want == "auto" && avx2)) return Isa::kAvx2;
+  return Isa::kBase;
+}
+
+Isa isa() {
+  static const Isa chosen = choose_isa();
+  return chosen;
+}
+
 void forward_rows_f32(const float* value, const int64_t* shapes, const int64_t* starts,
                       const float* loc, const float* attn, float* out, const float* zeros,
                       const MsDeformDims& k, int64_t begin, int64_t end) {
-  forward_rows<float>(value, shapes, starts, loc, attn, out, zeros, k, begin, end);
+  switch (isa()) {
+    case Isa::kAvx512:
+      return forward_rows_f32_avx512(value, shapes, starts, loc, attn, out, zeros, k, begin, end);
+    case Isa::kAvx2:
+      return forward_rows_f32_avx2(value, shapes, starts, loc, attn, out, zeros, k, begin, end);
+    default:
+      return forward_rows_f32_base(value, shapes, starts, loc, attn, out, zeros, k, begin, end);
+  }
 }
 
 template <typename T>
@@ -163,7 +205,7 @@ void run_forward_rows(const T* value, const int64_t* shapes, const int64_t* star
 //   value_nm: &value[n, 0, m, 0]; gvalue: &grad_value_slice[0] with row stride gv_stride;
 //   loc/attn/grad_out/grad_loc/grad_attn: full tensors. scratch: D writable values.
 template <typename T>
-inline __attribute__((always_inline)) void backward_slice(
+ANYDEPTH_ALWAYS_INLINE void backward_slice(
     const T* __restrict__ value_nm, const int64_t* shapes, const int64_t* starts,
     const T* __restrict__ loc, const T* __restrict__ attn, const T* __restrict__ grad_out,
     T* gvalue, int64_t gv_stride, T* __restrict__ grad_loc, T* __restrict__ grad_attn,
@@ -229,7 +271,7 @@ inline __attribute__((always_inline)) void backward_slice(
   }
 }
 
-// Arguments of the backward of one slice, bundled to keep the target_clones wrapper simple.
+// Arguments of the backward of one slice, bundled to keep the per-ISA wrappers simple.
 template <typename T>
 struct BwdArgs {
   const T* value;
@@ -245,7 +287,7 @@ struct BwdArgs {
 };
 
 template <typename T>
-void backward_task(const BwdArgs<T>& b, T* gvalue, int64_t gv_stride, T* scratch, int64_t n,
+ANYDEPTH_ALWAYS_INLINE void backward_task(const BwdArgs<T>& b, T* gvalue, int64_t gv_stride, T* scratch, int64_t n,
                    int64_t m, int64_t q_begin, int64_t q_end) {
   const MsDeformDims& k = b.k;
   backward_slice<T>(b.value + n * k.S * k.M * k.D + m * k.D, b.shapes, b.starts, b.loc, b.attn,
@@ -253,10 +295,27 @@ void backward_task(const BwdArgs<T>& b, T* gvalue, int64_t gv_stride, T* scratch
                     m, q_begin, q_end);
 }
 
-ANYDEPTH_MSDA_CLONES
+#define ANYDEPTH_BWD_F32(suffix, target)                                                         \
+  target void backward_task_f32_##suffix(const BwdArgs<float>& b, float* gvalue,                 \
+                                         int64_t gv_stride, float* scratch, int64_t n, int64_t m, \
+                                         int64_t q_begin, int64_t q_end) {                        \
+    backward_task<float>(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);                    \
+  }
+ANYDEPTH_BWD_F32(avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+ANYDEPTH_BWD_F32(avx2, __attribute__((target("avx2,fma"))))
+ANYDEPTH_BWD_F32(base, )
+#undef ANYDEPTH_BWD_F32
+
 void backward_task_f32(const BwdArgs<float>& b, float* gvalue, int64_t gv_stride, float* scratch,
                        int64_t n, int64_t m, int64_t q_begin, int64_t q_end) {
-  backward_task<float>(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+  switch (isa()) {
+    case Isa::kAvx512:
+      return backward_task_f32_avx512(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+    case Isa::kAvx2:
+      return backward_task_f32_avx2(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+    default:
+      return backward_task_f32_base(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+  }
 }
 
 template <typename T>
