@@ -312,7 +312,10 @@ class SelfAttention(nn.Module):
         q = self.q_proj(qk).view(shape).transpose(1, 2)
         k = self.k_proj(qk).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # explicit matmuls rather than F.scaled_dot_product_attention: same result, and
+        # torch.utils.flop_counter counts them (it does not count the CPU SDPA kernel)
+        attn = (torch.matmul(q, k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        out = torch.matmul(attn, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
