@@ -72,6 +72,12 @@ class ModelReport:
             lat_ratio = full.median_ms / base.median_ms
             out.append(f"full/base: GFLOPs ratio {flop_ratio:.2f}, latency ratio {lat_ratio:.2f} "
                        f"(= {lat_ratio / flop_ratio:.2f} x the FLOP ratio)")
+        names = {r.name for r in self.rows}
+        for depth in ("full", "base"):
+            if f"{depth}+fused" in names:
+                eager, fused = self.row(depth), self.row(f"{depth}+fused")
+                out.append(f"{depth}: fused inference form vs eager: {eager.median_ms / fused.median_ms:.2f}x "
+                           f"({fused.median_ms:.1f} ms vs {eager.median_ms:.1f} ms)")
         if self.peer is not None:
             peer = self.row("peer")
             out.append(f"full depth vs {self.peer} eager, same weights: {peer.median_ms / full.median_ms:.2f}x "
@@ -128,7 +134,7 @@ def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):
 
 def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2,
-                        peer: bool = True, progress: bool = True) -> ModelReport:
+                        peer: bool = True, fuse: bool = True, progress: bool = True) -> ModelReport:
     dev = torch.device(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
@@ -148,6 +154,17 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     fns: Dict[str, Callable[[], object]] = {}
     for n, c in zip(names, ladder):
         fns[n] = (lambda c=c: ours(x, depth=c))
+    fused = None
+    if fuse:
+        import copy
+
+        make = getattr(ours, "fuse", None) or getattr(ours, "deploy", None)
+        if make is not None:
+            log("building the fused inference form ...")
+            fused = copy.deepcopy(ours)
+            fused = (getattr(fused, "fuse", None) or getattr(fused, "deploy"))() or fused
+            fns["full+fused"] = lambda: fused(x, depth=ladder[-1])
+            fns["base+fused"] = lambda: fused(x, depth=ladder[0])
     if peer_model is not None:
         peer_model = peer_model.to(dev, dtype).eval()
         fns["peer"] = lambda: peer_call(peer_model, x)
@@ -171,6 +188,10 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     for n, c in zip(names, ladder):
         rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
                         med["full"] / med[n], dict(c.skip), dict(c.knobs)))
+    for n, c in (("full+fused", ladder[-1]), ("base+fused", ladder[0])):
+        if n in fns:
+            rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
+                            med["full"] / med[n], dict(c.skip), dict(c.knobs)))
     if "peer" in fns:
         rows.append(Row("peer", peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
                         med["peer"], pct(times["peer"], 0.1), pct(times["peer"], 0.9), med["full"] / med["peer"]))
@@ -198,11 +219,15 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in report.rows if r.gflops is not None]
+        rows = [r for r in report.rows if r.gflops is not None and "+fused" not in r.name]
+        fused_rows = [r for r in report.rows if "+fused" in r.name]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         ax.plot([r.gflops for r in rows], [r.median_ms for r in rows], "o-", label=f"{report.model} (one set of weights)")
         for r in rows:
             ax.annotate(r.name, (r.gflops, r.median_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if fused_rows:
+            ax.plot([r.gflops for r in fused_rows], [r.median_ms for r in fused_rows], "s--",
+                    label="fused inference form (model.fuse())")
         if report.peer:
             peer = report.row("peer")
             full = report.row("full")

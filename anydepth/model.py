@@ -42,13 +42,16 @@ class AnyDepthModel(nn.Module):
         return self.depth_space.resolve(depth)
 
     def flops(self, depth: DepthLike = None, input_shape: Optional[Sequence[int]] = None,
-              dtype: torch.dtype = torch.float32) -> int:
-        """FLOPs of one forward pass at ``depth`` (counted with torch.utils.flop_counter)."""
+              dtype: Optional[torch.dtype] = None) -> int:
+        """FLOPs of one forward pass at ``depth`` (counted with torch.utils.flop_counter; a
+        multiply-add counts as 2). ``dtype`` defaults to the model's parameter dtype."""
         config = self.depth_space.resolve(depth)
         shape = tuple(input_shape or self.default_input_shape)
+        param = next(self.parameters(), None)
+        if dtype is None:
+            dtype = param.dtype if param is not None else torch.float32
         key = (config, shape, dtype)
         if key not in self._flops_cache:
-            param = next(self.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             x = torch.zeros(shape, dtype=dtype, device=device)
             counter = FlopCounterMode(display=False)

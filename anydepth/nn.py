@@ -87,10 +87,11 @@ class ConvNormAct(nn.Module):
                    else nn.BatchNorm2d(out_ch, eps=bn_eps, momentum=bn_momentum))
         self.act = _ACTS[act]()
 
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.conv(x)
         y = self.bn(y, skip) if self.skip_aware else self.bn(y)
-        return self.act(y)
+        y = self.act(y)
+        return y if residual is None else y + residual
 
     def fuse(self):
         """The inference form (eval-mode statistics folded); epilogue index = ``int(skip)``."""
@@ -99,6 +100,62 @@ class ConvNormAct(nn.Module):
         if self.skip_aware:
             return FusedConvNormAct.from_modules(self.conv, self.bn.bn, self.bn.bn_skip, self.act)
         return FusedConvNormAct.from_modules(self.conv, self.bn, None, self.act)
+
+
+class FusedConv(nn.Module):
+    """Inference form of a :class:`ConvNormAct` with the ``forward(x, skip, residual)`` signature of
+    the model code: one conv weight, one folded (scale, bias) epilogue per norm set (skip-aware:
+    epilogue ``int(skip)``), activation and optional residual add fused
+    (``torch.ops.anydepth.conv_norm_act``)."""
+
+    def __init__(self, fused, skip_aware: bool):
+        super().__init__()
+        self.fused = fused
+        self.skip_aware = skip_aware
+
+    @classmethod
+    def from_conv_norm_act(cls, m: "ConvNormAct", in_channels: Optional[int] = None,
+                           norm_set: Optional[str] = None, backend: str = "auto") -> "FusedConv":
+        """Fold ``m`` (eval statistics). ``in_channels``: keep only the first input channels of
+        the weight (a shallow path reading a slice); ``norm_set``: ``"main"``/``"skip"`` folds
+        just that set of a skip-aware norm into a plain (single-epilogue) conv."""
+        from anydepth_kernels import FusedConvNormAct
+
+        conv = m.conv
+        if in_channels is not None and in_channels != conv.in_channels:
+            if conv.groups != 1:
+                raise ValueError("an input-channel slice needs an ungrouped conv")
+            sliced = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                               conv.dilation, 1, conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+            with torch.no_grad():
+                sliced.weight.copy_(conv.weight[:, :in_channels])
+                if conv.bias is not None:
+                    sliced.bias.copy_(conv.bias)
+            conv = sliced
+        if m.skip_aware and norm_set is None:
+            return cls(FusedConvNormAct.from_modules(conv, m.bn.bn, m.bn.bn_skip, m.act, backend), True)
+        bn = m.bn if not m.skip_aware else (m.bn.bn_skip if norm_set == "skip" else m.bn.bn)
+        return cls(FusedConvNormAct.from_modules(conv, bn, None, m.act, backend), False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.fused.out_channels
+
+    def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.fused(x, 1 if (skip and self.skip_aware) else 0, residual)
+
+
+def fuse_conv_norm_acts(module: nn.Module, backend: str = "auto") -> int:
+    """Replace every :class:`ConvNormAct` below ``module`` by its :class:`FusedConv`, in place.
+    Returns how many were replaced."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, ConvNormAct):
+            setattr(module, name, FusedConv.from_conv_norm_act(child, backend=backend))
+            count += 1
+        else:
+            count += fuse_conv_norm_acts(child, backend)
+    return count
 
 
 class SkippableStage(nn.Module):

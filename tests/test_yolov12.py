@@ -256,3 +256,31 @@ def test_from_ultralytics_inputs(tmp_path):
     extra["model.99.foo"] = torch.zeros(1)
     with pytest.raises(ValueError, match="not used"):
         from_ultralytics(extra)
+
+
+def test_fused_inference_form_matches_eager(model_n):
+    fused = copy.deepcopy(model_n).fuse()
+    assert fused.is_fused and fused.fuse() is fused
+    from anydepth.nn import ConvNormAct
+
+    assert not any(isinstance(m, ConvNormAct) for m in fused.modules())
+    # The oracle is the eager model evaluated in float64: end to end, fp32 rounding of the eager
+    # model itself is ~7e-6 here, so fused-vs-eager-fp32 would measure two roundings, not one.
+    exact = copy.deepcopy(model_n).double()
+    x = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        for depth in ("full", "base", {"backbone.p4": True, "neck.p5_down": True}, 0.5):
+            assert rel_err(fused(x, depth=depth), exact(x.double(), depth=depth)) <= 1e-5
+    assert fused.params_used("base") <= fused.params_used("full")
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        fused.train()
+
+
+def test_fused_separate_shallow_conv():
+    m = randomize_(anydepth.create_model("yolov12n-anydepth", num_classes=3, shallow_out="separate"),
+                   seed=4, calibrate_shape=(2, 3, 64, 64)).eval()
+    f = copy.deepcopy(m).fuse()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for depth in ("full", "base"):
+            assert rel_err(f(x, depth=depth), m(x, depth=depth)) <= 1e-5

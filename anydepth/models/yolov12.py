@@ -101,8 +101,7 @@ class Bottleneck(nn.Module):
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        y = self.cv2(self.cv1(x, skip), skip)
-        return x + y if self.add else y
+        return self.cv2(self.cv1(x, skip), skip, residual=x if self.add else None)
 
 
 class C3k(nn.Module):
@@ -141,7 +140,7 @@ class AAttn(nn.Module):
         self.proj = _Conv(all_head_dim, dim, 1, act=False, skip_aware=skip_aware)
         self.pe = _Conv(all_head_dim, all_head_dim, 7, 1, g=all_head_dim, act=False, skip_aware=skip_aware)
 
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, _, h, w = x.shape
         n = h * w
         # [B, N, 3C] with channels contiguous: the fused SDPA kernels need a unit-stride head dim
@@ -156,7 +155,8 @@ class AAttn(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)
         o = o.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
         v = v.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return self.proj(o + self.pe(v.contiguous(), skip), skip)
+        # o + pe(v), then the projection (+ the caller's residual), each add fused into a conv
+        return self.proj(self.pe(v.contiguous(), skip, residual=o), skip, residual=residual)
 
 
 class ABlock(nn.Module):
@@ -172,8 +172,8 @@ class ABlock(nn.Module):
                                   _Conv(hidden, dim, 1, act=False, skip_aware=skip_aware)])
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        x = x + self.attn(x, skip)
-        return x + self.mlp[1](self.mlp[0](x, skip), skip)
+        x = self.attn(x, skip, residual=x)
+        return self.mlp[1](self.mlp[0](x, skip), skip, residual=x)
 
 
 class ABlockPair(nn.ModuleList):
@@ -219,6 +219,7 @@ class SwitchableCSP(nn.Module):
                           if shallow_out == "separate" else None)
         self.gamma = nn.Parameter(0.01 * torch.ones(c2)) if gamma else None
         self.skip_aware = True
+        self.cv2_skip: Optional[nn.Module] = None  # set by AnyDepthYOLOv12.fuse()
 
     @property
     def shallow_in_channels(self) -> int:
@@ -229,6 +230,8 @@ class SwitchableCSP(nn.Module):
             return self.cv2(y, False)
         if self.conv_skip is not None:
             return self.conv_skip(y)
+        if self.cv2_skip is not None:  # fused form: the slice folded once
+            return self.cv2_skip(y)
         cv = self.cv2
         w = cv.conv.weight[:, : y.shape[1]]
         z = F.conv2d(y, w)
@@ -382,6 +385,7 @@ class AnyDepthYOLOv12(AnyDepthModel):
         L[21] = Detect(num_classes, (W(256), W(512), W(1024)))
         self.layers = nn.ModuleList([m if m is not None else nn.Identity() for m in L])
         self._init_weights()
+        self.is_fused = False
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -397,12 +401,36 @@ class AnyDepthYOLOv12(AnyDepthModel):
         """Switch name -> its CSP module."""
         return {name: self.layers[i] for name, i in SWITCHES}
 
+    def fuse(self, backend: str = "auto") -> "AnyDepthYOLOv12":
+        """Inference form, in place: every conv + BN (+ activation, + residual add) becomes one
+        fused op (``torch.ops.anydepth.conv_norm_act``) with one folded epilogue per norm set,
+        and each shallow output conv's weight slice is folded once. Outputs match the eager model
+        at every depth. The fused model is for inference only."""
+        from ..nn import FusedConv, fuse_conv_norm_acts
+
+        if self.is_fused:
+            return self
+        self.eval()
+        for csp in self.switchable_modules.values():
+            if csp.conv_skip is None:
+                csp.cv2_skip = FusedConv.from_conv_norm_act(
+                    csp.cv2, in_channels=csp.shallow_in_channels, norm_set="skip", backend=backend)
+        fuse_conv_norm_acts(self, backend)
+        self.is_fused = True
+        return self
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "is_fused", False):
+            raise RuntimeError("this model was fused for inference (model.fuse()); rebuild it from its "
+                               "checkpoint to train")
+        return super().train(mode)
+
     def _extra_params_used(self, config: DepthConfig, ran: set) -> int:
         # a shallow output conv that reads a slice of cv2's weight calls F.conv2d directly: count
         # the slice and cv2's shallow norm set (skip-aware norms count the set that ran via hooks)
         extra = 0
         for name, csp in self.switchable_modules.items():
-            if config.is_skipped(name) and csp.conv_skip is None and id(csp.cv2.conv) not in ran:
+            if config.is_skipped(name) and csp.conv_skip is None and csp.cv2_skip is None:
                 extra += csp.cv2.conv.weight[:, : csp.shallow_in_channels].numel()
                 extra += sum(p.numel() for p in csp.cv2.bn.bn_skip.parameters())
         return extra
