@@ -8,6 +8,7 @@ from ._ext import extension_info
 from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.ms_deform_attn import ms_deform_attn
+from .optimize import OptimizeReport, optimize, register_swap
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,8 @@ __all__ = [
     "extension_info",
     "fold_batchnorm",
     "ms_deform_attn",
+    "optimize",
+    "OptimizeReport",
+    "register_swap",
     "scale_bias_act",
 ]
