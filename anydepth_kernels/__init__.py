@@ -5,6 +5,7 @@ compiled C++ (CPU), CUDA or Triton implementation, with the eager reference in
 :mod:`anydepth_kernels.reference` as the fallback. :func:`extension_info` says what is available.
 """
 from ._ext import extension_info
+from .cuda_graphs import CUDAGraphRunner
 from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.ms_deform_attn import ms_deform_attn
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CUDAGraphRunner",
     "FusedConvNormAct",
     "activation_name",
     "conv_norm_act",
