@@ -54,7 +54,7 @@ struct Corners {
 // Pixel coordinates (x, y) of a point known to be finite and inside [-1, W) x [-1, H) (at
 // x = -1 the corner x = 0 has weight 0 but, as in grid_sample, a gradient).
 template <typename T>
-inline Corners<T> corners(T x, T y, int64_t H, int64_t W, int64_t start) {
+ANYDEPTH_ALWAYS_INLINE Corners<T> corners(T x, T y, int64_t H, int64_t W, int64_t start) {
   Corners<T> c;
   const T xf = std::floor(x), yf = std::floor(y);
   const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
@@ -203,16 +203,15 @@ void run_forward_rows(const T* value, const int64_t* shapes, const int64_t* star
 
 // Backward of one (batch, head) slice over queries [q_begin, q_end).
 //   value_nm: &value[n, 0, m, 0]; gvalue: &grad_value_slice[0] with row stride gv_stride;
-//   loc/attn/grad_out/grad_loc/grad_attn: full tensors. scratch: D writable values.
+//   loc/attn/grad_out/grad_loc/grad_attn: full tensors. scratch: 4 * D writable values.
 template <typename T>
 ANYDEPTH_ALWAYS_INLINE void backward_slice(
-    const T* __restrict__ value_nm, const int64_t* shapes, const int64_t* starts,
+    const T* __restrict__ value_nm, int64_t v_stride, const int64_t* shapes, const int64_t* starts,
     const T* __restrict__ loc, const T* __restrict__ attn, const T* __restrict__ grad_out,
     T* gvalue, int64_t gv_stride, T* __restrict__ grad_loc, T* __restrict__ grad_attn,
     const T* zeros, T* scratch, const MsDeformDims& k, int64_t n, int64_t m, int64_t q_begin,
     int64_t q_end) {
   const int64_t D = k.D, L = k.L, P = k.P;
-  const int64_t row_stride = k.M * D;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t nqm = (n * k.Q + q) * k.M + m;
@@ -238,16 +237,16 @@ ANYDEPTH_ALWAYS_INLINE void backward_slice(
           continue;
         }
         const Corners<T> c = corners(x, y, H, W, start);
-        const T* __restrict__ v0 = c.row[0] >= 0 ? value_nm + c.row[0] * row_stride : zeros;
-        const T* __restrict__ v1 = c.row[1] >= 0 ? value_nm + c.row[1] * row_stride : zeros;
-        const T* __restrict__ v2 = c.row[2] >= 0 ? value_nm + c.row[2] * row_stride : zeros;
-        const T* __restrict__ v3 = c.row[3] >= 0 ? value_nm + c.row[3] * row_stride : zeros;
-        // Corners outside the map write into scratch (discarded). Two such corners may share
-        // it; that is only a write-write overlap within one d, never across d.
-        T* g0 = c.row[0] >= 0 ? gvalue + c.row[0] * gv_stride : scratch;
-        T* g1 = c.row[1] >= 0 ? gvalue + c.row[1] * gv_stride : scratch;
-        T* g2 = c.row[2] >= 0 ? gvalue + c.row[2] * gv_stride : scratch;
-        T* g3 = c.row[3] >= 0 ? gvalue + c.row[3] * gv_stride : scratch;
+        const T* __restrict__ v0 = c.row[0] >= 0 ? value_nm + c.row[0] * v_stride : zeros;
+        const T* __restrict__ v1 = c.row[1] >= 0 ? value_nm + c.row[1] * v_stride : zeros;
+        const T* __restrict__ v2 = c.row[2] >= 0 ? value_nm + c.row[2] * v_stride : zeros;
+        const T* __restrict__ v3 = c.row[3] >= 0 ? value_nm + c.row[3] * v_stride : zeros;
+        // Corners outside the map write into their own row of scratch (discarded), so the
+        // four destinations never overlap (and never overlap value or grad_out).
+        T* __restrict__ g0 = c.row[0] >= 0 ? gvalue + c.row[0] * gv_stride : scratch;
+        T* __restrict__ g1 = c.row[1] >= 0 ? gvalue + c.row[1] * gv_stride : scratch + D;
+        T* __restrict__ g2 = c.row[2] >= 0 ? gvalue + c.row[2] * gv_stride : scratch + 2 * D;
+        T* __restrict__ g3 = c.row[3] >= 0 ? gvalue + c.row[3] * gv_stride : scratch + 3 * D;
         const T w0 = a * c.w[0], w1 = a * c.w[1], w2 = a * c.w[2], w3 = a * c.w[3];
         T dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
 #pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
@@ -257,6 +256,10 @@ ANYDEPTH_ALWAYS_INLINE void backward_slice(
           dot1 += gd * v1[d];
           dot2 += gd * v2[d];
           dot3 += gd * v3[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const T gd = g[d];
           g0[d] += w0 * gd;
           g1[d] += w1 * gd;
           g2[d] += w2 * gd;
@@ -287,44 +290,50 @@ struct BwdArgs {
 };
 
 template <typename T>
-ANYDEPTH_ALWAYS_INLINE void backward_task(const BwdArgs<T>& b, T* gvalue, int64_t gv_stride, T* scratch, int64_t n,
+ANYDEPTH_ALWAYS_INLINE void backward_task(const BwdArgs<T>& b, const T* value_nm, int64_t v_stride,
+                                          T* gvalue, int64_t gv_stride, T* scratch, int64_t n,
                    int64_t m, int64_t q_begin, int64_t q_end) {
   const MsDeformDims& k = b.k;
-  backward_slice<T>(b.value + n * k.S * k.M * k.D + m * k.D, b.shapes, b.starts, b.loc, b.attn,
+  backward_slice<T>(value_nm, v_stride, b.shapes, b.starts, b.loc, b.attn,
                     b.grad_out, gvalue, gv_stride, b.grad_loc, b.grad_attn, b.zeros, scratch, k, n,
                     m, q_begin, q_end);
 }
 
 #define ANYDEPTH_BWD_F32(suffix, target)                                                         \
-  target void backward_task_f32_##suffix(const BwdArgs<float>& b, float* gvalue,                 \
-                                         int64_t gv_stride, float* scratch, int64_t n, int64_t m, \
-                                         int64_t q_begin, int64_t q_end) {                        \
-    backward_task<float>(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);                    \
+  target void backward_task_f32_##suffix(                                                       \
+      const BwdArgs<float>& b, const float* value_nm, int64_t v_stride, float* gvalue,            \
+      int64_t gv_stride, float* scratch, int64_t n, int64_t m, int64_t q_begin, int64_t q_end) {  \
+    backward_task<float>(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin, q_end); \
   }
 ANYDEPTH_BWD_F32(avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
 ANYDEPTH_BWD_F32(avx2, __attribute__((target("avx2,fma"))))
 ANYDEPTH_BWD_F32(base, )
 #undef ANYDEPTH_BWD_F32
 
-void backward_task_f32(const BwdArgs<float>& b, float* gvalue, int64_t gv_stride, float* scratch,
-                       int64_t n, int64_t m, int64_t q_begin, int64_t q_end) {
+void backward_task_f32(const BwdArgs<float>& b, const float* value_nm, int64_t v_stride,
+                       float* gvalue, int64_t gv_stride, float* scratch, int64_t n, int64_t m,
+                       int64_t q_begin, int64_t q_end) {
   switch (isa()) {
     case Isa::kAvx512:
-      return backward_task_f32_avx512(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+      return backward_task_f32_avx512(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin,
+                                      q_end);
     case Isa::kAvx2:
-      return backward_task_f32_avx2(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+      return backward_task_f32_avx2(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin,
+                                      q_end);
     default:
-      return backward_task_f32_base(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+      return backward_task_f32_base(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin,
+                                      q_end);
   }
 }
 
 template <typename T>
-void run_backward_task(const BwdArgs<T>& b, T* gvalue, int64_t gv_stride, T* scratch, int64_t n,
-                       int64_t m, int64_t q_begin, int64_t q_end) {
+void run_backward_task(const BwdArgs<T>& b, const T* value_nm, int64_t v_stride, T* gvalue,
+                       int64_t gv_stride, T* scratch, int64_t n, int64_t m, int64_t q_begin,
+                       int64_t q_end) {
   if constexpr (std::is_same_v<T, float>) {
-    backward_task_f32(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+    backward_task_f32(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
   } else {
-    backward_task<T>(b, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
+    backward_task<T>(b, value_nm, v_stride, gvalue, gv_stride, scratch, n, m, q_begin, q_end);
   }
 }
 
@@ -401,13 +410,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                         k};
     scalar_t* gv = grad_value.mutable_data_ptr<scalar_t>();
     const int64_t gv_stride = k.M * k.D;
+    const scalar_t* v = b.value;
     if (splits == 1) {
+      // (Working on packed [S, D] copies of a head's strided slices was measured: slower.)
       at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch(k.D);
+        std::vector<scalar_t> scratch(4 * k.D);
         for (int64_t s = begin; s < end; ++s) {
           const int64_t n = s / k.M, m = s % k.M;
-          run_backward_task<scalar_t>(b, gv + n * k.S * gv_stride + m * k.D, gv_stride,
-                                      scratch.data(), n, m, 0, k.Q);
+          const int64_t off = n * k.S * gv_stride + m * k.D;
+          run_backward_task<scalar_t>(b, v + off, gv_stride, gv + off, gv_stride, scratch.data(),
+                                      n, m, 0, k.Q);
         }
       });
       return;
@@ -416,12 +428,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const int64_t tasks = slices * splits;
     std::vector<scalar_t> buffers(static_cast<size_t>(tasks * k.S * k.D), scalar_t(0));
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(k.D);
+      std::vector<scalar_t> scratch(4 * k.D);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = t / splits, part = t % splits;
         const int64_t n = s / k.M, m = s % k.M;
         const int64_t q0 = k.Q * part / splits, q1 = k.Q * (part + 1) / splits;
-        run_backward_task<scalar_t>(b, buffers.data() + t * k.S * k.D, k.D, scratch.data(), n, m,
+        run_backward_task<scalar_t>(b, v + n * k.S * gv_stride + m * k.D, gv_stride,
+                                    buffers.data() + t * k.S * k.D, k.D, scratch.data(), n, m,
                                     q0, q1);
       }
     });
