@@ -8,6 +8,10 @@ Recognised (by class, without importing the packages that define them):
   op), ``Bottleneck`` (residual add fused into the second conv), ``AAttn`` (area attention on
   ``scaled_dot_product_attention``'s fused kernels instead of explicit matmuls, positional conv
   and residuals fused) and ``ABlock``.
+* **HuggingFace RT-DETR** (``RTDetrForObjectDetection``): ResNet conv layers and residual blocks
+  (the residual add fused into the last conv), ``RTDetrConvNormLayer``, ``RTDetrRepVggBlock``
+  (reparameterised into one 3x3 conv), ``RTDetrCSPRepLayer`` (its add fused) and the
+  multi-scale deformable attention kernel (:func:`anydepth_kernels.ms_deform_attn`).
 
 Everything else is left alone and listed in the returned report (``verbose=True`` prints it).
 The model is put in eval mode: folding uses the BatchNorm running statistics, so the result is an
@@ -25,7 +29,8 @@ from torch import nn
 
 from .modules import FusedConvNormAct
 
-_ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
+#: activation class names (torch's and HF's own classes) -> the fused epilogue's activation
+_ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "Identity": "identity"}
 
 
 @dataclass
@@ -50,9 +55,24 @@ class OptimizeReport:
 
 
 def _act_name(act: nn.Module) -> Optional[str]:
-    for cls, name in _ACT_NAMES.items():
-        if type(act) is cls:
-            return name
+    if not isinstance(act, nn.Module) or type(act).__module__.split(".")[0] not in ("torch", "transformers"):
+        return None
+    if getattr(act, "inplace", False) and type(act).__name__ != "ReLU":
+        return None
+    return _ACT_NAMES.get(type(act).__name__)
+
+
+def _as_batchnorm(norm: nn.Module) -> Optional[nn.BatchNorm2d]:
+    """A BatchNorm2d, or an equivalent one for frozen-BN modules (HF's RTDetrFrozenBatchNorm2d)."""
+    if isinstance(norm, nn.BatchNorm2d):
+        return norm
+    if all(isinstance(getattr(norm, n, None), torch.Tensor) for n in ("weight", "bias", "running_mean", "running_var")):
+        bn = nn.BatchNorm2d(norm.weight.numel(), eps=float(getattr(norm, "eps", 1e-5)))
+        bn = bn.to(norm.weight.device, norm.weight.dtype).eval()
+        with torch.no_grad():
+            for n in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, n).copy_(getattr(norm, n))
+        return bn
     return None
 
 
@@ -170,6 +190,127 @@ def _swap_ultra_ablock(m: nn.Module, backend: str) -> Optional[nn.Module]:
     return FusedABlock(attn, mlp0, mlp1)
 
 
+def _fused(conv, norm, act, backend: str) -> Optional[FusedConv]:
+    if not isinstance(conv, nn.Conv2d):
+        return None
+    bn = _as_batchnorm(norm)
+    name = _act_name(act) if act is not None else "identity"
+    if bn is None or name is None:
+        return None
+    return FusedConv(FusedConvNormAct.from_modules(conv, bn, None, name, backend))
+
+
+def _swap_hf_resnet_conv(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    return _fused(m.convolution, m.normalization, m.activation, backend)
+
+
+def _swap_hf_conv_norm(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    return _fused(m.conv, m.norm, m.activation, backend)
+
+
+class FusedResidualBlock(nn.Module):
+    """ResNet block ``relu(layers(x) + shortcut(x))`` with the add fused into the last conv."""
+
+    def __init__(self, layers: List[FusedConv], shortcut: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.shortcut(x)
+        h = x
+        for layer in self.layers[:-1]:
+            h = layer(h)
+        return torch.relu_(self.layers[-1](h, r))
+
+
+def _swap_hf_resnet_block(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    if type(getattr(m, "activation", None)).__name__ != "ReLU":
+        return None
+    layers = [_swap_hf_resnet_conv(c, backend) if type(c).__name__ == "RTDetrResNetConvLayer" else None
+              for c in m.layer]
+    if any(c is None for c in layers) or layers[-1].fused.act != "identity":
+        return None
+    shortcut = m.shortcut
+    rule = _rule_for(shortcut)
+    new = rule(shortcut, backend) if rule is not None else None
+    if new is not None:
+        shortcut = new
+    else:
+        _walk(shortcut, backend, OptimizeReport())
+    return FusedResidualBlock(layers, shortcut)
+
+
+def _swap_hf_shortcut(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    return _fused(m.convolution, m.normalization, None, backend)
+
+
+def _swap_hf_repvgg(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    """conv3x3+BN + conv1x1+BN -> one 3x3 conv with bias (RepVGG reparameterisation), + act."""
+    from .modules import fold_batchnorm
+
+    c3, c1 = m.conv1, m.conv2
+    bn3, bn1 = _as_batchnorm(c3.norm), _as_batchnorm(c1.norm)
+    act = _act_name(m.activation)
+    if bn3 is None or bn1 is None or act is None or c3.conv.kernel_size != (3, 3) or c1.conv.kernel_size != (1, 1):
+        return None
+    if type(c3.activation).__name__ != "Identity" or type(c1.activation).__name__ != "Identity":
+        return None
+    s3, b3 = fold_batchnorm(bn3, c3.conv.bias)
+    s1, b1 = fold_batchnorm(bn1, c1.conv.bias)
+    w = c3.conv.weight.detach().float() * s3.view(-1, 1, 1, 1)
+    w = w + F.pad(c1.conv.weight.detach().float() * s1.view(-1, 1, 1, 1), [1, 1, 1, 1])
+    conv = nn.Conv2d(c3.conv.in_channels, c3.conv.out_channels, 3, c3.conv.stride, 1, bias=False)
+    conv = conv.to(c3.conv.weight.device, c3.conv.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    fused = FusedConvNormAct(conv.in_channels, conv.out_channels, 3, conv.stride, 1, act=act, backend=backend,
+                             device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight)
+        fused.set_epilogue(0, torch.ones_like(b3), b3 + b1)
+    return FusedConv(fused)
+
+
+class FusedCSPRepLayer(nn.Module):
+    """``conv3(bottlenecks(conv1(x)) + conv2(x))`` with the add fused into ``conv2``."""
+
+    def __init__(self, conv1: FusedConv, conv2: FusedConv, bottlenecks: nn.Module, conv3: nn.Module):
+        super().__init__()
+        self.conv1, self.conv2, self.bottlenecks, self.conv3 = conv1, conv2, bottlenecks, conv3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(x, self.bottlenecks(self.conv1(x))))
+
+
+def _swap_hf_csp(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    conv1, conv2 = _swap_hf_conv_norm(m.conv1, backend), _swap_hf_conv_norm(m.conv2, backend)
+    blocks = [_swap_hf_repvgg(b, backend) if type(b).__name__ == "RTDetrRepVggBlock" else None for b in m.bottlenecks]
+    conv3 = m.conv3 if isinstance(m.conv3, nn.Identity) else _swap_hf_conv_norm(m.conv3, backend)
+    if conv1 is None or conv2 is None or conv3 is None or any(b is None for b in blocks):
+        return None
+    return FusedCSPRepLayer(conv1, conv2, nn.Sequential(*blocks), conv3)
+
+
+class MSDeformAttnKernel(nn.Module):
+    """Drop-in for HF's ``MultiScaleDeformableAttention`` kernel module: :func:`ms_deform_attn`."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
+                sampling_locations, attention_weights, im2col_step=None):
+        from .ops.ms_deform_attn import ms_deform_attn
+
+        return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, backend=self.backend)
+
+
+def _swap_hf_msda(m: nn.Module, backend: str) -> Optional[nn.Module]:
+    return MSDeformAttnKernel(backend)
+
+
 #: (package prefix of the class's module, class name) -> swap rule. Parents before children:
 #: a parent rule consumes its children.
 SWAPS: Dict[tuple, Swap] = {
@@ -178,6 +319,14 @@ SWAPS: Dict[tuple, Swap] = {
     ("ultralytics", "Bottleneck"): _swap_ultra_bottleneck,
     ("ultralytics", "Conv"): _swap_ultra_conv,
     ("ultralytics", "DWConv"): _swap_ultra_conv,
+    ("transformers", "RTDetrResNetBasicLayer"): _swap_hf_resnet_block,
+    ("transformers", "RTDetrResNetBottleNeckLayer"): _swap_hf_resnet_block,
+    ("transformers", "RTDetrResNetConvLayer"): _swap_hf_resnet_conv,
+    ("transformers", "RTDetrResNetShortCut"): _swap_hf_shortcut,
+    ("transformers", "RTDetrCSPRepLayer"): _swap_hf_csp,
+    ("transformers", "RTDetrRepVggBlock"): _swap_hf_repvgg,
+    ("transformers", "RTDetrConvNormLayer"): _swap_hf_conv_norm,
+    ("transformers", "MultiScaleDeformableAttention"): _swap_hf_msda,
 }
 
 

@@ -66,3 +66,25 @@ def test_optimize_after_ultralytics_fuse():
         folded = copy.deepcopy(peer).fuse(verbose=False)
         opt = ak.optimize(folded)
         assert rel_err(opt(x)[0], ref) <= 1e-5
+
+
+transformers = pytest.importorskip("transformers", reason="the HF peer is in the test extras")
+
+
+@pytest.mark.parametrize("variant", ["r18", "r50"])
+def test_optimize_hf_rtdetr(variant):
+    from anydepth.convert._transformers import build_peer
+
+    hf, _ = build_peer(f"rtdetr-{variant}-anydepth", num_classes=5, seed=8, num_queries=30)
+    exact = copy.deepcopy(hf).double()
+    opt, report = ak.optimize(copy.deepcopy(hf), return_report=True)
+    for kind in ("RTDetrCSPRepLayer", "RTDetrConvNormLayer", "MultiScaleDeformableAttention"):
+        assert report.swapped.get(f"transformers.{kind}", 0) > 0, (kind, report)
+    assert sum(v for k, v in report.swapped.items() if "RTDetrResNet" in k) > 0
+    assert not any(type(m).__name__ in ("RTDetrRepVggBlock", "RTDetrResNetConvLayer") for m in opt.modules())
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = exact(pixel_values=x.double())
+        out = opt(pixel_values=x)
+        assert rel_err(out.logits, ref.logits) <= 1e-5
+        assert rel_err(out.pred_boxes, ref.pred_boxes) <= 1e-5
