@@ -257,9 +257,11 @@ def test_repvgg_reparam_gives_one_conv_per_norm_set():
     dep = block.reparameterize()
     assert isinstance(dep, RepVGGDeployed) and dep.fused.kernel_size == (3, 3)
     assert not torch.allclose(dep.fused.weight, dep.fused_skip.weight)  # the 1x1 BN differs per set
+    dep_ref = block.reparameterize(backend="reference")
     with torch.no_grad():
         for skip in (False, True):
             assert rel_err(dep(x, skip), block(x, skip)) <= TOL
+            assert rel_err(dep_ref(x, skip), block(x, skip)) <= TOL
 
 
 def _small(name, seed):

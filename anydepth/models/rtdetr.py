@@ -238,7 +238,7 @@ class RepVGGBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
         return self.act(self.conv1(x, skip) + self.conv2(x, skip))
 
-    def reparameterize(self) -> "RepVGGDeployed":
+    def reparameterize(self, backend: str = "auto") -> "RepVGGDeployed":
         """One fused 3x3 conv per norm set (the 1x1 branch's BN differs per set, so the combined
         weights differ: set ``s`` gives ``W3 * s3_s + pad(W1) * s1_s`` and bias ``b3_s + b1_s``)."""
         c3, c1 = self.conv1, self.conv2
@@ -252,7 +252,7 @@ class RepVGGBlock(nn.Module):
             w = c3.conv.weight.detach().double() * s3.double().view(-1, 1, 1, 1)
             w[:, :, 1, 1] += c1.conv.weight.detach().double()[:, :, 0, 0] * s1.double().view(-1, 1)
             f = FusedConvNormAct(c3.conv.in_channels, c3.conv.out_channels, 3, 1, 1, act=self.act_name,
-                                 device=w.device, dtype=c3.conv.weight.dtype)
+                                 backend=backend, device=w.device, dtype=c3.conv.weight.dtype)
             with torch.no_grad():
                 f.weight.copy_(w)
             f.set_epilogue(0, torch.ones_like(b3), b3.double() + b1.double())
@@ -656,19 +656,22 @@ class AnyDepthRTDETR(AnyDepthModel):
 
     # -- deployment -----------------------------------------------------------------------------
     @torch.no_grad()
-    def deploy(self) -> "AnyDepthRTDETR":
+    def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
         """Inference form, in place: each RepVGG block becomes one 3x3 conv per norm set and every
         conv-BN(-act) becomes a :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where
         the BN is skip-aware). Puts the model in eval mode (the running statistics are folded);
-        outputs equal the eager model's at every depth. Returns ``self``."""
+        outputs equal the eager model's at every depth. ``backend`` is the fused ops' backend
+        (see :class:`~anydepth_kernels.FusedConvNormAct`). Returns ``self``."""
         self.eval()
 
         def swap(module: nn.Module) -> None:
             for name, child in module.named_children():
                 if isinstance(child, RepVGGBlock):
-                    setattr(module, name, child.reparameterize())
+                    setattr(module, name, child.reparameterize(backend))
                 elif isinstance(child, ConvBN):
-                    setattr(module, name, FusedConvBN(child.fuse()))
+                    bns = (child.bn.bn, child.bn.bn_skip) if child.skip_aware else (child.bn, None)
+                    setattr(module, name, FusedConvBN(
+                        FusedConvNormAct.from_modules(child.conv, *bns, child.act, backend)))
                 else:
                     swap(child)
 
