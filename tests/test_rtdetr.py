@@ -332,6 +332,14 @@ def test_converter_from_state_dict_and_errors(r18):
     assert again.model_kwargs == ours.model_kwargs
     for k, v in again.state_dict().items():
         assert torch.equal(v, ours.state_dict()[k]), k
+    # the shallow-path norms start as copies of the main ones
+    aware = [m for m in again.modules() if isinstance(m, (SkipAwareBatchNorm2d, SkipAwareLayerNorm))]
+    assert len(aware) >= 40
+    for m in aware:
+        main, shallow = (m.bn, m.bn_skip) if isinstance(m, SkipAwareBatchNorm2d) else (m.ln, m.ln_skip)
+        for (name, a), (_, b) in zip(main.state_dict().items(), shallow.state_dict().items()):
+            if name != "num_batches_tracked":
+                assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="config"):
         from_transformers(sd)
     with pytest.raises(ValueError, match="unmapped HF keys.*model.extra"):
