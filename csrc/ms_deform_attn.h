@@ -11,7 +11,9 @@
 // Bilinear sampling with zero padding, exactly grid_sample(align_corners=False,
 // padding_mode="zeros"): pixel coordinate x = loc_x * W - 0.5, each of the four corners that
 // lies outside the map contributes 0. The Python layer (anydepth_kernels/ops/ms_deform_attn.py)
-// validates the level table against S; these checks guard the kernels' own assumptions.
+// validates the level table against S on every eager call; these checks guard the kernels' own
+// assumptions (the CPU kernels also bound the table by S; the CUDA ones would need a device
+// sync to read it, so they rely on the Python layer).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

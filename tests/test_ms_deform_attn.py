@@ -492,3 +492,18 @@ def test_cpp_every_instruction_set():
         assert proc.returncode == 0, f"{isa}: {stderr[-3000:]}"
         err = float(stdout.strip().splitlines()[-1])
         assert err <= 1e-5, f"{isa}: relative error {err:.3e}"
+
+
+def test_cpp_kernel_bounds_the_level_table():
+    """Called directly (bypassing the Python checks), the C++ kernels still refuse a level
+    table that would read outside value."""
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    grad = torch.randn(1, 3, 8)
+    for bad_ss, bad_starts in ((torch.tensor([[3, 4], [3, 3]]), starts),
+                               (ss, torch.tensor([0, 13])),
+                               (torch.tensor([[3, 4], [0, 2]]), starts),
+                               (ss, torch.tensor([-1, 12]))):
+        with pytest.raises(RuntimeError, match="does not fit in value's S=16"):
+            torch.ops.anydepth._ext_ms_deform_attn_forward(value, bad_ss, bad_starts, loc, attn)
+        with pytest.raises(RuntimeError, match="does not fit in value's S=16"):
+            torch.ops.anydepth._ext_ms_deform_attn_backward(value, bad_ss, bad_starts, loc, attn, grad)

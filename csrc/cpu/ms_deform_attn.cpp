@@ -10,8 +10,8 @@
 // Backward: grad_value is accumulated without atomics. Each task owns the value slice of one
 // (batch, head) pair, value[n, :, m, :], which no other task writes; when there are fewer such
 // slices than threads, the query range of each slice is also split and every split accumulates
-// into its own zeroed [S, D] buffer, summed into grad_value afterwards (in a fixed order, so the
-// result does not depend on the thread count). grad_sampling_locations and
+// into its own zeroed [S, D] buffer, summed into grad_value afterwards in a fixed order (no
+// atomics: for a given thread count the result is deterministic). grad_sampling_locations and
 // grad_attention_weights have one writer per element.
 //
 // Non-finite inputs follow the reference (grid_sample): a non-finite sampling location samples
@@ -337,6 +337,20 @@ void run_backward_task(const BwdArgs<T>& b, const T* value_nm, int64_t v_stride,
   }
 }
 
+// The level table must stay inside value: the kernels index it unchecked. (The Python layer
+// checks more: that the levels tile S exactly.)
+void check_levels_cpu(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                      const MsDeformDims& k) {
+  const int64_t* shapes = spatial_shapes.const_data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.const_data_ptr<int64_t>();
+  for (int64_t l = 0; l < k.L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    TORCH_CHECK(H > 0 && W > 0 && start >= 0 && H <= k.S && W <= k.S && start <= k.S - H * W,
+                "ms_deform_attn: level ", l, " (", H, "x", W, " at ", start,
+                ") does not fit in value's S=", k.S, " positions");
+  }
+}
+
 // Work (multiply-adds) per query and head, to size the parallel grains.
 inline int64_t work_per_qm(const MsDeformDims& k) {
   return std::max<int64_t>(1, k.L * k.P * 4 * k.D);
@@ -348,6 +362,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& attention_weights) {
   const MsDeformDims k = check_ms_deform_args(value, spatial_shapes, level_start_index,
                                               sampling_locations, attention_weights);
+  check_levels_cpu(spatial_shapes, level_start_index, k);
   at::Tensor out = at::empty({k.N, k.Q, k.M * k.D}, value.options());
   if (out.numel() == 0) return out;
   if (k.L == 0 || k.P == 0) return out.zero_();
@@ -381,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                   grad_output.device() == value.device() && grad_output.is_contiguous(),
               "ms_deform_attn backward: grad_output must be contiguous, on value's device and of "
               "value's dtype");
+  check_levels_cpu(spatial_shapes, level_start_index, k);
   at::Tensor grad_value = at::zeros_like(value);
   at::Tensor grad_loc = at::empty_like(sampling_locations);
   at::Tensor grad_attn = at::empty_like(attention_weights);
