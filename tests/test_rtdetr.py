@@ -383,3 +383,19 @@ def test_bad_inputs_raise_clear_errors(r18):
         AnyDepthRTDETR("r152")
     with pytest.raises(ValueError, match="unknown model"):
         anydepth.registry.create_model("rtdetr-r152-anydepth")
+
+
+def test_depth_is_a_call_argument_not_state(r18):
+    """One instance serves different depths from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, model = r18
+    x = _images(1, 128, seed=9)
+    depths = ["full", "base", {"encoder": True, "decoder_layers": 2}]
+    with torch.no_grad():
+        serial = [model(x, depth=d)["logits"] for d in depths]
+        with ThreadPoolExecutor(3) as pool:
+            parallel = list(pool.map(lambda d: model(x, depth=d)["logits"], depths))
+    for a, b in zip(serial, parallel):  # a mixed-up depth would differ by far more than TOL
+        assert rel_err(b, a) <= TOL
+    assert rel_err(serial[1], serial[0]) > 1e-2
