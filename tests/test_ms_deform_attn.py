@@ -507,3 +507,11 @@ def test_cpp_kernel_bounds_the_level_table():
             torch.ops.anydepth._ext_ms_deform_attn_forward(value, bad_ss, bad_starts, loc, attn)
         with pytest.raises(RuntimeError, match="does not fit in value's S=16"):
             torch.ops.anydepth._ext_ms_deform_attn_backward(value, bad_ss, bad_starts, loc, attn, grad)
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema, autograd registration, fake kernel, AOT dispatch."""
+    value, ss, starts, loc, attn = make_inputs(1, 4, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    args = (value.requires_grad_(), ss, starts, loc.requires_grad_(), attn.requires_grad_(), "cpp")
+    result = torch.library.opcheck(torch.ops.anydepth.ms_deform_attn.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
