@@ -8,6 +8,7 @@ from ._ext import extension_info
 from .cuda_graphs import CUDAGraphRunner
 from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
+from .ops.concat_conv import concat_conv1x1
 from .ops.ms_deform_attn import ms_deform_attn
 from .optimize import OptimizeReport, optimize, register_swap
 
@@ -18,6 +19,7 @@ __all__ = [
     "CUDAGraphRunner",
     "FusedConvNormAct",
     "activation_name",
+    "concat_conv1x1",
     "conv_norm_act",
     "extension_info",
     "fold_batchnorm",

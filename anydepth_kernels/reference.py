@@ -102,3 +102,19 @@ def ms_deform_attn(
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, q, levels, points)
     out = (stacked * weights).sum((-1, -2)).view(n, m * d, q)
     return out.transpose(1, 2).contiguous()
+
+
+def concat_conv1x1(
+    xs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    act: str = "silu",
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``act(conv1x1(cat(xs), weight[:, :C]) * scale + bias) + residual`` with ``C`` the inputs'
+    total channels: the output conv of a CSP module over the branches present (a shallow path
+    passes fewer branches and reads the weight's first input channels)."""
+    x = torch.cat(list(xs), 1)
+    y = F.conv2d(x, weight[:, : x.shape[1]])
+    return scale_bias_act(y, scale, bias, act, residual)

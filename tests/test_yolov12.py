@@ -22,7 +22,7 @@ SWITCH_NAMES = [name for name, _ in SWITCHES]
 def model_n():
     torch.manual_seed(0)
     m = anydepth.create_model("yolov12n-anydepth", num_classes=7)
-    return randomize_(m, seed=0, calibrate_shape=(2, 3, 64, 64)).eval()
+    return randomize_(m, seed=0, calibrate_shape=(4, 3, 96, 64)).eval()
 
 
 def test_registry_lists_all_scales():
@@ -258,8 +258,10 @@ def test_from_ultralytics_inputs(tmp_path):
         from_ultralytics(extra)
 
 
-def test_fused_inference_form_matches_eager(model_n):
-    fused = copy.deepcopy(model_n).fuse()
+@pytest.mark.parametrize("concat_free", [True, False])
+def test_fused_inference_form_matches_eager(model_n, concat_free):
+    fused = copy.deepcopy(model_n).fuse(concat_free=concat_free)
+    assert all(c.concat_free == concat_free for c in fused.switchable_modules.values())
     assert fused.is_fused and fused.fuse() is fused
     from anydepth.nn import ConvNormAct
 

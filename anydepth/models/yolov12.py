@@ -37,6 +37,7 @@ from ..detection import Detections, batched_nms, letterbox_batch
 from ..model import AnyDepthModel
 from ..nn import ConvNormAct
 from ..registry import register_model
+from anydepth_kernels import concat_conv1x1
 
 #: scale -> (depth multiple, width multiple, max channels), as in Ultralytics' yolo12.yaml.
 SCALES: Dict[str, Tuple[float, float, int]] = {
@@ -220,6 +221,7 @@ class SwitchableCSP(nn.Module):
         self.gamma = nn.Parameter(0.01 * torch.ones(c2)) if gamma else None
         self.skip_aware = True
         self.cv2_skip: Optional[nn.Module] = None  # set by AnyDepthYOLOv12.fuse()
+        self.concat_free = False  # set by AnyDepthYOLOv12.fuse(concat_free=True)
 
     @property
     def shallow_in_channels(self) -> int:
@@ -245,7 +247,12 @@ class SwitchableCSP(nn.Module):
         for i, blk in enumerate(blocks):
             last = blk(last, skip) if i < self.n_essential else blk(last)
             ys.append(last)
-        out = self._out_conv(torch.cat(ys, 1), skip)
+        if self.concat_free:  # fused form: the output conv reads the branches in place
+            f = self.cv2.fused
+            e = 1 if skip else 0
+            out = concat_conv1x1(ys, f.weight, f.scale[e], f.bias[e], f.act, backend=f.backend)
+        else:
+            out = self._out_conv(torch.cat(ys, 1), skip)
         if self.gamma is not None:
             return x + self.gamma.view(1, -1, 1, 1) * out
         return out
@@ -401,20 +408,23 @@ class AnyDepthYOLOv12(AnyDepthModel):
         """Switch name -> its CSP module."""
         return {name: self.layers[i] for name, i in SWITCHES}
 
-    def fuse(self, backend: str = "auto") -> "AnyDepthYOLOv12":
+    def fuse(self, backend: str = "auto", concat_free: bool = True) -> "AnyDepthYOLOv12":
         """Inference form, in place: every conv + BN (+ activation, + residual add) becomes one
-        fused op (``torch.ops.anydepth.conv_norm_act``) with one folded epilogue per norm set,
-        and each shallow output conv's weight slice is folded once. Outputs match the eager model
-        at every depth. The fused model is for inference only."""
+        fused op (``torch.ops.anydepth.conv_norm_act``) with one folded epilogue per norm set.
+        With ``concat_free`` (default) each CSP module's output conv reads its branches in place
+        (``anydepth_kernels.concat_conv1x1``: no concat; the shallow path reads the weight's first
+        input channels); otherwise the concat stays and the shallow weight slice is folded once.
+        Outputs match the eager model at every depth. The fused model is for inference only."""
         from ..nn import FusedConv, fuse_conv_norm_acts
 
         if self.is_fused:
             return self
         self.eval()
         for csp in self.switchable_modules.values():
-            if csp.conv_skip is None:
+            if csp.conv_skip is None and not concat_free:
                 csp.cv2_skip = FusedConv.from_conv_norm_act(
                     csp.cv2, in_channels=csp.shallow_in_channels, norm_set="skip", backend=backend)
+            csp.concat_free = concat_free and csp.conv_skip is None
         fuse_conv_norm_acts(self, backend)
         self.is_fused = True
         return self
@@ -431,6 +441,9 @@ class AnyDepthYOLOv12(AnyDepthModel):
         extra = 0
         for name, csp in self.switchable_modules.items():
             if config.is_skipped(name) and csp.conv_skip is None and csp.cv2_skip is None:
+                if csp.concat_free:  # reads cv2's weight prefix and its second epilogue
+                    extra += csp.cv2.fused.weight[:, : csp.shallow_in_channels].numel() + 2 * csp.cv2.out_channels
+                    continue
                 extra += csp.cv2.conv.weight[:, : csp.shallow_in_channels].numel()
                 extra += sum(p.numel() for p in csp.cv2.bn.bn_skip.parameters())
         return extra

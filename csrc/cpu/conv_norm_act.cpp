@@ -184,9 +184,61 @@ at::Tensor conv_norm_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return y;
 }
 
+// Concat-free 1x1 convolution: out[n] = W[:, :sum(C_i)] @ [x_0[n]; x_1[n]; ...] as a sum of
+// GEMMs over per-branch column slices of W (strided views, no copy), then the epilogue in place.
+// The concatenated input never exists; a shallow path that passes fewer branches reads only the
+// first columns of W.
+at::Tensor concat_conv1x1_cpu(at::TensorList xs, const at::Tensor& weight, const at::Tensor& scale,
+                              const at::Tensor& bias, int64_t act,
+                              const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(!xs.empty(), "anydepth: concat_conv1x1 needs at least one input");
+  const at::Tensor& x0 = xs[0];
+  TORCH_CHECK(x0.dim() == 4, "anydepth: concat_conv1x1 inputs must be 4-D");
+  const int64_t N = x0.size(0), H = x0.size(2), W = x0.size(3), HW = H * W;
+  const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
+              "anydepth: concat_conv1x1 needs a 1x1 weight");
+  int64_t total = 0;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.dim() == 4 && x.size(0) == N && x.size(2) == H && x.size(3) == W &&
+                    x.scalar_type() == x0.scalar_type() && x.device() == x0.device(),
+                "anydepth: concat_conv1x1 inputs must share batch, spatial size, dtype and device");
+    total += x.size(1);
+  }
+  TORCH_CHECK(total <= Cin, "anydepth: inputs have ", total, " channels, the weight reads ", Cin);
+  at::Tensor out = at::empty({N, Cout, H, W}, x0.options());
+  check_epilogue_args(out, scale, bias, act, residual);
+  if (out.numel() == 0) return out;
+  const at::Tensor w2 = weight.reshape({Cout, Cin});
+  for (int64_t n = 0; n < N; ++n) {
+    at::Tensor o = out.select(0, n).view({Cout, HW});
+    int64_t off = 0;
+    bool first = true;
+    for (const auto& x : xs) {
+      const int64_t c = x.size(1);
+      if (c == 0) continue;
+      const at::Tensor xi = x.select(0, n).reshape({c, HW});
+      const at::Tensor wi = w2.narrow(1, off, c);
+      if (first) {
+        at::mm_out(o, wi, xi);
+        first = false;
+      } else {
+        o.addmm_(wi, xi);
+      }
+      off += c;
+    }
+    if (first) o.zero_();
+  }
+  epilogue_into(out, out, scale.contiguous(), bias.contiguous(), act, residual);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(anydepth, m) {
+  m.def(
+      "_ext_concat_conv1x1(Tensor[] xs, Tensor weight, Tensor scale, Tensor bias, int act, "
+      "Tensor? residual) -> Tensor");
   m.def("_ext_scale_bias_act(Tensor y, Tensor scale, Tensor bias, int act, Tensor? residual) -> Tensor");
   m.def("_ext_cpu_isa() -> str");
   m.def(
@@ -202,6 +254,7 @@ TORCH_LIBRARY_IMPL(anydepth, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(anydepth, CPU, m) {
   m.impl("_ext_scale_bias_act", &scale_bias_act_cpu);
   m.impl("_ext_conv_norm_act", &conv_norm_act_cpu);
+  m.impl("_ext_concat_conv1x1", &concat_conv1x1_cpu);
 }
 
 }  // namespace anydepth
