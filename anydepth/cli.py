@@ -51,6 +51,22 @@ def _bench_kernels(args, dtype) -> None:
     device_tag = re.sub(r"[^A-Za-z0-9]+", "-", m.get("gpu", "cpu")).strip("-").lower()
     path = benchmark.save_report(report, args.out, f"kernels-{device_tag}-{report.dtype}")
     print(f"written: {path}")
+    report = benchmark.run_concat_benchmarks(device=args.device, dtype=dtype, rounds=args.rounds,
+                                             reps=args.reps, warmup=args.warmup, progress=not args.quiet)
+    print(f"\nconcat-free CSP output conv (+ folded BN + SiLU), {report.dtype}, on {report.device}: {where}")
+    print(report.table())
+    print(f"written: {benchmark.save_report(report, args.out, f'concat_conv-{device_tag}-{report.dtype}')}")
+    try:
+        from anydepth_kernels import benchmark_attention
+    except ImportError:
+        benchmark_attention = None
+    if benchmark_attention is not None:
+        report = benchmark_attention.run_attention_benchmarks(
+            device=args.device, dtype=dtype, rounds=args.rounds, reps=args.reps, warmup=args.warmup,
+            progress=not args.quiet)
+        print(f"\nattention (YOLOv12 area attention / AIFI shapes), {report.dtype}, on {report.device}: {where}")
+        print(report.table())
+        print(f"written: {benchmark.save_report(report, args.out, f'attention-{device_tag}-{report.dtype}')}")
     try:
         from anydepth_kernels import benchmark_ms_deform
     except ImportError:

@@ -69,11 +69,11 @@ class Report:
     skipped: Dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
-        head = f"{'case':<26} {'backend':<18} {'median ms':>10} {'vs eager':>9} {'rel err':>9}"
+        head = f"{'case':<30} {'backend':<26} {'median ms':>10} {'vs eager':>9} {'rel err':>9}"
         lines = [head, "-" * len(head)]
         for r in self.results:
             err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
-            lines.append(f"{r.case:<26} {r.backend:<18} {r.median_ms:>10.3f} "
+            lines.append(f"{r.case:<30} {r.backend:<26} {r.median_ms:>10.3f} "
                          f"{r.speedup_vs_eager:>8.2f}x {err:>9}")
         for name, why in self.skipped.items():
             lines.append(f"(skipped {name}: {why})")
@@ -235,3 +235,65 @@ def save_report(report: Report, out_dir: str, stem: str) -> str:
     return path
 
 
+
+
+#: CSP output convs of YOLOv12-s at 640 (branch channels, output channels, spatial size); the
+#: shallow variant passes only the essential branches (the weight's first input channels).
+CONCAT_CASES = [
+    ("C3k2 p3 full 4x64->256 @80", [64, 64, 64], 256, 80, None),
+    ("A2C2f p4 full 3x128->256 @40", [128, 128, 128], 256, 40, None),
+    ("A2C2f p4 shallow 2x128 @40", [128, 128], 256, 40, 384),
+    ("C3k2 p5 full 3x256->512 @20", [256, 256, 256], 512, 20, None),
+]
+
+
+def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float32, rounds: int = 10,
+                          reps: int = 3, warmup: int = 3, progress: bool = True) -> Report:
+    """Time eager ``cat -> Conv2d 1x1 -> BatchNorm2d -> SiLU`` (the shallow path: a sliced weight)
+    against ``concat_conv1x1`` on the backends available on ``device``."""
+    from .ops.concat_conv import concat_conv1x1
+
+    dev = torch.device(device)
+    report = Report(machine_info(dev), str(dev), str(dtype).replace("torch.", ""))
+    backends = ["reference"] + (["cpp"] if dev.type == "cpu" and _ext.CPU_AVAILABLE else [])
+    timed = _timer(dev)
+    for ci, (name, chans, cout, hw, cin_total) in enumerate(CONCAT_CASES):
+        if progress:
+            print(f"[{ci + 1}/{len(CONCAT_CASES)}] {name}", file=sys.stderr, flush=True)
+        g = torch.Generator().manual_seed(100 + ci)
+        cin = cin_total or sum(chans)
+        xs = [torch.randn(1, c, hw, hw, generator=g).to(dev, dtype) for c in chans]
+        conv = nn.Conv2d(cin, cout, 1, bias=False).to(dev, dtype)
+        bn = nn.BatchNorm2d(cout).to(dev, dtype).eval()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+        from .modules import fold_batchnorm
+
+        scale, bias = fold_batchnorm(bn)
+        scale, bias = scale.to(dev), bias.to(dev)
+        c = sum(chans)
+
+        def eager_fn():
+            return torch.nn.functional.silu(bn(torch.nn.functional.conv2d(torch.cat(xs, 1), conv.weight[:, :c])))
+
+        fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (cat+conv+bn+silu)": eager_fn}
+        for b in backends:
+            fns[b] = (lambda b=b: concat_conv1x1(xs, conv.weight, scale, bias, "silu", None, b))
+        samples: Dict[str, List[float]] = {k: [] for k in fns}
+        errors: Dict[str, float] = {}
+        with torch.no_grad():
+            ref = eager_fn().double()
+            for k, fn in fns.items():
+                errors[k] = ((fn().double() - ref).norm() / ref.norm()).item()
+                for _ in range(warmup):
+                    fn()
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    for _ in range(reps):
+                        samples[k].append(timed(fn))
+        base = statistics.median(samples["eager (cat+conv+bn+silu)"])
+        for k, s in samples.items():
+            med = statistics.median(s)
+            report.results.append(Result(name, k, med, base / med, len(s), errors[k]))
+    return report
