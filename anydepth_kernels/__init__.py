@@ -10,6 +10,7 @@ from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.concat_conv import concat_conv1x1
 from .ops.ms_deform_attn import ms_deform_attn
+from .ops.attention import area_attention, attention
 from .optimize import OptimizeReport, optimize, register_swap
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "CUDAGraphRunner",
     "FusedConvNormAct",
     "activation_name",
+    "area_attention",
+    "attention",
     "concat_conv1x1",
     "conv_norm_act",
     "extension_info",

@@ -118,3 +118,41 @@ def concat_conv1x1(
     x = torch.cat(list(xs), 1)
     y = F.conv2d(x, weight[:, : x.shape[1]])
     return scale_bias_act(y, scale, bias, act, residual)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over ``[..., N, D]`` tensors (no mask, non-causal).
+
+    Written out (scores, softmax, weighted sum) and computed in at least float32 (float16/bfloat16
+    inputs are upcast, the result is cast back); ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ct = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    return torch.matmul(scores.softmax(dim=-1), v.to(ct)).to(q.dtype)
+
+
+def area_attention(
+    qkv: torch.Tensor, num_heads: int, area: int, scale: Optional[float] = None
+):
+    """YOLOv12 area attention on the qkv 1x1-conv output ``[B, 3C, H, W]`` -> ``(out, v_map)``.
+
+    Positions ``p = y * W + x`` are split into ``area`` contiguous runs of ``H*W / area``; each run
+    is a separate attention problem. Channel ``head * 3*hd + {0: q, hd: k, 2hd: v} + d`` holds
+    head ``head``'s query, key or value lane ``d`` (``hd = C / num_heads``). Both outputs are
+    ``[B, C, H, W]``: the attention output and the values, each in map layout (channel
+    ``head * hd + d``). The explicit reshapes below are the definition.
+    """
+    b, c3, h, w = qkv.shape
+    c, n = c3 // 3, h * w
+    hd = c // num_heads
+    tokens = qkv.flatten(2).transpose(1, 2)  # [B, N, 3C]
+    tokens = tokens.reshape(b * area, n // area, num_heads, 3 * hd).transpose(1, 2)
+    q, k, v = tokens.split(hd, dim=-1)  # each [B*area, heads, N/area, hd]
+
+    def to_map(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(b, n, c).transpose(1, 2).reshape(b, c, h, w)
+
+    return to_map(attention(q, k, v, scale)), to_map(v)

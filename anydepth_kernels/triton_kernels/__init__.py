@@ -15,6 +15,12 @@ UNAVAILABLE_REASON: Optional[str]
 try:
     from .conv_norm_act import conv1x1_norm_act, conv_norm_act, scale_bias_act
     from .ms_deform_attn import ms_deform_attn_backward, ms_deform_attn_forward
+    from .attention import (
+        area_attention_backward,
+        area_attention_forward,
+        attention_backward,
+        attention_forward,
+    )
 except Exception as exc:  # noqa: BLE001 - any failure (missing, broken install) disables it
     AVAILABLE = False
     UNAVAILABLE_REASON = f"Triton is not usable: {type(exc).__name__}: {exc}"
@@ -25,6 +31,10 @@ else:
     __all__ = [
         "AVAILABLE",
         "UNAVAILABLE_REASON",
+        "area_attention_backward",
+        "area_attention_forward",
+        "attention_backward",
+        "attention_forward",
         "conv1x1_norm_act",
         "conv_norm_act",
         "ms_deform_attn_backward",
