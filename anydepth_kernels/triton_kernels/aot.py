@@ -23,6 +23,11 @@ The multi-scale deformable attention kernels (family ``"ms_deform_attn"``, compi
 for: ``compile_all_for(arch, ["ms_deform_attn"])``) are compiled forward and backward for the
 head-dim blocks 16 and 256 in fp32 and at 32 in fp16 and bf16.
 
+The fused attention kernels (family ``"attention"``: ``compile_all_for(arch, ["attention"])``)
+are compiled forward, backward dk/dv, backward dq and the backward preprocess for every head-dim
+tile (16, 32, 64, 128) in fp32 with ``"ieee"`` dots, at tile 32 in fp16 and bf16 (the forward
+writing the value map, as area attention does), and once in fp32 with ``"tf32"`` dots.
+
 Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
 compiled kernels); no CUDA device or driver is needed.
 """
@@ -145,11 +150,53 @@ def _ms_deform_variants() -> List[Variant]:
     return out
 
 
+def _attention_variants() -> List[Variant]:
+    # Every head-dim tile (16, 32, 64, 128) in fp32 with exact "ieee" dots, forward and the three
+    # backward kernels; fp16 and bf16 at the models' head dim 32 (forward also writing the value
+    # map, as area attention does); fp32 with "tf32" dots once.
+    from .attention import (
+        ATTN_BLOCK_DS,
+        _attn_bwd_dkdv_kernel,
+        _attn_bwd_dq_kernel,
+        _attn_bwd_preprocess_kernel,
+        _attn_fwd_kernel,
+        attn_config,
+    )
+
+    combos = [("fp32", "ieee", block_d, False) for block_d in ATTN_BLOCK_DS]
+    combos += [("fp16", "ieee", 32, True), ("bf16", "ieee", 32, True), ("fp32", "tf32", 32, False)]
+    out = []
+    for dt, prec, block_d, write_v in combos:
+        cfg = attn_config(block_d)
+        dots = dict(INPUT_PRECISION=prec, UPCAST_DOT=False)
+        kernels = [
+            (_attn_fwd_kernel, "fwd", dict(WRITE_V=write_v, **dots, BLOCK_M=cfg.fwd_m,
+                                           BLOCK_N=cfg.fwd_n, BLOCK_D=block_d), cfg.num_warps),
+            (_attn_bwd_dkdv_kernel, "bwd_dkdv", dict(**dots, BLOCK_N=cfg.bwd_kv_n,
+                                                     BLOCK_M=cfg.bwd_kv_m, BLOCK_D=block_d),
+             cfg.num_warps),
+            (_attn_bwd_dq_kernel, "bwd_dq", dict(**dots, BLOCK_M=cfg.bwd_q_m, BLOCK_N=cfg.bwd_q_n,
+                                                 BLOCK_D=block_d), cfg.num_warps),
+        ]
+        if prec == "ieee":
+            kernels.append((_attn_bwd_preprocess_kernel, "bwd_preprocess",
+                            dict(BLOCK_M=64, BLOCK_D=block_d), 4))
+        for kernel, direction, constexprs, warps in kernels:
+            types = {name: "i32" for name in kernel.arg_names}
+            types.update({name: f"*{dt}" for name in kernel.arg_names if name.endswith("_ptr")})
+            types.update({name: "*fp32" for name in ("lse_ptr", "delta_ptr")})
+            types.update(scale="fp32", qk_scale="fp32")
+            name = f"attention_{direction}[{dt},{prec},block_d={block_d},write_v={int(write_v)}]"
+            out.append(Variant(kernel, name, types, constexprs, warps))
+    return out
+
+
 #: Kernel families by op. ``compile_all_for`` compiles ``DEFAULT_FAMILIES`` unless told
 #: otherwise (the conv family alone, as before the deformable-attention kernels existed).
 FAMILIES = {
     "conv_norm_act": lambda: _epilogue_variants() + _conv1x1_variants(),
     "ms_deform_attn": _ms_deform_variants,
+    "attention": _attention_variants,
 }
 DEFAULT_FAMILIES = ("conv_norm_act",)
 
