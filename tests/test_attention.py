@@ -125,16 +125,41 @@ def test_half_precision(backend, dtype):
         check_close(gr, rg, TOL[dtype], f"{backend} {dtype} d{name}")
 
 
-def test_triton_saves_the_log_sum_exp():
+def test_saved_log_sum_exp():
+    """triton, and sdpa on the CPU (the library's flash kernel), save the natural-log lse."""
     q, k, v = make_qkv(2, 2, 37, 50, 16, seed=2)
-    out, lse = torch.ops.anydepth.attention(q, k, v, None, "triton", "ieee")
     scores = q.double() @ k.double().transpose(-1, -2) / 4.0
-    check_close(lse, torch.logsumexp(scores, -1), 1e-6, "lse")
-    check_close(out, reference.attention(q.double(), k.double(), v.double()), 1e-5, "out")
-    # The other backends need no lse: an empty tensor in its place.
-    for backend in ("sdpa", "reference"):
-        _, none = torch.ops.anydepth.attention(q, k, v, None, backend, "ieee")
-        assert none.numel() == 0
+    for backend in ("triton", "sdpa"):
+        out, lse = torch.ops.anydepth.attention(q, k, v, None, backend, "ieee")
+        assert lse.shape == (2, 2, 37) and lse.dtype == torch.float32
+        check_close(lse, torch.logsumexp(scores, -1), 1e-6, f"{backend} lse")
+        check_close(out, reference.attention(q.double(), k.double(), v.double()), 1e-5, "out")
+    # The reference needs no lse (its backward is autograd's): an empty tensor in its place.
+    _, none = torch.ops.anydepth.attention(q, k, v, None, "reference", "ieee")
+    assert none.numel() == 0
+
+
+def test_sdpa_without_the_cpu_flash_kernel(monkeypatch):
+    """Where the library's CPU flash ops are missing (or on CUDA without Triton), "sdpa" runs
+    F.scaled_dot_product_attention and its backward recomputes it under autograd."""
+    monkeypatch.setattr(attn_ops, "_CPU_FLASH", None)
+    q, k, v = make_qkv(1, 2, 30, 41, 32, seed=6)
+    grad = torch.randn(1, 2, 30, 32, generator=torch.Generator().manual_seed(1))
+    ref, ref_g = ref_grads(q, k, v, grad)
+    out, grads = run_backend("sdpa", q, k, v, grad)
+    assert torch.ops.anydepth.attention(q, k, v, None, "sdpa", "ieee")[1].numel() == 0
+    check_close(out, ref, 1e-5, "sdpa forward")
+    check_grads(grads, ref_g, 1e-5, "sdpa")
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(1, 192, 4, 6, generator=g)
+    grad_out, grad_v = torch.randn(2, 1, 64, 4, 6, generator=g)
+    ref_out, ref_v, ref_dqkv = area_ref(qkv, 2, 2, grad_out, grad_v)
+    x = qkv.clone().requires_grad_()
+    out, v_map = ak.area_attention(x, 2, 2, backend="sdpa")
+    torch.autograd.backward((out, v_map), (grad_out, grad_v))
+    check_close(out, ref_out, 1e-5, "area out")
+    assert torch.equal(v_map, ref_v.float())
+    check_close(x.grad, ref_dqkv, 1e-5, "area d(qkv)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,6 +153,21 @@ def resolve_backend(op: str, t: torch.Tensor, head_dim: int, backend: str) -> st
     return backend
 
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
+                         None)
+
+
+def _sdpa_saves_lse(t: torch.Tensor) -> bool:
+    """On the CPU the "sdpa" backend calls the library's flash kernel directly, which also
+    returns the log-sum-exp, and its backward kernel with it (no forward recomputation)."""
+    return t.device.type == "cpu" and _CPU_FLASH is not None and _CPU_FLASH_BWD is not None
+
+
+def _has_lse(chosen: str, t: torch.Tensor) -> bool:
+    return chosen == "triton" or (chosen == "sdpa" and _sdpa_saves_lse(t))
+
+
 def _scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -176,6 +191,9 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
         from ..triton_kernels import attention as tk
 
         return tk.attention_forward(q, k, v, s, input_precision)
+    if chosen == "sdpa" and _sdpa_saves_lse(q):
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, scale=s)
+        return out.contiguous(), lse.contiguous()
     if chosen == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=s)
     else:
@@ -188,7 +206,7 @@ def _(q, k, v, scale, backend, input_precision):
     _check_common("attention", scale, backend, input_precision)
     _check_qkv(q, k, v)
     chosen = resolve_backend(_OP, q, q.shape[-1], backend)
-    lse = (q.new_empty(q.shape[:3], dtype=torch.float32) if chosen == "triton" else _no_lse(q))
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32) if _has_lse(chosen, q) else _no_lse(q)
     return q.new_empty(q.shape), lse
 
 
@@ -215,6 +233,9 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         from ..triton_kernels import attention as tk
 
         return tk.attention_backward(q, k, v, out, lse, grad, s, input_precision)
+    if chosen == "sdpa" and _sdpa_saves_lse(q):
+        return tuple(g.contiguous() for g in _CPU_FLASH_BWD(grad, q, k, v, out, lse, 0.0, False,
+                                                             scale=s))
     if chosen == "sdpa":
         fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=s)  # noqa: E731
     else:
@@ -285,23 +306,48 @@ def _triton_map(t: torch.Tensor) -> torch.Tensor:
     return t if _map_format(t) == torch.channels_last else t.contiguous()
 
 
+def _to_tokens(t: torch.Tensor, num_heads: int, area: int, copy: bool) -> torch.Tensor:
+    """A ``[B, K, H, W]`` map as ``[B*area, heads, N/area, K/heads]`` (``copy``: through one
+    contiguous token copy, which gives SDPA a unit-stride head dim; else a strided view)."""
+    b, ch, h, w = t.shape
+    tokens = t.flatten(2).transpose(1, 2)  # [B, N, K]
+    if copy:
+        tokens = tokens.contiguous()
+    return tokens.reshape(b * area, h * w // area, num_heads, ch // num_heads).transpose(1, 2)
+
+
+def _to_map(t: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """``[B*area, heads, N/area, hd]`` back to a ``[B, heads*hd, H, W]`` map (channels-last
+    strides: ``.contiguous(memory_format=...)`` picks the final layout)."""
+    return t.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _area_sdpa(qkv: torch.Tensor, num_heads: int, area: int, scale: float):
     """The CPU fast path: one contiguous token copy, then the library's SDPA (as AAttn did)."""
-    b, c3, h, w = qkv.shape
-    c, n = c3 // 3, h * w
-    hd = c // num_heads
-    tokens = qkv.flatten(2).transpose(1, 2).contiguous()  # unit-stride head dim for SDPA
-    tokens = tokens.reshape(b * area, n // area, num_heads, 3 * hd).transpose(1, 2)
-    q, k, v = tokens.split(hd, dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
-    v_map = v.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
-    return out, v_map
+    b, _, h, w = qkv.shape
+    q, k, v = _to_tokens(qkv, num_heads, area, copy=True).chunk(3, dim=-1)
+    if _sdpa_saves_lse(qkv):
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, scale=scale)
+    else:
+        out, lse = F.scaled_dot_product_attention(q, k, v, scale=scale), _no_lse(qkv)
+    return _to_map(out, b, h, w), _to_map(v, b, h, w), lse
+
+
+def _area_sdpa_backward(qkv, out, lse, grad_out, grad_v_map, num_heads, area, scale):
+    """d(qkv) through the library's CPU flash backward (with the saved lse), the three
+    gradients concatenated back into the head-interleaved map."""
+    b, _, h, w = qkv.shape
+    q, k, v = _to_tokens(qkv, num_heads, area, copy=True).chunk(3, dim=-1)
+    o = _to_tokens(out, num_heads, area, copy=True)
+    go = _to_tokens(grad_out, num_heads, area, copy=True)
+    dq, dk, dv = _CPU_FLASH_BWD(go, q, k, v, o, lse, 0.0, False, scale=scale)
+    dv = dv + _to_tokens(grad_v_map, num_heads, area, copy=False)
+    return _to_map(torch.cat([dq, dk, dv], dim=-1), b, h, w)
 
 
 def _area_fn(chosen: str, num_heads: int, area: int, scale: float):
     if chosen == "sdpa":
-        return lambda t: _area_sdpa(t, num_heads, area, scale)
+        return lambda t: _area_sdpa(t, num_heads, area, scale)[:2]
     return lambda t: reference.area_attention(t, num_heads, area, scale)
 
 
@@ -318,11 +364,15 @@ def _area_attention_op(qkv: torch.Tensor, num_heads: int, area: int, scale: Opti
 
         return tk.area_attention_forward(_triton_map(qkv), num_heads, area, s, input_precision)
     fmt = _map_format(qkv)
-    out, v_map = _area_fn(chosen, num_heads, area, s)(qkv)
+    if chosen == "sdpa":
+        out, v_map, lse = _area_sdpa(qkv, num_heads, area, s)
+    else:
+        out, v_map = reference.area_attention(qkv, num_heads, area, s)
+        lse = _no_lse(qkv)
     v_map = v_map.contiguous(memory_format=fmt)
     if v_map.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr():
         v_map = v_map.clone()  # one head, one area: the value map is a view of qkv
-    return out.contiguous(memory_format=fmt), v_map, _no_lse(qkv)
+    return out.contiguous(memory_format=fmt), v_map, lse.contiguous()
 
 
 @_area_attention_op.register_fake
@@ -333,7 +383,7 @@ def _(qkv, num_heads, area, scale, backend, input_precision):
     fmt = _map_format(qkv)
     out = qkv.new_empty((b, c, h, w)).contiguous(memory_format=fmt)
     v_map = qkv.new_empty((b, c, h, w)).contiguous(memory_format=fmt)
-    if chosen == "triton":
+    if _has_lse(chosen, qkv):
         lse = qkv.new_empty((b * area, num_heads, h * w // area), dtype=torch.float32)
     else:
         lse = _no_lse(qkv)
@@ -368,6 +418,10 @@ def _area_attention_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch
                                           input_precision)
         dqkv.view(b, num_heads, 3, hd, h, w)[:, :, 2] += grad_v_map.to(qkv.dtype).view(
             b, num_heads, hd, h, w)
+        return dqkv.contiguous(memory_format=fmt)
+    if chosen == "sdpa" and _sdpa_saves_lse(qkv):
+        dqkv = _area_sdpa_backward(qkv, out, lse, grad_out.to(qkv.dtype),
+                                   grad_v_map.to(qkv.dtype), num_heads, area, s)
         return dqkv.contiguous(memory_format=fmt)
     (dqkv,) = _vjp(_area_fn(chosen, num_heads, area, s), (qkv,),
                    (grad_out.to(qkv.dtype), grad_v_map.to(qkv.dtype)))
