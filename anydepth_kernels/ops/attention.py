@@ -22,16 +22,21 @@ Backends (``backend=``):
                   channels-last) qkv map and writes ``out``, ``v_map`` and, in the backward,
                   ``d(qkv)`` straight in map layout: no reshape copies. CUDA; CPU tensors only
                   under ``TRITON_INTERPRET=1``.
-  ``"sdpa"``      ``torch.nn.functional.scaled_dot_product_attention`` (the library's fused
-                  kernels; area attention: the contiguous token copy + SDPA, as ``AAttn`` did).
-                  Backward: autograd of SDPA (the forward is recomputed inside the backward op).
+  ``"sdpa"``      the library's fused attention (area attention: the contiguous token copy +
+                  SDPA, as ``AAttn`` did). On the CPU it calls the flash kernel behind
+                  ``F.scaled_dot_product_attention`` directly
+                  (``aten::_scaled_dot_product_flash_attention_for_cpu``), which returns the
+                  log-sum-exp too, and its backward kernel with it: no forward recomputation.
+                  Elsewhere (or if those ops are missing) ``F.scaled_dot_product_attention``,
+                  whose backward recomputes the forward inside the backward op.
   ``"reference"`` the explicit eager reference in float32 (backward: autograd through it).
   ``"auto"``      triton on CUDA when Triton is usable and the head dim is supported, else sdpa
                   (SDPA is the CPU fast path: nothing here beats the library's kernels there).
 
 The backward runs on the forward's backend. ``lse`` (natural-log log-sum-exp of the scaled
 scores, float32, ``[B, H, Nq]``; ``[B*area, heads, N/area]`` for area attention) is produced by
-the triton backend only; the other backends return an empty tensor in its place.
+the triton backend and by sdpa on the CPU; the other backends return an empty tensor in its
+place.
 
 Input checks (clear Python errors): tensors of rank 4, one floating dtype and one device, no empty
 dimension, ``q``/``k``/``v`` batch, heads and head dim equal and ``k``/``v`` lengths equal, a
