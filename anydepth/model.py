@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from anydepth_kernels.flops import flop_mapping
+
 from .depth import DepthConfig, DepthLike, DepthSpace
 
 Shape = Tuple[int, ...]
@@ -54,7 +56,9 @@ class AnyDepthModel(nn.Module):
         if key not in self._flops_cache:
             device = param.device if param is not None else torch.device("cpu")
             x = torch.zeros(shape, dtype=dtype, device=device)
-            counter = FlopCounterMode(display=False)
+            # our fused ops and the CPU flash-attention kernel are opaque to flop_counter: count
+            # them with their formulas, so eager, fused and optimized models agree
+            counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
             with torch.no_grad(), counter:
                 self.forward_depth(x, config)
             self._flops_cache[key] = counter.get_total_flops()
