@@ -116,9 +116,9 @@ class FusedBottleneck(nn.Module):
 
 
 class FusedAreaAttention(nn.Module):
-    """Ultralytics ``AAttn`` on ``F.scaled_dot_product_attention`` (flash kernels on CPU and GPU),
-    with ``o + pe(v)`` and the caller's residual fused into conv epilogues. The reshape into areas
-    is a view: each area is a contiguous run of ``H*W/area`` positions."""
+    """Ultralytics ``AAttn`` on :func:`anydepth_kernels.area_attention` (Triton on CUDA, reading
+    q/k/v from the qkv map by strides; the library's flash kernel on the CPU) instead of explicit
+    matmuls, with ``o + pe(v)`` and the caller's residual fused into conv epilogues."""
 
     def __init__(self, qkv: FusedConv, proj: FusedConv, pe: FusedConv, num_heads: int, head_dim: int, area: int):
         super().__init__()
@@ -126,15 +126,9 @@ class FusedAreaAttention(nn.Module):
         self.num_heads, self.head_dim, self.area = num_heads, head_dim, max(area, 1)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, _, h, w = x.shape
-        n = h * w
-        qkv = self.qkv(x).flatten(2).transpose(1, 2).contiguous()
-        c = qkv.shape[-1] // 3
-        qkv = qkv.reshape(b * self.area, n // self.area, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        v = v.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        from .ops.attention import area_attention
+
+        o, v = area_attention(self.qkv(x), self.num_heads, self.area)
         return self.proj(self.pe(v, o), residual)
 
 

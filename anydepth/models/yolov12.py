@@ -37,7 +37,7 @@ from ..detection import Detections, batched_nms, letterbox_batch
 from ..model import AnyDepthModel
 from ..nn import ConvNormAct
 from ..registry import register_model
-from anydepth_kernels import concat_conv1x1
+from anydepth_kernels import area_attention, concat_conv1x1
 
 #: scale -> (depth multiple, width multiple, max channels), as in Ultralytics' yolo12.yaml.
 SCALES: Dict[str, Tuple[float, float, int]] = {
@@ -140,8 +140,12 @@ class AAttn(nn.Module):
         self.qkv = _Conv(dim, all_head_dim * 3, 1, act=False, skip_aware=skip_aware)
         self.proj = _Conv(all_head_dim, dim, 1, act=False, skip_aware=skip_aware)
         self.pe = _Conv(all_head_dim, all_head_dim, 7, 1, g=all_head_dim, act=False, skip_aware=skip_aware)
+        self.use_kernel = False  # set by AnyDepthYOLOv12.fuse(): anydepth_kernels.area_attention
 
     def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.use_kernel:  # fused form: the area reshapes are folded into the kernel's indexing
+            o, v = area_attention(self.qkv(x, skip), self.num_heads, self.area if self.area > 1 else 1)
+            return self.proj(self.pe(v, skip, residual=o), skip, residual=residual)
         b, _, h, w = x.shape
         n = h * w
         # [B, N, 3C] with channels contiguous: the fused SDPA kernels need a unit-stride head dim
@@ -425,6 +429,9 @@ class AnyDepthYOLOv12(AnyDepthModel):
                 csp.cv2_skip = FusedConv.from_conv_norm_act(
                     csp.cv2, in_channels=csp.shallow_in_channels, norm_set="skip", backend=backend)
             csp.concat_free = concat_free and csp.conv_skip is None
+        for m in self.modules():
+            if isinstance(m, AAttn):
+                m.use_kernel = True
         fuse_conv_norm_acts(self, backend)
         self.is_fused = True
         return self
