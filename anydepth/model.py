@@ -68,7 +68,7 @@ class AnyDepthModel(nn.Module):
         """Parameters that one forward pass at ``depth`` reads: those of every module that runs
         (counted once), plus :meth:`_extra_params_used` for weights read partially (slices)."""
         config = self.depth_space.resolve(depth)
-        shape = tuple(input_shape or (1, 3, 64, 64))
+        shape = tuple(input_shape or self.default_input_shape)
         ran = set()
         handles = [m.register_forward_pre_hook(lambda mod, args, ran=ran: ran.add(id(mod)))
                    for m in self.modules()]
