@@ -399,3 +399,12 @@ def test_depth_is_a_call_argument_not_state(r18):
     for a, b in zip(serial, parallel):  # a mixed-up depth would differ by far more than TOL
         assert rel_err(b, a) <= TOL
     assert rel_err(serial[1], serial[0]) > 1e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 9), (2, 4, 8, 8), (1, 2, 5, 6), (1, 8, 32, 32), (1, 1, 1, 1)])
+def test_stem_max_pool_is_exact(shape):
+    from anydepth.models.rtdetr import _max_pool_3x3s2
+
+    x = torch.randn(shape)
+    x[..., 0, 0] = float("inf")  # infinities pass through like the library's max-pool
+    assert torch.equal(_max_pool_3x3s2(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))

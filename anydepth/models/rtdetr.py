@@ -183,6 +183,17 @@ class Bottleneck(nn.Module):
         return F.relu(self.conv3(self.conv2(self.conv1(x, skip), skip), skip, residual=r))
 
 
+def _max_pool_3x3s2(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 3, 2, 1)`` as two separable strided maxima: exact, and about 5x faster than
+    the library's NCHW CPU kernel on the stem's 64 x 320 x 320 map (inference only: the gradient
+    of ``maximum`` treats ties differently from max-pool's)."""
+    h, w = x.shape[-2:]
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    r = torch.maximum(torch.maximum(xp[..., 0:2 * ho:2, :], xp[..., 1:2 * ho + 1:2, :]), xp[..., 2:2 * ho + 2:2, :])
+    return torch.maximum(torch.maximum(r[..., 0:2 * wo:2], r[..., 1:2 * wo + 1:2]), r[..., 2:2 * wo + 2:2])
+
+
 class ResNetVd(nn.Module):
     def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
                  stem_size: int = 64):
@@ -212,7 +223,7 @@ class ResNetVd(nn.Module):
     def forward(self, x: torch.Tensor, skips: Sequence[bool]) -> List[torch.Tensor]:
         for conv in self.stem:
             x = conv(x)
-        x = self.pool(x)
+        x = self.pool(x) if torch.is_grad_enabled() or x.device.type != "cpu" else _max_pool_3x3s2(x)
         outs = []
         for i, skip in enumerate(skips):
             x = getattr(self, f"stage{i + 1}")(x, skip)
