@@ -42,3 +42,17 @@ def test_one_graph_per_depth_on_cuda():
         assert torch.allclose(runner(y, depth="base"), m(y, depth="base"), rtol=1e-4, atol=1e-4)
         runner.reset()
         assert runner.num_graphs == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rtdetr_graphs_per_depth_on_cuda():
+    m = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3, num_queries=20).eval().cuda()
+    runner = ak.CUDAGraphRunner(m)
+    x = torch.rand(1, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        for depth in ("full", "base", {"decoder_layers": 2}):
+            out, ref = runner(x, depth=depth), m(x, depth=depth)
+            assert torch.allclose(out["logits"], ref["logits"], rtol=1e-3, atol=1e-3)
+            assert torch.allclose(out["pred_boxes"], ref["pred_boxes"], rtol=1e-3, atol=1e-3)
+    assert runner.num_graphs == 3

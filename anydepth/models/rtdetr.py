@@ -652,7 +652,8 @@ class AnyDepthRTDETR(AnyDepthModel):
         if x.shape[0] == 0 or h == 0 or w == 0 or h % self.stride or w % self.stride:
             raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
                              f"{h}x{w} (batch {x.shape[0]}); predict() resizes arbitrary images")
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a CUDA graph
+        if not torch.compiler.is_compiling() and not capturing and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or infinite values")
 
     # -- forward --------------------------------------------------------------------------------

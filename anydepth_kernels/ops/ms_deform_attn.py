@@ -93,6 +93,10 @@ def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
                   level_start_index: torch.Tensor) -> None:
     """The level table against ``S`` (reads the two small tables; runs on every eager call)."""
     op = "ms_deform_attn"
+    if value.is_cuda and torch.cuda.is_current_stream_capturing():
+        # inside a CUDA graph capture nothing may synchronise; the tables were checked by the
+        # eager warm-up calls that precede a capture (anydepth_kernels.CUDAGraphRunner does them)
+        return
     s = value.shape[1]
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
