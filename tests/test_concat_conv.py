@@ -104,3 +104,151 @@ def test_bad_inputs():
         ak.concat_conv1x1([x], w, s, b, backend="gpu")
     with pytest.raises(ValueError, match="activation"):
         ak.concat_conv1x1([x], w, s, b, act="gelu")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton backend (CPU tensors through the interpreter here; CUDA in test_triton_cuda)
+# --------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from anydepth_kernels import triton_kernels  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(
+    not triton_kernels.AVAILABLE or (not torch.cuda.is_available()
+                                     and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1)")
+
+
+def _triton_case(seed, device="cpu", dtype=torch.float32, max_hw=9):
+    """Random branches: 1-4 of them, channel counts off multiples of 16, some channel chunks of
+    one tensor (strided views), a weight with extra input channels, maybe a residual."""
+    rng = random.Random(1000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    n = rng.choice([1, 2])
+    h, w = rng.choice([(1, 1), (3, 5), (max_hw, max_hw - 1), (2, 9)])
+    n_branches = rng.choice([1, 2, 3, 4])
+    xs = []
+    while len(xs) < n_branches:
+        if rng.random() < 0.4 and n_branches - len(xs) >= 2:
+            c = rng.choice([3, 8, 17])
+            y = torch.randn(n, 2 * c + rng.choice([0, 5]), h, w, generator=g)
+            xs += list(y[:, :2 * c].chunk(2, 1))  # strided chunks of one tensor
+        else:
+            xs.append(torch.randn(n, rng.choice([1, 5, 16, 33, 40]), h, w, generator=g))
+    total = sum(x.shape[1] for x in xs)
+    cout = rng.choice([1, 7, 16, 40, 70])
+    weight = torch.randn(cout, total + rng.choice([0, 0, 9]), 1, 1, generator=g) / total ** 0.5
+    scale = torch.rand(cout, generator=g) + 0.5
+    bias = torch.randn(cout, generator=g) * 0.1
+    residual = torch.randn(n, cout, h, w, generator=g) if seed % 2 else None
+    act = ["identity", "relu", "silu"][seed % 3]
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return [cast(x) for x in xs], cast(weight), scale.to(device), bias.to(device), act, cast(residual)
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(12))
+def test_triton_matches_reference(seed):
+    xs, weight, scale, bias, act, residual = _triton_case(seed)
+    ref = reference.concat_conv1x1(xs, weight, scale, bias, act, residual)
+    out = ak.concat_conv1x1(xs, weight, scale, bias, act, residual, backend="triton")
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
+    assert rel_err(out, ref) <= 1e-5, (seed, [tuple(x.shape) for x in xs], tuple(weight.shape))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    for seed in (1, 4):
+        xs, weight, scale, bias, act, residual = _triton_case(seed, dtype=dtype)
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        ref = reference.concat_conv1x1([up(x) for x in xs], up(weight), scale, bias, act, up(residual))
+        out = ak.concat_conv1x1(xs, weight, scale, bias, act, residual, backend="triton")
+        assert out.dtype == dtype
+        assert rel_err(out, ref) <= 1e-2
+
+
+@needs_triton
+def test_triton_prefix_chunks_more_branches_and_layouts():
+    torch.manual_seed(0)
+    y = torch.randn(2, 34, 5, 6)
+    a, b = y.split([17, 17], 1)
+    c = torch.randn(2, 6, 5, 6).contiguous(memory_format=torch.channels_last)  # copied to NCHW
+    d = torch.randn(2, 3, 10, 12)[:, :, ::2, ::2]  # spatially strided: copied to NCHW
+    e = torch.randn(2, 0, 5, 6)  # no channels: dropped
+    weight = torch.randn(20, 140, 1, 1)[:, ::2]  # non-contiguous weight, extra input channels
+    scale, bias = torch.rand(20) + 0.5, torch.randn(20)
+    for xs in ([a, b], [a, b, c, d, a], [a, e, c, d]):  # five branches: the last two are concatenated
+        ref = reference.concat_conv1x1(xs, weight, scale, bias, "silu")
+        out = ak.concat_conv1x1(xs, weight, scale, bias, "silu", backend="triton")
+        assert rel_err(out, ref) <= 1e-5
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    x = torch.randn(1, 4, 3, 3)
+    w, s, b = torch.randn(6, 4, 1, 1), torch.ones(6), torch.zeros(6)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        ak.concat_conv1x1([x], w, s, b, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        ak.concat_conv1x1([x.double()], w.double(), s, b, backend="triton")
+
+
+def test_triton_aot_compile(tmp_path):
+    """Compile the concat-conv kernel variants for sm_80 and sm_90 (PTX and cubin)."""
+    if not triton_kernels.AVAILABLE:
+        pytest.skip(triton_kernels.UNAVAILABLE_REASON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    code = ("import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
+            "print(json.dumps(compile_all_for(int(sys.argv[1]), ['concat_conv'])))")
+    procs = {}
+    for arch in (80, 90):
+        procs[arch] = subprocess.Popen(
+            [sys.executable, "-c", code, str(arch)],
+            env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}")), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for arch, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"sm_{arch}: {stderr[-6000:]}"
+        names = json.loads(stdout.strip().splitlines()[-1])
+        assert all(name.startswith("concat_conv1x1[") for name in names)
+        for act in ("identity", "relu", "silu"):
+            for res in (0, 1):
+                assert any(f",{act},residual={res}," in name for name in names), (arch, act, res)
+        for dt in ("fp32,ieee", "fp32,tf32", "fp16", "bf16"):
+            assert any(name.startswith(f"concat_conv1x1[{dt}") for name in names), (arch, dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_cuda():
+    from anydepth_kernels.ops.concat_conv import _select
+
+    assert _select(torch.empty(1, device="cuda"), "auto") == "triton"
+    for seed in range(12):
+        xs, weight, scale, bias, act, residual = _triton_case(seed, "cuda", max_hw=40)
+        ref = reference.concat_conv1x1(xs, weight, scale, bias, act, residual)
+        for backend in ("triton", "auto"):
+            out = ak.concat_conv1x1(xs, weight, scale, bias, act, residual, backend=backend)
+            assert rel_err(out, ref) <= 1e-5, (seed, backend)
+        for dtype in (torch.float16, torch.bfloat16):
+            xs_h, w_h, _, _, _, res_h = _triton_case(seed, "cuda", dtype, max_hw=40)
+            up = lambda t: None if t is None else t.float()  # noqa: E731
+            ref_h = reference.concat_conv1x1([up(x) for x in xs_h], up(w_h), scale, bias, act, up(res_h))
+            out_h = ak.concat_conv1x1(xs_h, w_h, scale, bias, act, res_h, backend="triton")
+            assert out_h.dtype == dtype and rel_err(out_h, ref_h) <= 1e-2, (seed, dtype)
+    # A large CSP-like case: four branches, two of them chunks of one tensor.
+    y = torch.randn(4, 256, 40, 40, device="cuda")
+    xs = [*y.chunk(2, 1), torch.randn(4, 128, 40, 40, device="cuda"), torch.randn(4, 128, 40, 40, device="cuda")]
+    weight = torch.randn(256, 512, 1, 1, device="cuda") / 512 ** 0.5
+    scale, bias = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
+    out = ak.concat_conv1x1(xs, weight, scale, bias, "silu", backend="triton")
+    ref = reference.concat_conv1x1(xs, weight, scale, bias, "silu")
+    assert rel_err(out, ref) <= 1e-5

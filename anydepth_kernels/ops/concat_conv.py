@@ -8,8 +8,11 @@ refinement blocks are skipped passes only the branches present and the conv read
 first input channels, so a skipped block costs nothing here. Registered as
 ``torch.ops.anydepth.concat_conv1x1`` (schema, fake kernel, autograd).
 
-Backends: ``"cpp"`` (CPU), ``"reference"`` (cat + conv2d + epilogue; also what CUDA tensors use
-until a GPU kernel exists), ``"auto"``.
+Backends: ``"cpp"`` (CPU), ``"triton"`` (CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1``; fp32/fp16/bf16; fp32 with exact ``"ieee"`` dots; up to four branches read
+in place, more are partly concatenated, see :mod:`anydepth_kernels.triton_kernels.concat_conv`),
+``"reference"`` (cat + conv2d + epilogue), ``"auto"`` (``cpp`` on CPU, ``triton`` on CUDA when
+Triton is usable for the dtype, else the reference).
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import torch
 
 from .. import _ext, reference
 from . import _checks
+from .conv_norm_act import _triton_usable
 
 _OP = "anydepth.concat_conv1x1"
-CONCAT_BACKENDS = ("auto", "reference", "cpp")
+CONCAT_BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 def _validate(xs, weight, scale, bias, act, residual):
@@ -52,9 +56,15 @@ def _select(x: torch.Tensor, backend: str) -> str:
     if backend == "auto":
         if x.device.type == "cpu" and _ext.CPU_AVAILABLE:
             return "cpp"
+        if x.device.type == "cuda" and _triton_usable(x) is None:
+            return "triton"
         if x.device.type == "cpu":
             _ext.warn_fallback(_OP, x.device, "no compiled kernel for this device")
         return "reference"
+    if backend == "triton":
+        why = _triton_usable(x)
+        if why is not None:
+            raise RuntimeError(f"{_OP}: backend 'triton' is not available: {why}")
     if backend == "cpp" and (x.device.type != "cpu" or not _ext.CPU_AVAILABLE):
         why = f"it runs on CPU tensors, got {x.device}" if x.device.type != "cpu" else _ext._CPU_ERROR
         raise RuntimeError(f"{_OP}: backend 'cpp' is not available: {why}")
@@ -72,6 +82,10 @@ def _concat_conv_op(xs: List[torch.Tensor], weight: torch.Tensor, scale: torch.T
     bias32 = bias.detach().to(torch.float32).contiguous()
     if chosen == "cpp":
         return torch.ops.anydepth._ext_concat_conv1x1(list(xs), weight, scale32, bias32, act_code, residual)
+    if chosen == "triton":
+        from ..triton_kernels.concat_conv import concat_conv1x1 as triton_concat_conv1x1
+
+        return triton_concat_conv1x1(xs, weight, scale32, bias32, act, residual)
     return reference.concat_conv1x1(xs, weight, scale32, bias32, act, residual).contiguous()
 
 

@@ -28,6 +28,10 @@ are compiled forward, backward dk/dv, backward dq and the backward preprocess fo
 tile (16, 32, 64, 128) in fp32 with ``"ieee"`` dots, at tile 32 in fp16 and bf16 (the forward
 writing the value map, as area attention does), and once in fp32 with ``"tf32"`` dots.
 
+The concat-free output conv (family ``"concat_conv"``: ``compile_all_for(arch, ["concat_conv"])``)
+is compiled for every GEMM tile in fp32 with ``"ieee"`` dots, and once each in bf16, fp16 and
+fp32 with ``"tf32"`` dots; the six compiles take the six ``(ACT, HAS_RESIDUAL)`` pairs.
+
 Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
 compiled kernels); no CUDA device or driver is needed.
 """
@@ -129,6 +133,33 @@ def _conv1x1_variants() -> List[Variant]:
     return out
 
 
+def _concat_conv_variants() -> List[Variant]:
+    # Every tile in fp32 ("ieee"), then bf16, fp16 and fp32 "tf32" once each: six compiles that
+    # take the six (ACT, HAS_RESIDUAL) pairs in turn.
+    from .concat_conv import _concat_conv1x1_kernel
+
+    structural = [(cfg, ("fp32", "ieee")) for cfg in CONV1X1_CONFIGS]
+    structural += [(CONV1X1_CONFIGS[1], ("bf16", "ieee")), (CONV1X1_CONFIGS[0], ("fp16", "ieee")),
+                   (CONV1X1_CONFIGS[1], ("fp32", "tf32"))]
+    combos = _pair_act_residual(structural, 0)
+    out = []
+    for (cfg, (dt, prec)), (act, res) in combos:
+        kernel = _concat_conv1x1_kernel
+        types = {name: "i32" for name in kernel.arg_names}
+        types.update({name: f"*{dt}" for name in kernel.arg_names if name.endswith("_ptr")})
+        types.update(scale_ptr="*fp32", bias_ptr="*fp32")
+        constexprs = dict(
+            ACT=act, HAS_RESIDUAL=res, INPUT_PRECISION=prec, UPCAST_DOT=False,
+            BLOCK_CO=cfg.block_co, BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
+        )
+        name = (
+            f"concat_conv1x1[{dt},{prec},{ACTIVATIONS[act]},residual={int(res)},"
+            f"block={cfg.block_co}x{cfg.block_p}x{cfg.block_k},warps={cfg.num_warps}]"
+        )
+        out.append(Variant(kernel, name, types, constexprs, cfg.num_warps))
+    return out
+
+
 def _ms_deform_variants() -> List[Variant]:
     # Forward and backward in fp32 at the two extreme tiles (64 x 16 and 8 x 256: the other
     # tiles differ only in these two sizes); fp16 and bf16 (loads converted to fp32, stores
@@ -197,6 +228,7 @@ FAMILIES = {
     "conv_norm_act": lambda: _epilogue_variants() + _conv1x1_variants(),
     "ms_deform_attn": _ms_deform_variants,
     "attention": _attention_variants,
+    "concat_conv": _concat_conv_variants,
 }
 DEFAULT_FAMILIES = ("conv_norm_act",)
 
