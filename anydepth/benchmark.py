@@ -13,13 +13,12 @@ import os
 import re
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from anydepth_kernels.benchmark import machine_info
+from anydepth_kernels.benchmark import _timer, machine_info
 
 from .registry import create_model
 
@@ -88,23 +87,6 @@ class ModelReport:
         d = asdict(self)
         d["summary"] = self.summary()
         return d
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    if device.type == "cuda":
-        def t(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end)
-    else:
-        def t(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    return t
 
 
 def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):

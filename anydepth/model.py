@@ -1,7 +1,7 @@
 """Base class of the any-depth model families."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +30,26 @@ class AnyDepthModel(nn.Module):
     def __init__(self):
         super().__init__()
         self._flops_cache: Dict[Tuple[DepthConfig, Shape, torch.dtype], int] = {}
+
+    stride: int = 32  # input height and width must be multiples of this
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Clear errors for inputs the network cannot take: not ``[B, 3, H, W]`` floating point,
+        empty, sides not multiples of :attr:`stride`, NaN or infinite values."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor [B, 3, H, W], got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected input [B, 3, H, W] (3 RGB channels), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input in [0, 1], got {x.dtype} "
+                            "(predict() takes uint8 images)")
+        h, w = x.shape[2:]
+        if x.shape[0] == 0 or h == 0 or w == 0 or h % self.stride or w % self.stride:
+            raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
+                             f"{h}x{w} (batch {x.shape[0]}); predict() takes images of any size")
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a CUDA graph
+        if not torch.compiler.is_compiling() and not capturing and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
         raise NotImplementedError

@@ -67,13 +67,16 @@ class Report:
     dtype: str
     results: List[Result] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    ratio_label: str = "vs eager"  # what the ratio column divides by
 
     def table(self) -> str:
-        head = f"{'case':<30} {'backend':<26} {'median ms':>10} {'vs eager':>9} {'rel err':>9}"
+        wc = max([len("case")] + [len(r.case) for r in self.results])
+        wb = max([len("backend")] + [len(r.backend) for r in self.results])
+        head = f"{'case':<{wc}} {'backend':<{wb}} {'median ms':>10} {self.ratio_label:>9} {'rel err':>9}"
         lines = [head, "-" * len(head)]
         for r in self.results:
             err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
-            lines.append(f"{r.case:<30} {r.backend:<26} {r.median_ms:>10.3f} "
+            lines.append(f"{r.case:<{wc}} {r.backend:<{wb}} {r.median_ms:>10.3f} "
                          f"{r.speedup_vs_eager:>8.2f}x {err:>9}")
         for name, why in self.skipped.items():
             lines.append(f"(skipped {name}: {why})")
@@ -146,6 +149,39 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _max_rel_err(out, ref) -> float:
+    if isinstance(out, torch.Tensor):
+        return rel_err(out, ref)
+    return max(rel_err(a, b) for a, b in zip(out, ref))
+
+
+def measure(case: str, fns: Dict[str, Callable[[], object]], baseline: str, timed, rounds: int,
+            reps: int, warmup: int) -> List[Result]:
+    """Time every function of ``fns`` interleaved round by round (``reps`` calls each per round,
+    after ``warmup`` calls), with the error of its output (a tensor or a sequence of tensors)
+    against ``baseline``'s; the ratio is the baseline's median over each median."""
+    ref = fns[baseline]()
+    errors: Dict[str, float] = {}
+    for name, fn in fns.items():
+        errors[name] = _max_rel_err(fn(), ref)
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(reps):
+                samples[name].append(timed(fn))
+    base = statistics.median(samples[baseline])
+    return [Result(case, name, statistics.median(s), base / statistics.median(s), len(s), errors[name])
+            for name, s in samples.items()]
+
+
 def available_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if it can run here, else the reason it cannot."""
     from .ops.conv_norm_act import select_backend
@@ -207,23 +243,8 @@ def run_conv_benchmarks(
                 fns[name] = (lambda b=name: torch.ops.anydepth.conv_norm_act(
                     x, fused.weight, fused.scale[0], fused.bias[0], list(fused.stride),
                     list(fused.padding), [1, 1], 1, "silu", res, b))
-        samples: Dict[str, List[float]] = {k: [] for k in fns}
-        errors: Dict[str, float] = {}
         with torch.no_grad():
-            ref = eager_fn().double()
-            for name, fn in fns.items():
-                out = fn()
-                errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
-                for _ in range(warmup):
-                    fn()
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    for _ in range(reps):
-                        samples[name].append(timed(fn))
-        base = statistics.median(samples["eager (nn modules)"])
-        for name, s in samples.items():
-            med = statistics.median(s)
-            report.results.append(Result(case.name, name, med, base / med, len(s), errors[name]))
+            report.results += measure(case.name, fns, "eager (nn modules)", timed, rounds, reps, warmup)
     return report
 
 
@@ -280,20 +301,6 @@ def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float3
         fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (cat+conv+bn+silu)": eager_fn}
         for b in backends:
             fns[b] = (lambda b=b: concat_conv1x1(xs, conv.weight, scale, bias, "silu", None, b))
-        samples: Dict[str, List[float]] = {k: [] for k in fns}
-        errors: Dict[str, float] = {}
         with torch.no_grad():
-            ref = eager_fn().double()
-            for k, fn in fns.items():
-                errors[k] = ((fn().double() - ref).norm() / ref.norm()).item()
-                for _ in range(warmup):
-                    fn()
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    for _ in range(reps):
-                        samples[k].append(timed(fn))
-        base = statistics.median(samples["eager (cat+conv+bn+silu)"])
-        for k, s in samples.items():
-            med = statistics.median(s)
-            report.results.append(Result(name, k, med, base / med, len(s), errors[k]))
+            report.results += measure(name, fns, "eager (cat+conv+bn+silu)", timed, rounds, reps, warmup)
     return report

@@ -16,7 +16,6 @@ it); its backward is autograd's.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .benchmark import Report, Result, _timer, machine_info
+from .benchmark import Report, _timer, machine_info, measure
 from .ops import attention as attn_ops
 
 #: Name of the baseline row of every case.
@@ -70,21 +69,6 @@ def make_case_inputs(case: AttnCase, device, dtype, seed: int = 0) -> List[torch
     return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
 
 
-class AttentionReport(Report):
-    """:class:`anydepth_kernels.benchmark.Report` with columns wide enough for these names."""
-
-    def table(self) -> str:
-        head = f"{'case':<38} {'backend':<26} {'median ms':>10} {'vs ref':>9} {'rel err':>9}"
-        lines = [head, "-" * len(head)]
-        for r in self.results:
-            err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
-            lines.append(f"{r.case:<38} {r.backend:<26} {r.median_ms:>10.3f} "
-                         f"{r.speedup_vs_eager:>8.2f}x {err:>9}")
-        for name, why in self.skipped.items():
-            lines.append(f"(skipped {name}: {why})")
-        return "\n".join(lines)
-
-
 def attention_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if it can run here (head dim 32), else the reason it cannot."""
     probe = torch.empty(1, device=device, dtype=dtype)
@@ -99,11 +83,6 @@ def attention_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Op
         except RuntimeError as e:
             out[name] = str(e).split("not available: ", 1)[-1]
     return out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _case_calls(case: AttnCase, backends: Dict[str, Optional[str]], compiled_ref):
@@ -139,7 +118,7 @@ def run_attention_benchmarks(
     warmup: int = 3,
     compile_reference: bool = False,
     progress: bool = True,
-) -> AttentionReport:
+) -> Report:
     """Time ``attention`` / ``area_attention`` per backend against the eager reference.
 
     Two row groups per case: ``"<case> fwd"`` (forward under ``no_grad``) and
@@ -153,7 +132,7 @@ def run_attention_benchmarks(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
     cases = DEFAULT_ATTENTION_CASES if cases is None else list(cases)
-    report = AttentionReport(machine_info(dev), str(dev), str(dtype).replace("torch.", ""))
+    report = Report(machine_info(dev), str(dev), str(dtype).replace("torch.", ""), ratio_label="vs ref")
     backends = attention_backends(dev, dtype)
     for name, why in backends.items():
         if why is not None:
@@ -182,23 +161,7 @@ def run_attention_benchmarks(
 
         for mode, runner in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             fns = {name: (lambda fn=fn, runner=runner: runner(fn)) for name, fn in calls.items()}
-            ref_out = fns[BASELINE]()
-            errors: Dict[str, float] = {}
-            for name, fn in fns.items():
-                out = fn()
-                errors[name] = max(_rel(a, b) for a, b in zip(out, ref_out))
-                for _ in range(warmup):
-                    fn()
-            samples: Dict[str, List[float]] = {k: [] for k in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    for _ in range(reps):
-                        samples[name].append(timed(fn))
-            base = statistics.median(samples[BASELINE])
-            for name, s in samples.items():
-                med = statistics.median(s)
-                report.results.append(Result(f"{case.name} {mode}", name, med, base / med, len(s),
-                                             errors[name]))
+            report.results += measure(f"{case.name} {mode}", fns, BASELINE, timed, rounds, reps, warmup)
     return report
 
 

@@ -14,15 +14,14 @@ called directly (``grid_sample`` per level, eager; its backward is autograd's).
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import reference
-from .benchmark import Report, Result, _timer, machine_info
+from .benchmark import Report, _timer, machine_info, measure
 from .ops import ms_deform_attn as msda_ops
 
 #: Name of the baseline row of every case.
@@ -65,21 +64,6 @@ def make_case_inputs(case: MsDeformCase, device, dtype, seed: int = 0):
             attn.to(device, dtype))
 
 
-class MsDeformReport(Report):
-    """:class:`anydepth_kernels.benchmark.Report` with columns wide enough for these names."""
-
-    def table(self) -> str:
-        head = f"{'case':<30} {'backend':<26} {'median ms':>10} {'vs ref':>9} {'rel err':>9}"
-        lines = [head, "-" * len(head)]
-        for r in self.results:
-            err = "" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
-            lines.append(f"{r.case:<30} {r.backend:<26} {r.median_ms:>10.3f} "
-                         f"{r.speedup_vs_eager:>8.2f}x {err:>9}")
-        for name, why in self.skipped.items():
-            lines.append(f"(skipped {name}: {why})")
-        return "\n".join(lines)
-
-
 def ms_deform_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if it can run here, else the reason it cannot."""
     probe = torch.empty(1, device=device, dtype=dtype)
@@ -96,11 +80,6 @@ def ms_deform_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Op
     return out
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def run_ms_deform_benchmarks(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -110,7 +89,7 @@ def run_ms_deform_benchmarks(
     warmup: int = 3,
     compile_reference: bool = False,
     progress: bool = True,
-) -> MsDeformReport:
+) -> Report:
     """Time ``ms_deform_attn`` per backend against the grid_sample reference.
 
     Two rows groups per case: ``"<case> fwd"`` (forward under ``no_grad``) and
@@ -124,7 +103,7 @@ def run_ms_deform_benchmarks(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
     cases = DEFAULT_MS_DEFORM_CASES if cases is None else list(cases)
-    report = MsDeformReport(machine_info(dev), str(dev), str(dtype).replace("torch.", ""))
+    report = Report(machine_info(dev), str(dev), str(dtype).replace("torch.", ""), ratio_label="vs ref")
     backends = ms_deform_backends(dev, dtype)
     for name, why in backends.items():
         if why is not None:
@@ -159,26 +138,7 @@ def run_ms_deform_benchmarks(
 
         for mode, runner in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             fns = {name: (lambda fn=fn, runner=runner: runner(fn)) for name, fn in calls.items()}
-            ref_out = fns[BASELINE]()
-            errors: Dict[str, float] = {}
-            for name, fn in fns.items():
-                out = fn()
-                if mode == "fwd":
-                    errors[name] = _rel(out, ref_out)
-                else:
-                    errors[name] = max(_rel(a, b) for a, b in zip(out, ref_out))
-                for _ in range(warmup):
-                    fn()
-            samples: Dict[str, List[float]] = {k: [] for k in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    for _ in range(reps):
-                        samples[name].append(timed(fn))
-            base = statistics.median(samples[BASELINE])
-            for name, s in samples.items():
-                med = statistics.median(s)
-                report.results.append(Result(f"{case.name} {mode}", name, med, base / med, len(s),
-                                             errors[name]))
+            report.results += measure(f"{case.name} {mode}", fns, BASELINE, timed, rounds, reps, warmup)
     return report
 
 

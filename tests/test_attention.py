@@ -9,9 +9,6 @@ one. The oracle is the reference computed in float64.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,8 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import reference
 from anydepth_kernels.ops import attention as attn_ops
-from conftest import rel_err
+from conftest import aot_compile, rel_err
 
-REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["reference", "sdpa", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -397,20 +393,7 @@ def test_benchmark_report(tmp_path):
 
 def test_triton_aot_compile(tmp_path):
     """Compile forward, backward and preprocess kernels for sm_80 and sm_90 (PTX and cubin)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    code = ("import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-            "print(json.dumps(compile_all_for(int(sys.argv[1]), ['attention'])))")
-    procs = {}
-    for arch in (80, 90):
-        procs[arch] = subprocess.Popen(
-            [sys.executable, "-c", code, str(arch)],
-            env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}")), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch}: {stderr[-6000:]}"
-        names = json.loads(stdout.strip().splitlines()[-1])
+    for arch, names in aot_compile(tmp_path, ['attention']).items():
         for kernel in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_preprocess"):
             for block_d in (16, 32, 64, 128):
                 assert f"attention_{kernel}[fp32,ieee,block_d={block_d},write_v=0]" in names

@@ -7,7 +7,7 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import reference
 
-from conftest import rel_err
+from conftest import aot_compile, rel_err
 
 BACKENDS = ["reference", "cpp"]
 
@@ -110,15 +110,10 @@ def test_bad_inputs():
 # Triton backend (CPU tensors through the interpreter here; CUDA in test_triton_cuda)
 # --------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from anydepth_kernels import triton_kernels  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(
     not triton_kernels.AVAILABLE or (not torch.cuda.is_available()
                                      and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -204,20 +199,7 @@ def test_triton_aot_compile(tmp_path):
     """Compile the concat-conv kernel variants for sm_80 and sm_90 (PTX and cubin)."""
     if not triton_kernels.AVAILABLE:
         pytest.skip(triton_kernels.UNAVAILABLE_REASON)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    code = ("import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-            "print(json.dumps(compile_all_for(int(sys.argv[1]), ['concat_conv'])))")
-    procs = {}
-    for arch in (80, 90):
-        procs[arch] = subprocess.Popen(
-            [sys.executable, "-c", code, str(arch)],
-            env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}")), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch}: {stderr[-6000:]}"
-        names = json.loads(stdout.strip().splitlines()[-1])
+    for arch, names in aot_compile(tmp_path, ['concat_conv']).items():
         assert all(name.startswith("concat_conv1x1[") for name in names)
         for act in ("identity", "relu", "silu"):
             for res in (0, 1):

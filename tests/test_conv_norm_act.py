@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import anydepth_kernels as ak
-from anydepth_kernels import _ext, reference
+from anydepth_kernels import reference
 from conftest import rel_err
 
 CPU_BACKENDS = ["reference", "cpp", "triton"]

@@ -7,7 +7,6 @@ compiled and registered, the Triton kernels are compiled for sm_80/sm_90, and th
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import _ext, reference
 from anydepth_kernels.ops import ms_deform_attn as msda_ops
-from conftest import rel_err
+from conftest import aot_compile, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["reference", "cpp", "triton"]
@@ -390,20 +389,7 @@ def test_cuda_kernels_compiled_and_registered():
 
 def test_triton_aot_compile(tmp_path):
     """Compile the Triton forward and backward for sm_80 and sm_90 (PTX and cubin)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    code = ("import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-            "print(json.dumps(compile_all_for(int(sys.argv[1]), ['ms_deform_attn'])))")
-    procs = {}
-    for arch in (80, 90):
-        procs[arch] = subprocess.Popen(
-            [sys.executable, "-c", code, str(arch)],
-            env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}")), cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch}: {stderr[-6000:]}"
-        names = json.loads(stdout.strip().splitlines()[-1])
+    for arch, names in aot_compile(tmp_path, ['ms_deform_attn']).items():
         for direction in ("fwd", "bwd"):
             for dt in ("fp32", "fp16", "bf16"):
                 assert any(x.startswith(f"ms_deform_attn_{direction}[{dt},") for x in names), \
@@ -474,7 +460,7 @@ def test_cpp_every_instruction_set():
     code = (
         "import sys, torch; sys.path.insert(0, 'tests');"
         "from test_ms_deform_attn import make_inputs, ref_grads, run_backend;"
-        "from conftest import rel_err;"
+        "from conftest import aot_compile, rel_err;"
         "args = make_inputs(2, 13, 3, [(6, 7), (1, 5), (3, 1)], 3, 19, seed=8);"
         "grad = torch.randn(2, 13, 57);"
         "ref, rg = ref_grads(*args, grad); out, g = run_backend('cpp', *args, grad);"

@@ -8,12 +8,8 @@ too. ``test_cuda`` runs them on a GPU when there is one.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,14 +39,10 @@ if not torch.cuda.is_available() and not tk._INTERPRETED:
         "before that import (e.g. at the top of conftest.py)"
     )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import aot_compile, rel_err  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def check(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -236,24 +228,7 @@ def test_conv_norm_act(case, dtype, channels_last, monkeypatch):
 
 def test_aot_compile(tmp_path):
     """Compile every kernel variant for sm_80 and sm_90 (PTX and cubin) without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    code = (
-        "import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-        "print(json.dumps(compile_all_for(int(sys.argv[1]))))"
-    )
-    procs = {}
-    for arch in (80, 90):
-        # A fresh cache per arch: every variant really goes through the compiler and ptxas.
-        env_arch = dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}"))
-        procs[arch] = subprocess.Popen(
-            [sys.executable, "-c", code, str(arch)], env=env_arch, cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch} AOT compilation failed:\n{stderr[-6000:]}"
-        names = json.loads(stdout.strip().splitlines()[-1])
+    for arch, names in aot_compile(tmp_path).items():
         kernels = {name.split("[")[0] for name in names}
         assert kernels == {"scale_bias_act", "conv1x1"}
         for kernel in kernels:

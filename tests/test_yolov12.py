@@ -1,7 +1,6 @@
 """AnyDepth-YOLOv12: shapes, switches, skipped paths, fidelity against Ultralytics, checkpoints,
 predict, bad inputs."""
 import copy
-import itertools
 import random
 
 import numpy as np
@@ -139,6 +138,8 @@ def test_bad_inputs(model_n):
         model_n(torch.rand(1, 3, 65, 64))
     with pytest.raises(TypeError, match="floating-point"):
         model_n(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        model_n(torch.full((1, 3, 64, 64), float("nan")))
     with pytest.raises(ValueError, match="valid switches"):
         model_n(torch.rand(1, 3, 64, 64), depth={"backbone.p9": True})
     with pytest.raises(ValueError, match="valid presets"):

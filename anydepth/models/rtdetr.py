@@ -594,8 +594,6 @@ class AnyDepthRTDETR(AnyDepthModel):
     any size and returns :class:`~anydepth.detection.Detections`.
     """
 
-    stride = 32
-
     def __init__(self, variant: str = "r50", num_classes: int = 80, num_queries: int = 300,
                  decoder_layers: Optional[int] = None, encoder_hidden_dim: Optional[int] = None,
                  encoder_ffn_dim: Optional[int] = None, hidden_expansion: Optional[float] = None,
@@ -640,22 +638,6 @@ class AnyDepthRTDETR(AnyDepthModel):
         self.deployed = False
 
     # -- input checks -------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a tensor [B, 3, H, W], got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected input [B, 3, H, W] (3 RGB channels), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input in [0, 1], got {x.dtype} "
-                            "(predict() takes uint8 images)")
-        h, w = x.shape[2:]
-        if x.shape[0] == 0 or h == 0 or w == 0 or h % self.stride or w % self.stride:
-            raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
-                             f"{h}x{w} (batch {x.shape[0]}); predict() resizes arbitrary images")
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a CUDA graph
-        if not torch.compiler.is_compiling() and not capturing and not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or infinite values")
-
     # -- forward --------------------------------------------------------------------------------
     def features(self, x: torch.Tensor, depth: DepthConfig) -> List[torch.Tensor]:
         """The three encoder outputs (strides 8, 16, 32) at ``depth``."""

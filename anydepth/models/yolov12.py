@@ -26,7 +26,7 @@ the authors' later choice against gradient conflict). The essential convs of a s
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -361,8 +361,6 @@ class AnyDepthYOLOv12(AnyDepthModel):
     :class:`~anydepth.detection.Detections`.
     """
 
-    stride = 32
-
     def __init__(self, scale: str = "s", num_classes: int = 80, shallow_out: str = "slice"):
         super().__init__()
         if scale not in SCALES:
@@ -454,18 +452,6 @@ class AnyDepthYOLOv12(AnyDepthModel):
                 extra += csp.cv2.conv.weight[:, : csp.shallow_in_channels].numel()
                 extra += sum(p.numel() for p in csp.cv2.bn.bn_skip.parameters())
         return extra
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a tensor [B, 3, H, W], got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected input [B, 3, H, W], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got {x.dtype} (predict() takes uint8 images)")
-        h, w = x.shape[2:]
-        if h % self.stride or w % self.stride or h == 0 or w == 0 or x.shape[0] == 0:
-            raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
-                             f"{h}x{w} (batch {x.shape[0]}); predict() letterboxes arbitrary images")
 
     def features(self, x: torch.Tensor, depth: DepthConfig) -> List[torch.Tensor]:
         """The P3, P4, P5 maps fed to the head."""
