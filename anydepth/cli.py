@@ -4,6 +4,9 @@
   anydepth models                               registered model names
   anydepth bench --model NAME [--imgsz 640]     per-depth latency/GFLOPs table, JSON and plot
   anydepth bench --kernels [options]            kernel microbenchmarks against eager PyTorch
+  anydepth data synth --out DIR --images N      a synthetic detection dataset (images + COCO JSON)
+  anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
+  anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
 """
 from __future__ import annotations
 
@@ -123,6 +126,154 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_synth(args) -> int:
+    from anydepth.data import synth
+
+    splits = [("train", args.images)] + ([("val", args.val_images)] if args.val_images else [])
+    for i, (split, n) in enumerate(splits):
+        summary = synth.generate(args.out, images=n, imgsz=args.imgsz, seed=args.seed + 1000 * i,
+                                 split=split if args.val_images else None, progress=not args.quiet)
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+def _parse_mapping(text: str, what: str) -> dict:
+    """``a=1,b=2.5,c=name`` -> dict (numbers parsed)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"{what}: expected key=value pairs, got {item!r}")
+        k, v = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                continue
+        out[k.strip()] = v
+    return out
+
+
+def _on_off(text: str) -> bool:
+    t = text.lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size``, ``--distill on|off``, ``--loss box=7.5``)."""
+    import dataclasses
+    import typing
+
+    from anydepth.train import TrainConfig
+
+    helps = {
+        "model": "registered model name (anydepth models)", "data": "training set directory (COCO-JSON or YOLO-txt)",
+        "val_data": "validation set, evaluated at full and base depth", "out": "output directory",
+        "distill": "on: distil the shallow pass from the full pass; off: both on ground truth (the ablation)",
+        "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, or HF RT-DETR directory",
+        "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5", "model_kwargs": "model options, e.g. num_queries=100",
+        "amp": "mixed precision on CUDA: off, bf16, fp16", "time_limit": "stop (checkpointed) after this many minutes",
+        "lr": "peak learning rate (default: the family's)", "clip_grad": "max gradient norm, 0 = off",
+    }
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        hint = hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        h = helps.get(f.name, "") + f" (default: {default})"
+        if kind is bool:
+            p.add_argument(flag, type=_on_off, default=default, metavar="on|off", help=h)
+        elif kind in (int, float, str):
+            p.add_argument(flag, type=kind, default=default, help=h)
+        else:  # dicts
+            p.add_argument(flag, type=lambda t, n=f.name: _parse_mapping(t, n), default=default,
+                           metavar="k=v,...", help=h)
+    p.add_argument("--resume", default=None, metavar="LAST_PT",
+                   help="continue the run saved in this last.pt (its config; --epochs/--out may change)")
+
+
+def _cmd_train(args) -> int:
+    import dataclasses
+
+    from anydepth.train import TrainConfig, Trainer
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.resume:
+        trainer = Trainer(TrainConfig(**{**values, "data": values["data"] or "-"}), resume=args.resume)
+    else:
+        if not values["data"]:
+            print("anydepth train: --data is required (a dataset directory; make one with "
+                  "`anydepth data synth --out DIR --images N`)", file=sys.stderr)
+            return 2
+        trainer = Trainer(TrainConfig(**values))
+    summary = trainer.fit()
+    print(json.dumps({k: summary[k] for k in ("final", "last", "epochs", "steps", "stopped_early")}))
+    return 0
+
+
+def _load_for_eval(args):
+    import os
+
+    import anydepth
+    from anydepth import checkpoint
+
+    try:
+        payload = checkpoint.read(args.weights)
+    except ValueError:
+        payload = None
+    if payload is not None:
+        model = anydepth.load(args.weights)
+        if args.model and args.model != payload["model"]:
+            raise ValueError(f"--model {args.model} but {args.weights} holds {payload['model']}")
+        return model
+    from anydepth import convert
+
+    if os.path.isdir(args.weights):
+        from transformers import RTDetrForObjectDetection
+
+        return convert.from_transformers(RTDetrForObjectDetection.from_pretrained(args.weights)).eval()
+    return convert.from_ultralytics(args.weights).eval()
+
+
+def _cmd_eval(args) -> int:
+    from anydepth.data import open_dataset
+    from anydepth.evaluation import evaluate
+
+    if args.weights is None and args.model is None:
+        print("anydepth eval: give --weights (a checkpoint) or --model (random weights)", file=sys.stderr)
+        return 2
+    if args.weights is not None:
+        model = _load_for_eval(args)
+    else:
+        import anydepth
+
+        model = anydepth.create_model(args.model).eval()
+    name = getattr(model, "model_name", args.model or "model")
+    mode = args.mode or ("resize" if name.startswith("rtdetr") else "letterbox")
+    dataset = open_dataset(args.data, imgsz=args.imgsz, mode=mode, augment=False)
+    if dataset.num_classes != getattr(model, "num_classes", dataset.num_classes):
+        print(f"anydepth eval: the model predicts {model.num_classes} classes, the dataset has "
+              f"{dataset.num_classes}", file=sys.stderr)
+        return 2
+    depths = None if args.depths == "ladder" else [d.strip() for d in args.depths.split(",") if d.strip()]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
+                      progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images)
+    print(f"{name} on {args.data} at {args.imgsz}, {len(dataset) if args.max_images is None else args.max_images} images")
+    print(report.table())
+    stem = f"eval-{name}-{args.imgsz}"
+    paths = report.save(args.out, stem)
+    print(f"written: {paths}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anydepth", description="Any-depth object detection")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +302,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench/results", help="directory for the JSON report")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_cmd_bench)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    syn = dsub.add_parser("synth", help="generate a synthetic detection dataset (images + COCO JSON)")
+    syn.add_argument("--out", required=True, help="output directory")
+    syn.add_argument("--images", type=int, required=True, help="number of training images")
+    syn.add_argument("--val-images", type=int, default=0,
+                     help="also write a validation split (then OUT/train and OUT/val)")
+    syn.add_argument("--imgsz", type=int, default=320, help="longest image side")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--quiet", action="store_true")
+    syn.set_defaults(func=_cmd_synth)
+
+    t = sub.add_parser("train", help="self-distillation training (full teaches base)")
+    _add_train_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="COCO AP per depth configuration")
+    e.add_argument("--weights", default=None, help="anydepth checkpoint (or Ultralytics .pt / HF directory)")
+    e.add_argument("--model", default=None, help="model name (checked against the checkpoint)")
+    e.add_argument("--data", required=True, help="dataset directory (COCO-JSON or YOLO-txt)")
+    e.add_argument("--imgsz", type=int, default=640)
+    e.add_argument("--depths", default="ladder",
+                   help="'ladder' (every configuration of the FLOP ladder) or a comma list, e.g. full,base")
+    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--mode", choices=["letterbox", "resize"], default=None,
+                   help="dataset preprocessing (default: the model family's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--no-latency", action="store_true", help="skip the per-depth latency measurement")
+    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 
