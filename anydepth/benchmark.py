@@ -73,10 +73,11 @@ class ModelReport:
                        f"(= {lat_ratio / flop_ratio:.2f} x the FLOP ratio)")
         names = {r.name for r in self.rows}
         for depth in ("full", "base"):
-            if f"{depth}+fused" in names:
-                eager, fused = self.row(depth), self.row(f"{depth}+fused")
-                out.append(f"{depth}: fused inference form vs eager: {eager.median_ms / fused.median_ms:.2f}x "
-                           f"({fused.median_ms:.1f} ms vs {eager.median_ms:.1f} ms)")
+            for form, what in (("fused", "fused inference form"), ("compiled", "optimize(compile=True)")):
+                if f"{depth}+{form}" in names:
+                    eager, fast = self.row(depth), self.row(f"{depth}+{form}")
+                    out.append(f"{depth}: {what} vs eager: {eager.median_ms / fast.median_ms:.2f}x "
+                               f"({fast.median_ms:.1f} ms vs {eager.median_ms:.1f} ms)")
         if self.peer is not None:
             peer = self.row("peer")
             out.append(f"full depth vs {self.peer} eager, same weights: {peer.median_ms / full.median_ms:.2f}x "
@@ -116,7 +117,12 @@ def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):
 
 def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2,
-                        peer: bool = True, fuse: bool = True, progress: bool = True) -> ModelReport:
+                        peer: bool = True, fuse: bool = True, compile: bool = False,
+                        progress: bool = True) -> ModelReport:
+    """Per-depth latency of ``model_name`` (random well-conditioned weights): every ladder
+    configuration eager, full/base in the fused inference form (``fuse``), full/base compiled with
+    ``anydepth_kernels.optimize(model, compile=True)`` (``compile``; compile time is excluded and
+    reported as a note) and the peer implementation at full depth, interleaved in ``rounds``."""
     dev = torch.device(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
@@ -147,6 +153,21 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
             fused = (getattr(fused, "fuse", None) or getattr(fused, "deploy"))() or fused
             fns["full+fused"] = lambda: fused(x, depth=ladder[-1])
             fns["base+fused"] = lambda: fused(x, depth=ladder[0])
+    compile_notes = []
+    if compile:
+        import copy
+        import time
+
+        from anydepth_kernels import optimize
+
+        compiled = optimize(copy.deepcopy(ours), compile=True)
+        for tag, c in (("full", ladder[-1]), ("base", ladder[0])):
+            log(f"compiling {tag} depth (torch.compile, Inductor with freezing) ...")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled(x, depth=c)
+            compile_notes.append(f"{tag}+compiled: first call (compilation) took {time.perf_counter() - t0:.0f} s")
+            fns[f"{tag}+compiled"] = (lambda c=c: compiled(x, depth=c))
     if peer_model is not None:
         peer_model = peer_model.to(dev, dtype).eval()
         fns["peer"] = lambda: peer_call(peer_model, x)
@@ -170,7 +191,8 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     for n, c in zip(names, ladder):
         rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
                         med["full"] / med[n], dict(c.skip), dict(c.knobs)))
-    for n, c in (("full+fused", ladder[-1]), ("base+fused", ladder[0])):
+    for n, c in (("full+fused", ladder[-1]), ("base+fused", ladder[0]),
+                 ("full+compiled", ladder[-1]), ("base+compiled", ladder[0])):
         if n in fns:
             rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
                             med["full"] / med[n], dict(c.skip), dict(c.knobs)))
@@ -181,6 +203,7 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
                          machine_info(dev), rows, peer_name)
     if note:
         report.notes.append(note)
+    report.notes.extend(compile_notes)
     return report
 
 
@@ -201,8 +224,9 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in report.rows if r.gflops is not None and "+fused" not in r.name]
+        rows = [r for r in report.rows if r.gflops is not None and "+" not in r.name]
         fused_rows = [r for r in report.rows if "+fused" in r.name]
+        compiled_rows = [r for r in report.rows if "+compiled" in r.name]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         ax.plot([r.gflops for r in rows], [r.median_ms for r in rows], "o-", label=f"{report.model} (one set of weights)")
         for r in rows:
@@ -210,6 +234,9 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
         if fused_rows:
             ax.plot([r.gflops for r in fused_rows], [r.median_ms for r in fused_rows], "s--",
                     label="fused inference form (model.fuse())")
+        if compiled_rows:
+            ax.plot([r.gflops for r in compiled_rows], [r.median_ms for r in compiled_rows], "^:",
+                    label="optimize(compile=True)")
         if report.peer:
             peer = report.row("peer")
             full = report.row("full")

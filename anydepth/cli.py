@@ -89,7 +89,8 @@ def _bench_model(args, name, dtype) -> None:
 
     report = benchmark.run_model_benchmark(
         name, imgsz=args.imgsz, batch=args.batch, device=args.device, dtype=dtype,
-        rounds=args.rounds, warmup=args.warmup, peer=not args.no_peer, progress=not args.quiet,
+        rounds=args.rounds, warmup=args.warmup, peer=not args.no_peer, compile=args.compile,
+        progress=not args.quiet,
     )
     m = report.machine
     where = m.get("gpu") or m["cpu"]
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     b.add_argument("--reps", type=int, default=3, help="timed calls per backend per round")
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--compile", action="store_true", help="also time torch.compile of eager")
+    b.add_argument("--compile", action="store_true", help="also time torch.compile: of the eager reference (--kernels) and "
+                        "anydepth_kernels.optimize(model, compile=True) at full and base depth (--model)")
     b.add_argument("--out", default="bench/results", help="directory for the JSON report")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_cmd_bench)

@@ -88,3 +88,45 @@ def test_optimize_hf_rtdetr(variant):
         out = opt(pixel_values=x)
         assert rel_err(out.logits, ref.logits) <= 1e-5
         assert rel_err(out.pred_boxes, ref.pred_boxes) <= 1e-5
+
+
+# -- optimize(model, compile=True): Inductor with weight freezing ------------------------------
+def test_optimize_compile_yolov12_full_and_base():
+    model = anydepth.create_model("yolov12n-anydepth", num_classes=5).eval()
+    randomize_(model, seed=3, calibrate_shape=(2, 3, 96, 96))
+    model.eval()
+    compiled, report = ak.optimize(copy.deepcopy(model), compile=True, return_report=True)
+    assert "torch.compile(inductor, freezing)" in report.swapped
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for depth in ("full", "base"):
+            assert rel_err(compiled(x, depth=depth), model(x, depth=depth)) < 1e-5, depth
+        # predict() calls the module itself, so it runs the compiled graph too
+        img = (torch.rand(70, 90, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+        a = compiled.predict(img, depth="base", imgsz=96, conf=0.01)[0]
+        b = model.predict(img, depth="base", imgsz=96, conf=0.01)[0]
+    assert len(a) == len(b)
+    if len(a):
+        assert rel_err(a.boxes, b.boxes) < 1e-4
+    with pytest.raises(TypeError, match="compile"):
+        ak.optimize(model, compile="yes")
+
+
+def test_optimize_compile_rtdetr_matches_up_to_query_order():
+    # every encoder position becomes a query (num_queries = all tokens), so the query set does not
+    # depend on top-k ties that 1e-6 differences could flip; the decoder is permutation-equivariant
+    tokens = 8 * 8 + 4 * 4 + 2 * 2
+    model = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3, num_queries=tokens).eval()
+    randomize_(model, seed=4, calibrate_shape=(2, 3, 64, 64))
+    model.eval()
+    compiled = ak.optimize(copy.deepcopy(model), compile=True)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for depth in ("base",):   # full depth compiled in the YOLOv12 test; each compile costs ~30 s here
+            a, b = model(x, depth=depth), compiled(x, depth=depth)
+            ea = torch.cat([a["logits"][0], a["pred_boxes"][0]], -1)
+            eb = torch.cat([b["logits"][0], b["pred_boxes"][0]], -1)
+            dist = torch.cdist(eb.double(), ea.double())
+            nearest = dist.min(1)
+            assert nearest.indices.unique().numel() == tokens, depth      # a one-to-one pairing
+            assert nearest.values.max() < 1e-4 * ea.abs().max(), depth
