@@ -10,7 +10,7 @@ TORCHVISION_SPEC ?= torchvision==0.29.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-BENCH_ARGS ?= --model yolov12s-anydepth --model rtdetr-r50-anydepth --imgsz 640 --kernels
+BENCH_ARGS ?= --model yolov12s-anydepth --model rtdetr-r50-anydepth --imgsz 640 --kernels --compile
 PYTEST_ARGS ?=
 
 # nvcc lives here on the development machines; the CUDA extension is built when it is found.
