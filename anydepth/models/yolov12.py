@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..depth import DepthConfig, DepthSpace
+from ..depth import DepthConfig, DepthLike, DepthSpace
 from ..detection import Detections, batched_nms, letterbox_batch
 from ..model import AnyDepthModel
 from ..nn import ConvNormAct
@@ -473,6 +473,45 @@ class AnyDepthYOLOv12(AnyDepthModel):
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
         return self.layers[21](self.features(x, depth))
+
+    #: layer indices whose outputs join the three head inputs in ``distill_feats``
+    DISTILL_LAYERS: Tuple[int, ...] = (6, 8)
+
+    def forward_train(self, x: torch.Tensor, depth: DepthLike = None, targets=None) -> Dict[str, object]:
+        """Training pass: raw head outputs plus the maps the distillation loss compares.
+
+        ``x``: float ``[B, 3, H, W]`` in [0, 1]; ``depth`` as in ``forward`` (``None`` = full);
+        ``targets`` is accepted for a uniform trainer interface and unused (YOLO has no
+        target-dependent forward). The model must be in training mode.
+
+        Returns a dict:
+
+        * ``boxes``: ``[B, 4 * reg_max, A]`` DFL logits, ``scores``: ``[B, nc, A]`` class logits
+          (``A`` anchors over strides 8, 16, 32, in that order, row-major per level);
+        * ``feats``: ``[P3, P4, P5]``, the head inputs (neck outputs);
+        * ``distill_feats``: the 5 maps of the feature-distillation term, in this order:
+          the outputs of ``backbone.p4`` (layer 6) and ``backbone.p5`` (layer 8) and the three
+          head inputs P3, P4, P5. FACTS.md only says "pooled features of 5 layers"; we take the
+          two deepest backbone stages (the last two switchable backbone modules, where a skipped
+          refinement path changes the most channels) and the three maps the detection head
+          sees, so every switchable module upstream of the head is covered by some map.
+        * ``image_size``: ``(H, W)``.
+        """
+        if not self.training:
+            raise RuntimeError("forward_train() needs the model in training mode: call model.train() first "
+                               "(use model(x, depth=...) or predict() for inference)")
+        config = self.resolve_depth(depth, x.shape)
+        captured: Dict[int, torch.Tensor] = {}
+        hooks = [self.layers[i].register_forward_hook(
+            lambda _m, _args, out, i=i: captured.__setitem__(i, out)) for i in self.DISTILL_LAYERS]
+        try:
+            out = self.forward_depth(x, config)
+        finally:
+            for h in hooks:
+                h.remove()
+        out["distill_feats"] = [captured[i] for i in self.DISTILL_LAYERS] + list(out["feats"])
+        out["image_size"] = (int(x.shape[2]), int(x.shape[3]))
+        return out
 
     @torch.no_grad()
     def predict(self, images, depth=None, conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
