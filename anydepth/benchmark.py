@@ -54,12 +54,12 @@ class ModelReport:
         return next(r for r in self.rows if r.name == name)
 
     def table(self) -> str:
-        head = f"{'depth':<12}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}{'speedup':>9}"
+        head = f"{'depth':<15}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}{'speedup':>9}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             g = f"{r.gflops:9.2f}" if r.gflops is not None else f"{'-':>9}"
             p = f"{r.params_m:11.2f}" if r.params_m is not None else f"{'-':>11}"
-            lines.append(f"{r.name:<12}{r.code[:23]:<24}{g}{p}{r.median_ms:11.1f}"
+            lines.append(f"{r.name:<15}{r.code[:23]:<24}{g}{p}{r.median_ms:11.1f}"
                          f"{f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>17}{r.speedup_vs_full:8.2f}x")
         return "\n".join(lines)
 
