@@ -398,17 +398,22 @@ class Trainer:
                 out[f"val/{tag}/{k}"] = row.metrics.get(k)
         return out
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self, until_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Train to ``config.epochs`` (or only up to epoch ``until_epoch``: the run can then be
+        continued by another ``fit()`` or resumed from ``last.pt``, on the same schedule).
+        Writes ``final.pt`` (the evaluated weights) when the last epoch is done."""
         cfg = self.config
         start = time.time()
         stopped_early = False
+        stop_at = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
         try:
-            while self.epoch < cfg.epochs and not stopped_early:
+            while self.epoch < stop_at and not stopped_early:
                 stopped_early = self._train_epoch(start)
         finally:
-            self.dist.close()
+            if self.epoch >= cfg.epochs or stopped_early:
+                self.dist.close()
         final = os.path.join(cfg.out, "final.pt")
-        if self.dist.main:
+        if self.dist.main and (self.epoch >= cfg.epochs or stopped_early):
             from .. import checkpoint
 
             checkpoint.save(self.eval_model(), final, extra={"config": cfg.to_dict(), "history": self.history})
