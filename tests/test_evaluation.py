@@ -1,0 +1,440 @@
+"""COCO evaluation: metric values on hand-built cases, evaluate() end to end, the report."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import anydepth
+from anydepth.detection import Detections
+from anydepth.evaluation import METRIC_NAMES, EvalReport, coco_evaluate, evaluate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the models here run on 64x64 images: one thread is as fast, and it avoids OpenMP
+    # oversubscription (10x slower) when the cores are busy with other work
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -------------------------------------------------------------------------------------------------
+# coco_evaluate on hand-built cases
+
+def one_object_gt():
+    # one 100x100 object (area 10000 > 96^2: "large"), two categories
+    return dict(images=[dict(id=1, width=200, height=200)],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[10, 10, 100, 100], area=10000, iscrowd=0)],
+                categories=[dict(id=1, name="a"), dict(id=2, name="b")])
+
+
+def test_perfect_predictions_give_ap_1():
+    m = coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100], score=1.0)])
+    assert set(m) == set(METRIC_NAMES)
+    # pycocotools averages 101 recall points x 10 IoU thresholds in float64: 1 up to rounding
+    for k in ("AP", "AP50", "AP75", "AP_large", "AR100", "AR1"):
+        assert m[k] == pytest.approx(1.0, abs=1e-12), k
+    # no small or medium object: COCO leaves those undefined (pycocotools' -1) -> None
+    assert m["AP_small"] is None and m["AP_medium"] is None
+    assert m["AR_small"] is None and m["AR_medium"] is None
+
+
+def test_shifted_box_ap_at_iou_thresholds():
+    # shifted right by 24 px: IoU = 76*100 / (2*10000 - 76*100) = 76/124 = 0.6129, matched at the
+    # thresholds 0.50, 0.55, 0.60 and missed at 0.65 .. 0.95 -> AP = 3/10, AP50 = 1, AP75 = 0
+    m = coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=1, bbox=[34, 10, 100, 100], score=1.0)])
+    assert m["AP"] == pytest.approx(0.3, abs=1e-12)
+    assert m["AP50"] == pytest.approx(1.0, abs=1e-12)
+    assert m["AP75"] == 0.0
+    assert m["AR100"] == pytest.approx(0.3, abs=1e-12)
+
+
+def test_wrong_class_gives_0():
+    m = coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=2, bbox=[10, 10, 100, 100], score=1.0)])
+    assert m["AP"] == 0.0 and m["AP50"] == 0.0 and m["AP75"] == 0.0 and m["AR100"] == 0.0
+
+
+def test_empty_results_give_0():
+    m = coco_evaluate(one_object_gt(), [])
+    assert m["AP"] == 0.0 and m["AP50"] == 0.0 and m["AP_large"] == 0.0 and m["AR100"] == 0.0
+    assert m["AP_small"] is None  # still undefined: no small object
+
+
+def test_precision_interpolation_and_area_ranges():
+    # A small (20x20), B large (120x100); detections by score: A exact (TP), a small false positive,
+    # B exact (TP). Precision [1, 1/2, 2/3] at recall [1/2, 1/2, 1]; interpolated: 1 for the 51
+    # recall points 0..0.50, 2/3 for the 50 points 0.51..1 -> AP = (51 + 50 * 2/3) / 101 at every
+    # IoU threshold. Per size: small has A (TP) then the FP -> 1; large has B alone -> 1.
+    gt = dict(images=[dict(id=7, width=400, height=400)],
+              annotations=[dict(id=1, image_id=7, category_id=3, bbox=[10, 10, 20, 20]),  # area/iscrowd filled
+                           dict(id=2, image_id=7, category_id=3, bbox=[100, 100, 120, 100])],
+              categories=[dict(id=3, name="c")])
+    res = [dict(image_id=7, category_id=3, bbox=[10, 10, 20, 20], score=0.9),
+           dict(image_id=7, category_id=3, bbox=[300, 300, 20, 20], score=0.8),
+           dict(image_id=7, category_id=3, bbox=[100, 100, 120, 100], score=0.7)]
+    m = coco_evaluate(gt, res)
+    expected = (51 + 50 * 2 / 3) / 101
+    for k in ("AP", "AP50", "AP75"):
+        assert m[k] == pytest.approx(expected, abs=1e-12)
+    assert m["AP_small"] == pytest.approx(1.0, abs=1e-12)
+    assert m["AP_large"] == pytest.approx(1.0, abs=1e-12)
+    assert m["AP_medium"] is None
+    assert m["AR1"] == 0.5  # one detection per image: only A
+    assert m["AR10"] == 1.0
+    # the input dicts are not modified (pycocotools' loadRes adds fields in place)
+    assert set(res[0]) == {"image_id", "category_id", "bbox", "score"}
+
+
+def test_faster_backend_same_numbers():
+    res = [dict(image_id=1, category_id=1, bbox=[34, 10, 100, 100], score=1.0)]
+    try:
+        import faster_coco_eval  # noqa: F401
+        m = coco_evaluate(one_object_gt(), res, backend="faster")
+    except ImportError:
+        with pytest.warns(RuntimeWarning, match="faster-coco-eval is not installed"):
+            m = coco_evaluate(one_object_gt(), res, backend="faster")
+    assert m["AP"] == pytest.approx(0.3, abs=1e-12) and m["AP75"] == 0.0
+    assert m["AP50"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_coco_evaluate_is_silent(capsys):
+    coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100], score=1.0)])
+    assert capsys.readouterr().out == ""
+    coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100], score=1.0)],
+                  verbose=True)
+    assert "Average Precision" in capsys.readouterr().out
+
+
+def test_coco_evaluate_bad_inputs():
+    gt = one_object_gt()
+    ok = [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100], score=1.0)]
+    with pytest.raises(ValueError, match="missing the 'annotations' list"):
+        coco_evaluate({k: v for k, v in gt.items() if k != "annotations"}, ok)
+    with pytest.raises(ValueError, match="no annotations"):
+        coco_evaluate(dict(gt, annotations=[]), ok)
+    with pytest.raises(ValueError, match="image_id 5 is not among the ground-truth images"):
+        coco_evaluate(gt, [dict(ok[0], image_id=5)])
+    with pytest.raises(ValueError, match="has no 'score'"):
+        coco_evaluate(gt, [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100])])
+    with pytest.raises(ValueError, match=r"bbox must be \[x, y, w, h\]"):
+        coco_evaluate(gt, [dict(ok[0], bbox=[1, 2, 3])])
+    with pytest.raises(ValueError, match="finite"):
+        coco_evaluate(gt, [dict(ok[0], score=float("nan"))])
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend 'fast'"):
+        coco_evaluate(gt, ok, backend="fast")
+    with pytest.raises(TypeError, match="COCO-format dict"):
+        coco_evaluate([gt], ok)
+
+
+# -------------------------------------------------------------------------------------------------
+# a tiny data set satisfying the evaluation contract
+
+class TinyDataset:
+    """Images of several sizes; image ``k`` is filled with the value ``k`` (so stubs can tell
+    which image they got); sparse image ids and sparse category ids (10, 20, 30)."""
+
+    CATS = (10, 20, 30)
+
+    def __init__(self, n=4, with_annotations=True):
+        self.sizes = [(60, 90), (80, 50), (64, 64), (100, 70), (48, 96)][:n]
+        self.ids = [1000 + 7 * k for k in range(n)]
+        self.objects = {}  # image id -> (xyxy float array [N, 4], labels [N])
+        for k, (h, w) in enumerate(self.sizes):
+            boxes = np.array([[5, 6, 5 + w // 2, 6 + h // 3], [w // 3, h // 2, w - 2, h - 1]], dtype=np.float64)
+            labels = np.array([k % 3, (k + 1) % 3])
+            self.objects[self.ids[k]] = (boxes[: 1 + k % 2], labels[: 1 + k % 2]) if with_annotations else \
+                (np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+        self.num_classes = 3
+        self.load_calls = 0
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def load_original(self, i):
+        self.load_calls += 1
+        h, w = self.sizes[i]
+        return np.full((h, w, 3), i, dtype=np.uint8), self.ids[i]
+
+    def category_id(self, label):
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} out of range 0..{self.num_classes - 1}")
+        return self.CATS[label]
+
+    def coco_ground_truth(self):
+        anns = []
+        for image_id, (boxes, labels) in self.objects.items():
+            for b, l in zip(boxes.tolist(), labels.tolist()):
+                anns.append(dict(id=len(anns) + 1, image_id=image_id, category_id=self.CATS[l],
+                                 bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                 area=(b[2] - b[0]) * (b[3] - b[1]), iscrowd=0))
+        return dict(images=[dict(id=i, width=w, height=h) for i, (h, w) in zip(self.ids, self.sizes)],
+                    annotations=anns, categories=[dict(id=c, name=f"c{c}") for c in self.CATS])
+
+
+class OracleModel:
+    """Not a module: ``predict`` returns the ground truth (score 1); at depth "base" every box is
+    shifted right by 24% of its width (IoU 76/124 with its object: AP = 0.3, AP50 = 1, AP75 = 0)."""
+
+    def __init__(self, dataset):
+        self.ds = dataset
+        self.calls = []
+
+    def predict(self, images, depth=None, conf=0.25, imgsz=640, max_det=300):
+        self.calls.append(dict(depth=depth, conf=conf, imgsz=imgsz, max_det=max_det, n=len(images)))
+        out = []
+        for img in images:
+            boxes, labels = self.ds.objects[self.ds.ids[int(img[0, 0, 0])]]
+            boxes = torch.tensor(boxes, dtype=torch.float32)
+            if depth == "base":
+                dx = 0.24 * (boxes[:, 2] - boxes[:, 0])
+                boxes = boxes + torch.stack([dx, torch.zeros_like(dx), dx, torch.zeros_like(dx)], 1)
+            out.append(Detections(boxes, torch.ones(len(boxes)), torch.tensor(labels, dtype=torch.long)))
+        return out
+
+
+def test_evaluate_oracle_stub_ap_1_and_shifted_depth():
+    ds = TinyDataset()
+    model = OracleModel(ds)
+    report = evaluate(model, ds, depths=["full", "base"], imgsz=64, batch_size=3, progress=False)
+    assert [r.name for r in report.rows] == ["full", "base"]
+    full, base = report.rows
+    assert full.metrics["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert full.metrics["AP50"] == pytest.approx(1.0, abs=1e-12)
+    assert full.metrics["AP75"] == pytest.approx(1.0, abs=1e-12)
+    assert base.metrics["AP"] == pytest.approx(0.3, abs=1e-12)
+    assert base.metrics["AP50"] == pytest.approx(1.0, abs=1e-12)
+    assert base.metrics["AP75"] == 0.0
+    n_objects = sum(len(v[1]) for v in ds.objects.values())
+    assert full.num_detections == base.num_detections == n_objects == 6
+    # no flops() / not an AnyDepthModel: those columns are None, with notes saying why
+    assert full.gflops is None and full.latency_ms is None and report.latency_batch is None
+    assert any("latency not measured" in n for n in report.notes)
+    assert any("GFLOPs not counted" in n for n in report.notes)
+    # predict got every image once per depth, in batches of 3 (3 + 1), with the given settings
+    assert [c["n"] for c in model.calls] == [3, 1, 3, 1]
+    assert [c["depth"] for c in model.calls] == ["full", "full", "base", "base"]
+    assert all(c["conf"] == 0.001 and c["imgsz"] == 64 and c["max_det"] == 300 for c in model.calls)
+    assert report.num_images == 4 and report.model == "OracleModel"
+
+
+def test_evaluate_default_depth_and_max_images_restricts_ground_truth():
+    ds = TinyDataset()
+    model = OracleModel(ds)
+    # only the first 2 images: the objects of the other images must not count as missed
+    report = evaluate(model, ds, max_images=2, batch_size=8, progress=False)
+    assert [r.name for r in report.rows] == ["full"] and report.num_images == 2
+    assert report.rows[0].metrics["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert report.rows[0].metrics["AR100"] == pytest.approx(1.0, abs=1e-12)
+    assert ds.load_calls == 2
+
+
+def yolo_tiny():
+    torch.manual_seed(0)
+    return anydepth.create_model("yolov12n-anydepth", num_classes=3)
+
+
+def manual_metrics(model, ds, depth, imgsz, n):
+    """The pipeline written out by hand: predict each image alone, map labels, coco_evaluate."""
+    results, keep = [], set()
+    for i in range(n):
+        img, image_id = ds.load_original(i)
+        keep.add(image_id)
+        (det,) = model.predict([img], depth=depth, conf=0.001, imgsz=imgsz, max_det=300)
+        for b, s, l in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
+            results.append(dict(image_id=image_id, category_id=ds.CATS[l], bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                score=s))
+    gt = ds.coco_ground_truth()
+    gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+              annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    return coco_evaluate(gt, results), len(results)
+
+
+def test_evaluate_yolov12_two_depths_matches_manual_pipeline():
+    ds = TinyDataset()
+    model = yolo_tiny()
+    model.train()  # evaluate puts it in eval mode and gives the mode back
+    report = evaluate(model, ds, depths=["full", "base"], imgsz=64, batch_size=2, max_images=3, progress=False,
+                      latency_batch=2, latency_reps=2)
+    assert model.training
+    model.eval()
+    assert [r.name for r in report.rows] == ["full", "base"]
+    full, base = report.rows
+    space = model.depth_space
+    assert full.code == space.full().code and base.code == space.base().code
+    assert full.skipped == [] and base.skipped == list(space.switches) and base.num_switches == len(space.switches)
+    assert full.gflops == pytest.approx(model.flops("full", (1, 3, 64, 64)) / 1e9)
+    assert 0 < base.gflops < full.gflops
+    assert full.latency_ms > 0 and base.latency_ms > 0 and report.latency_batch == 2
+    assert report.model == "yolov12n-anydepth" and report.num_images == 3
+    for row, depth in ((full, "full"), (base, "base")):
+        metrics, count = manual_metrics(model, ds, depth, 64, 3)
+        assert row.num_detections == count > 0
+        for k in METRIC_NAMES:  # batching (2 + 1) gives the same detections as one image at a time
+            if metrics[k] is None:
+                assert row.metrics[k] is None
+            else:
+                assert row.metrics[k] == pytest.approx(metrics[k], abs=1e-9)
+                assert 0.0 <= row.metrics[k] <= 1.0
+
+
+def test_evaluate_rtdetr_two_depths():
+    torch.manual_seed(0)
+    model = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3, num_queries=10).eval()
+    ds = TinyDataset()
+    base_cfg = model.depth_space.base()
+    report = evaluate(model, ds, depths=[base_cfg, 1.0], imgsz=64, batch_size=2, max_images=2, progress=False,
+                      latency_reps=1, latency_warmup=0)
+    assert [r.name for r in report.rows] == ["base", "full"]
+    base, full = report.rows
+    assert base.knobs["decoder_layers"] < full.knobs["decoder_layers"] == model.num_decoder_layers
+    assert 0 < base.gflops < full.gflops
+    assert base.latency_ms > 0 and full.latency_ms > 0
+    for row, depth in ((base, "base"), (full, "full")):
+        metrics, count = manual_metrics(model, ds, depth, 64, 2)
+        # all 10 x 3 (query, class) pairs of each image (max_det 300 > 30), all above conf 0.001
+        # for a random model's sigmoid scores
+        assert row.num_detections == count == 2 * 10 * 3
+        assert row.metrics["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+        assert row.metrics["AP50"] == pytest.approx(metrics["AP50"], abs=1e-9)
+
+
+def test_evaluate_default_ladder_rows():
+    ds = TinyDataset()
+    model = yolo_tiny().eval()
+    report = evaluate(model, ds, imgsz=64, max_images=1, progress=False, measure_latency=False)
+    ladder = model.depth_configs((1, 3, 64, 64))
+    assert len(report.rows) == len(ladder)
+    assert [r.name for r in report.rows] == ["base"] + [f"ladder{i}" for i in range(1, len(ladder) - 1)] + ["full"]
+    assert [r.code for r in report.rows] == [c.code for c in ladder]
+    gf = [r.gflops for r in report.rows]
+    assert gf == sorted(gf) and gf[0] < gf[-1]
+    assert all(r.latency_ms is None for r in report.rows) and report.latency_batch is None
+
+
+# -------------------------------------------------------------------------------------------------
+# bad inputs
+
+def test_evaluate_bad_inputs():
+    ds = TinyDataset()
+    model = yolo_tiny().eval()
+    with pytest.raises(ValueError, match="unknown depth preset 'deepest'"):
+        evaluate(model, ds, depths=["full", "deepest"], imgsz=64, progress=False)
+    assert ds.load_calls == 0  # failed before running anything
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(OracleModel(ds), TinyDataset(n=0), progress=False)
+    with pytest.raises(ValueError, match="no ground-truth annotations"):
+        evaluate(OracleModel(ds), TinyDataset(with_annotations=False), progress=False)
+    with pytest.raises(TypeError, match="has no predict"):
+        evaluate(object(), ds, progress=False)
+    with pytest.raises(TypeError, match="lacks"):
+        evaluate(OracleModel(ds), [1, 2, 3], progress=False)
+    with pytest.raises(ValueError, match="depths is an empty list"):
+        evaluate(OracleModel(ds), ds, depths=[], progress=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate(OracleModel(ds), ds, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_images"):
+        evaluate(OracleModel(ds), ds, max_images=0, progress=False)
+
+    class WrongCount(OracleModel):
+        def predict(self, images, **kw):
+            return super().predict(images, **kw)[:-1]
+
+    with pytest.raises(RuntimeError, match="returned 1 results for a batch of 2 images"):
+        evaluate(WrongCount(ds), ds, batch_size=2, progress=False)
+
+    class BadLabel(OracleModel):
+        def predict(self, images, **kw):
+            return [Detections(d.boxes, d.scores, d.labels + 5) for d in super().predict(images, **kw)]
+
+    with pytest.raises(ValueError, match="predicted label [5-7], for which the dataset has no category"):
+        evaluate(BadLabel(ds), ds, progress=False)
+
+    with pytest.raises(ValueError, match="meta device"):
+        with torch.device("meta"):
+            meta_model = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+        evaluate(meta_model, ds, progress=False)
+
+
+def test_evaluate_empty_predictions_give_0():
+    ds = TinyDataset()
+
+    class Blind(OracleModel):
+        def predict(self, images, **kw):
+            return [Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)) for _ in images]
+
+    report = evaluate(Blind(ds), ds, progress=False)
+    row = report.rows[0]
+    assert row.num_detections == 0 and row.metrics["AP"] == 0.0 and row.metrics["AP50"] == 0.0
+
+
+# -------------------------------------------------------------------------------------------------
+# the report
+
+def oracle_report():
+    ds = TinyDataset()
+    return evaluate(OracleModel(ds), ds, depths=["full", "base"], imgsz=64, progress=False)
+
+
+def test_report_table():
+    report = oracle_report()
+    lines = report.table().splitlines()
+    assert len(lines) == 4
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:4] == ["depth", "code", "skipped", "GFLOPs"] and head[5:] == ["AP %", "AP50 %", "AP75 %", "AP_S %",
+                                                                               "AP_M %", "AP_L %"]
+    assert set(lines[1]) <= set("|-:")
+    full = [c.strip() for c in lines[2].strip("|").split("|")]
+    base = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert full[0] == "full" and full[3] == "-" and full[4] == "-" and full[5:8] == ["100.0", "100.0", "100.0"]
+    assert base[0] == "base" and base[5:8] == ["30.0", "100.0", "0.0"]
+
+
+def test_report_json_round_trip_plot_and_save(tmp_path):
+    report = oracle_report()
+    d = report.to_json(tmp_path / "r.json")
+    with open(tmp_path / "r.json") as f:
+        on_disk = json.load(f)
+    assert on_disk == d
+    back = EvalReport.from_json(tmp_path / "r.json")
+    assert back == report
+    assert back.row("base").metrics["AP"] == pytest.approx(0.3, abs=1e-12)
+    assert back.row("full").metrics["AP_small"] == report.row("full").metrics["AP_small"]
+    with pytest.raises(KeyError, match="no row 'ladder3'"):
+        back.row("ladder3")
+    with pytest.raises(ValueError, match="not an evaluation report"):
+        EvalReport.from_json({"rows": []})
+
+    png = report.plot(tmp_path / "p.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    paths = report.save(tmp_path / "out", "oracle")
+    assert [paths[k].endswith(f"oracle.{k}") for k in ("json", "md", "png")] == [True] * 3
+    with open(paths["md"]) as f:
+        assert report.table() in f.read()
+    with open(paths["png"], "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    assert EvalReport.from_json(paths["json"]) == report
+
+
+def test_report_with_latency_plots_against_latency(tmp_path):
+    ds = TinyDataset()
+    model = yolo_tiny().eval()
+    report = evaluate(model, ds, depths=["base", "full"], imgsz=64, max_images=1, progress=False,
+                      latency_reps=1, latency_warmup=0)
+    assert all(r.latency_ms is not None and math.isfinite(r.latency_ms) for r in report.rows)
+    kind, xs = report.plot_axis()
+    assert kind == "latency" and xs == [r.latency_ms for r in report.rows]
+    png = report.plot(tmp_path / "lat.png")
+    with open(png, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    assert "latency ms (b1)" in report.table()
+    assert EvalReport.from_json(report.to_json()) == report
+    # without latency the plot is against GFLOPs, without either against the depth order
+    d = report.to_json()
+    no_lat = EvalReport.from_json(dict(d, rows=[dict(r, latency_ms=None) for r in d["rows"]]))
+    assert no_lat.plot_axis() == ("gflops", [r.gflops for r in report.rows])
+    assert oracle_report().plot_axis() == ("depth", [0, 1])
