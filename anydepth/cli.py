@@ -7,6 +7,7 @@
   anydepth data synth --out DIR --images N      a synthetic detection dataset (images + COCO JSON)
   anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
   anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
+  anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
 """
 from __future__ import annotations
 
@@ -185,8 +186,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         hint = hints[f.name]
-        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        kind = base[0]
+        if typing.get_origin(hint) is dict:
+            kind = dict
+        else:  # Optional[X] -> X
+            kind = ([a for a in typing.get_args(hint) if a is not type(None)] or [hint])[0]
         h = helps.get(f.name, "") + f" (default: {default})"
         if kind is bool:
             p.add_argument(flag, type=_on_off, default=default, metavar="on|off", help=h)
@@ -337,10 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    dm = sub.add_parser("demo", help="synthetic data -> self-distillation training -> per-depth AP (CPU, <30 min)",
+                        add_help=False)
+    dm.add_argument("demo_args", nargs=argparse.REMAINDER)
+    dm.set_defaults(func=lambda a: __import__("anydepth.demo", fromlist=["main"]).main(a.demo_args))
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its own parser (anydepth.demo), options passed through unchanged
+        from anydepth.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,284 @@
+"""Trainer: schedule, EMA, parameter groups, the two-pass step, logs and checkpoints, resume,
+data parallel on 2 CPU processes (gloo), the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import anydepth
+from anydepth.train import (ModelEMA, TrainConfig, Trainer, load_matching_weights, lr_factor,
+                            parameter_groups, two_pass_step)
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    from anydepth.data import synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(str(root), images=8, imgsz=IMGSZ, seed=0, split="train", progress=False)
+    synth.generate(str(root), images=4, imgsz=IMGSZ, seed=1, split="val", progress=False)
+    return root
+
+
+def _config(synth_dir, out, **kw):
+    base = dict(model="yolov12n-anydepth", data=str(synth_dir / "train"), out=str(out), epochs=2, batch_size=4,
+                imgsz=IMGSZ, workers=0, progress=False, eval_interval=0, seed=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# -- pieces -------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, 0.05) == pytest.approx(0.1)
+    assert lr_factor(9, total, warm, 0.05) == pytest.approx(1.0)
+    assert lr_factor(10, total, warm, 0.05) == pytest.approx(1.0)
+    mid = 10 + 45  # half-way through the cosine
+    assert lr_factor(mid, total, warm, 0.05) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(total, total, warm, 0.05) == pytest.approx(0.05)
+    values = [lr_factor(s, total, warm, 0.0) for s in range(warm, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_update_math():
+    lin = torch.nn.Linear(2, 1)
+    bn = torch.nn.BatchNorm1d(1)
+    model = torch.nn.Sequential(lin, bn)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema = ModelEMA(model, decay=0.9, tau=1.0)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+        bn.running_mean.fill_(2.0)
+        bn.num_batches_tracked.fill_(7)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1.0))
+    assert ema.module[0].weight[0, 0].item() == pytest.approx(d * 1.0 + (1 - d) * 3.0)
+    assert ema.module[1].running_mean.item() == pytest.approx((1 - d) * 2.0)
+    assert ema.module[1].num_batches_tracked.item() == 7          # integer buffers copied
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.0)
+
+
+def test_parameter_groups_no_decay_on_norms_and_biases():
+    model = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+    groups = parameter_groups(model, 0.05, [("layers.0.", 0.1)])
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(model.layers[0].conv.weight)]["lr_scale"] == 0.1
+    assert by_id[id(model.layers[0].conv.weight)]["weight_decay"] == 0.05
+    assert by_id[id(model.layers[1].conv.weight)]["lr_scale"] == 1.0
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            assert by_id[id(p)]["weight_decay"] == 0.0, name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_load_matching_weights_skips_class_heads():
+    src = anydepth.create_model("yolov12n-anydepth", num_classes=80)
+    dst = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+    copied, skipped = load_matching_weights(dst, src.state_dict())
+    assert skipped and all(".cv3." in k for k in skipped)      # only the class branch differs
+    assert copied == len(src.state_dict()) - len(skipped)
+    torch.testing.assert_close(dst.layers[0].conv.weight, src.layers[0].conv.weight)
+
+
+@pytest.mark.parametrize("name", ["yolov12n-anydepth"])
+def test_two_pass_step_grads_shared_and_refinement(name):
+    from anydepth.losses import build_criterion
+
+    torch.manual_seed(0)
+    kw = {"num_queries": 20} if name.startswith("rtdetr") else {}
+    model = anydepth.create_model(name, num_classes=3, **kw).train()
+    crit = build_criterion(model)
+    x = torch.rand(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 20.0, 90.0, 70.0], [5.0, 5.0, 25.0, 30.0]]),
+                "labels": torch.tensor([0, 2])}]
+    full, base = model.resolve_depth("full"), model.resolve_depth("base")
+
+    def grads_after(distill):
+        model.zero_grad(set_to_none=True)
+        logs = two_pass_step(model, crit, x, targets, full, base, distill=distill)
+        return logs, {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+    logs, g = grads_after(True)
+    assert math.isfinite(logs["full/loss"]) and math.isfinite(logs["base/loss"])
+    # which parameters run only at full depth: those a base pass leaves without gradient
+    model.zero_grad(set_to_none=True)
+    out = model.forward_train(x, base, targets)
+    crit.gt_loss(out, targets)[0].backward()
+    base_used = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    refinement = [n for n, v in g.items() if v is not None and v.abs().sum() > 0 and n not in base_used]
+    assert refinement, "no refinement-only parameter received a gradient from the full pass"
+    shared = sorted(base_used & {n for n, v in g.items() if v is not None and v.abs().sum() > 0})
+    assert shared, "the shared parameters received no gradient"
+    # the shared gradient is the sum of both passes: differs from the full pass alone
+    model.zero_grad(set_to_none=True)
+    out = model.forward_train(x, full, targets)
+    crit.gt_loss(out, targets)[0].backward()
+    stem = shared[0]
+    full_only = dict(model.named_parameters())[stem].grad
+    assert not torch.allclose(full_only, g[stem])
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def test_fit_writes_logs_and_checkpoints(synth_dir, tmp_path):
+    cfg = _config(synth_dir, tmp_path / "run", val_data=str(synth_dir / "val"), eval_interval=1)
+    summary = Trainer(cfg).fit()
+    assert summary["epochs"] == 2 and summary["steps"] == 4 and not summary["stopped_early"]
+    for f in ("final.pt", "last.pt", "log.csv", "log.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [r["epoch"] for r in log["epochs"]] == [1, 2]
+    row = log["epochs"][-1]
+    assert row["train/full/loss"] > 0 and row["train/base/loss"] > 0
+    assert 0.0 <= row["val/full/AP"] <= 100.0 and 0.0 <= row["val/base/AP"] <= 100.0
+    csv_lines = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and "train/full/loss" in csv_lines[0]
+    model = anydepth.load(str(tmp_path / "run" / "final.pt"))       # weights_only, rebuilds the model
+    assert model.num_classes == 3 or model.num_classes == Trainer(cfg).train_set.num_classes
+    out = model(torch.rand(1, 3, IMGSZ, IMGSZ), depth="base")
+    assert torch.isfinite(out).all()
+
+
+def test_resume_reproduces_the_uninterrupted_run(synth_dir, tmp_path):
+    straight = Trainer(_config(synth_dir, tmp_path / "a", epochs=2))
+    straight.fit()
+    first = Trainer(_config(synth_dir, tmp_path / "b", epochs=2))
+    first.fit(until_epoch=1)                       # interrupted after epoch 1
+    assert not (tmp_path / "b" / "final.pt").exists()
+    resumed = Trainer(_config(synth_dir, tmp_path / "b", epochs=2), resume=str(tmp_path / "b" / "last.pt"))
+    assert resumed.epoch == 1 and resumed.step == 2
+    resumed.fit()
+    a = straight.model.state_dict()
+    b = resumed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ea, eb = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0, msg=k)
+    assert straight.history[-1]["train/loss"] == resumed.history[-1]["train/loss"]
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(synth_dir, tmp_path):
+    summary = Trainer(_config(synth_dir, tmp_path / "t", epochs=50, time_limit=1e-6)).fit()
+    assert summary["stopped_early"] and summary["steps"] == 1
+    assert (tmp_path / "t" / "last.pt").is_file()
+
+
+def test_distill_off_trains_base_on_ground_truth(synth_dir, tmp_path):
+    t = Trainer(_config(synth_dir, tmp_path / "off", epochs=1, distill=False))
+    t.fit()
+    keys = t.history[-1].keys()
+    assert not any(k.startswith("train/base/kd") for k in keys)
+
+
+def test_config_errors(synth_dir, tmp_path):
+    with pytest.raises(ValueError, match="data"):
+        Trainer(TrainConfig(model="yolov12n-anydepth"))
+    with pytest.raises(ValueError, match="imgsz"):
+        Trainer(_config(synth_dir, tmp_path, imgsz=70))
+    with pytest.raises(ValueError, match="amp"):
+        Trainer(_config(synth_dir, tmp_path, amp="bf16"))
+    with pytest.raises(ValueError, match="amp"):
+        Trainer(_config(synth_dir, tmp_path, amp="int4"))
+    with pytest.raises(ValueError, match="no training recipe"):
+        Trainer(_config(synth_dir, tmp_path, model="resnet50"))
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"modle": "x"})
+    plain = tmp_path / "plain.pt"
+    anydepth.save(anydepth.create_model("yolov12n-anydepth", num_classes=3), str(plain))
+    with pytest.raises(ValueError, match="without training state"):
+        Trainer(resume=str(plain))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        Trainer(resume=str(bad))
+
+
+def test_fine_tune_from_checkpoint_with_other_classes(synth_dir, tmp_path):
+    src = anydepth.create_model("yolov12n-anydepth", num_classes=80)
+    path = tmp_path / "src.pt"
+    anydepth.save(src, str(path))
+    t = Trainer(_config(synth_dir, tmp_path / "ft", epochs=1, weights=str(path)))
+    torch.testing.assert_close(t.model.layers[0].conv.weight, src.layers[0].conv.weight)
+
+
+# -- distributed: 2 CPU processes, gloo ---------------------------------------------------------
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from anydepth.train import TrainConfig, Trainer
+    cfg = TrainConfig(model="yolov12n-anydepth", data=sys.argv[1], out=sys.argv[2], epochs=1, batch_size=4,
+                      imgsz=64, workers=0, progress=False, eval_interval=0, device="cpu", augment=False)
+    t = Trainer(cfg)
+    seen = [int(i) for i in t.sampler]
+    t.fit()
+    flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+    torch.save({"params": flat, "seen": seen, "world": t.dist.world, "steps": t.step},
+               os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_data_parallel_two_processes_gloo(synth_dir, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(synth_dir / "train"), str(out)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 2
+    assert not set(r0["seen"]) & set(r1["seen"])               # each rank trains on its own shard
+    assert torch.equal(r0["params"], r1["params"])              # gradients were averaged: same weights
+    start = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+    assert (out / "final.pt").is_file()
+    assert not torch.equal(r0["params"], torch.cat([p.reshape(-1) for p in start.parameters()]))
+
+
+# -- command line -------------------------------------------------------------------------------
+def test_cli_synth_train_eval(tmp_path):
+    from anydepth.cli import main
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--images", "6", "--val-images", "3", "--imgsz", "64",
+                 "--quiet"]) == 0
+    assert (data / "train" / "annotations.json").is_file() and (data / "val" / "annotations.json").is_file()
+    run = tmp_path / "run"
+    assert main(["train", "--model", "yolov12n-anydepth", "--data", str(data / "train"), "--epochs", "1",
+                 "--batch-size", "3", "--imgsz", "64", "--workers", "0", "--progress", "off", "--device", "cpu",
+                 "--distill", "off", "--loss", "box=5.0", "--out", str(run)]) == 0
+    assert main(["eval", "--weights", str(run / "final.pt"), "--data", str(data / "val"), "--imgsz", "64",
+                 "--depths", "full,base", "--no-latency", "--device", "cpu", "--quiet", "--out",
+                 str(tmp_path / "eval")]) == 0
+    files = os.listdir(tmp_path / "eval")
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
+    assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--out", str(run),
+                 "--progress", "off"]) == 0
+    assert json.loads((run / "log.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    from anydepth.demo import DemoRun, run_demo
+
+    runs = [DemoRun("yolov12n-distill", "yolov12n-anydepth", True, 1, 3, IMGSZ, 5.0),
+            DemoRun("yolov12n-no-distill", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0)]
+    results = run_demo(str(tmp_path / "demo"), images=6, val_images=3, imgsz=IMGSZ, runs=runs, workers=0,
+                       progress=False)
+    md = (tmp_path / "demo" / "RESULTS.md").read_text()
+    assert "| full |" in md and "| base |" in md and "distillation off (ablation)" in md
+    rows = results["runs"]["yolov12n-distill"]["rows"]
+    assert [r["name"] for r in rows][0] == "base" and rows[-1]["name"] == "full" and len(rows) == 9
+    assert all(0.0 <= r["AP"] <= 1.0 for r in rows)
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["runs"].keys() == results["runs"].keys()
