@@ -91,6 +91,16 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
         }
         print(report.table(), flush=True)
     results["total_minutes"] = round((time.time() - t_start) / 60, 2)
+    previous = os.path.join(out, "results.json")
+    if os.path.isfile(previous):  # runs done earlier into the same directory (not re-run now) are kept
+        with open(previous) as f:
+            old = json.load(f)
+        if (old.get("imgsz"), old.get("train_images")) == (imgsz, images):
+            kept = {k: v for k, v in old.get("runs", {}).items() if k not in results["runs"]}
+            if kept:
+                results["runs"] = {**kept, **results["runs"]}
+                results["total_minutes"] = round(results["total_minutes"] + sum(
+                    v.get("train_minutes", 0) for v in kept.values()), 2)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     md = render_results(results)
