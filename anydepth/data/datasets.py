@@ -58,7 +58,9 @@ def read_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.array(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, ImportError) as e:
+        # ImportError: a plugin hook (Ultralytics patches PIL.Image.open to load a HEIF plugin on
+        # unidentified files) that is not installed
         raise ValueError(f"cannot decode image {path}: {e}") from e
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"cannot decode image {path}: got an array of shape {arr.shape}")
@@ -74,7 +76,9 @@ def _image_size(path: Path) -> Tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, ImportError) as e:
+        # ImportError: a plugin hook (Ultralytics patches PIL.Image.open to load a HEIF plugin on
+        # unidentified files) that is not installed
         raise ValueError(f"cannot decode image {path}: {e}") from e
     return int(h), int(w)
 
