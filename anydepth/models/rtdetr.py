@@ -32,9 +32,11 @@ Any-depth split (the AnyDepth-DETR paper):
   value is ``max(1, L - 2)``: 4 for the 6-layer R50/R101 (the published base = every switch
   skipped + 4 decoder layers), 1 for R18 (3 layers) and 2 for R34 (4 layers).
 
-The denoising class embedding used only in training (contrastive denoising queries) is kept as an
-unused parameter ``decoder.denoising_class_embed`` (when ``denoising=True``, the default) so that a
-HuggingFace checkpoint converts losslessly and a later trainer can use it; inference never reads it.
+Training: :meth:`AnyDepthRTDETR.forward_train` returns every decoder layer's outputs (auxiliary
+losses), the encoder's top-k query outputs and, when targets are given, the outputs of contrastive
+denoising queries (:func:`build_denoising_queries`) built with the denoising class embedding
+``decoder.denoising_class_embed`` (present when ``denoising=True``, the default; HuggingFace
+checkpoints carry it). Inference (``forward``) never reads it and is unchanged by the training path.
 
 :meth:`AnyDepthRTDETR.deploy` reparameterises every RepVGG block into one 3x3 conv per norm set
 and folds every conv-BN into :class:`anydepth_kernels.FusedConvNormAct` (two epilogues where the
@@ -52,13 +54,13 @@ from torch import nn
 
 from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
 
-from ..depth import DepthConfig, DepthSpace, KnobSpec
+from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..model import AnyDepthModel
 from ..nn import ConvNormAct, SkipAwareLayerNorm, SkippableStage, split_blocks
 from ..registry import register_model
 
-__all__ = ["AnyDepthRTDETR", "VARIANTS", "decoder_base_layers"]
+__all__ = ["AnyDepthRTDETR", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
 
 #: The official variants: backbone block type, stage depths, stage widths, encoder in-channels,
 #: CSP expansion, decoder layers, encoder hidden size and FFN size.
@@ -316,7 +318,13 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor],
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attn_mask`` (optional, broadcastable to ``[B, heads, N, N]``, rows = queries, columns =
+        keys): boolean, ``True`` where a query may *not* attend to a key (as
+        ``nn.MultiheadAttention``), or floating point, added to the attention logits. Every row
+        must leave at least one key visible. Used by the decoder's training path (denoising
+        queries); ``None`` (inference) computes exactly what it did without the argument."""
         b, n, c = x.shape
         qk = x if pos is None else x + pos
         shape = (b, n, self.heads, c // self.heads)
@@ -325,8 +333,13 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         # explicit matmuls rather than F.scaled_dot_product_attention: same result, and
         # torch.utils.flop_counter counts them (it does not count the CPU SDPA kernel)
-        attn = (torch.matmul(q, k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
-        out = torch.matmul(attn, v)
+        logits = torch.matmul(q, k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                logits = logits.masked_fill(attn_mask, float("-inf"))
+            else:
+                logits = logits + attn_mask.to(logits.dtype)
+        out = torch.matmul(logits.softmax(-1), v)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -488,8 +501,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(dim, ffn, act)
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x, pos, ref, memory, shapes, starts):
-        x = self.self_attn_layer_norm(x + self.self_attn(x, pos))
+    def forward(self, x, pos, ref, memory, shapes, starts, attn_mask=None):
+        x = self.self_attn_layer_norm(x + self.self_attn(x, pos, attn_mask))
         x = self.encoder_attn_layer_norm(x + self.encoder_attn(x + pos, ref, memory, shapes, starts))
         return self.final_layer_norm(x + self.mlp(x))
 
@@ -549,7 +562,12 @@ class RTDETRDecoder(nn.Module):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
 
-    def forward(self, feats: Sequence[torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+    def _select(self, feats: Sequence[torch.Tensor]):
+        """Encoder memory and top-``num_queries`` query selection, shared by both paths. Returns
+        ``(memory, shapes, starts, out_mem, enc_logits, enc_coord, idx)``: flattened memory
+        ``[B, S, C]``, level shapes / start offsets, the projected memory, the encoder class logits
+        ``[B, S, nc]``, box logits ``[B, S, 4]`` (before the sigmoid) and the selected positions
+        ``[B, num_queries]``."""
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         shapes_list = tuple((int(s.shape[2]), int(s.shape[3])) for s in srcs)
         memory = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -566,6 +584,10 @@ class RTDETRDecoder(nn.Module):
         enc_logits = self.enc_score_head(out_mem)
         enc_coord = self.enc_bbox_head(out_mem) + anchors
         idx = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
+        return memory, shapes, starts, out_mem, enc_logits, enc_coord, idx
+
+    def forward(self, feats: Sequence[torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+        memory, shapes, starts, out_mem, enc_logits, enc_coord, idx = self._select(feats)
         ref_unact = enc_coord.gather(1, idx[..., None].expand(-1, -1, 4))
         x = out_mem.gather(1, idx[..., None].expand(-1, -1, out_mem.shape[-1])).detach()
 
@@ -579,6 +601,140 @@ class RTDETRDecoder(nn.Module):
                 logits, boxes = self.class_embed[i](x), new_ref
             ref = new_ref.detach()
         return {"logits": logits, "pred_boxes": boxes}
+
+    def forward_train(self, feats: Sequence[torch.Tensor], num_layers: int,
+                      denoising: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+        """Training path: every layer's class logits and boxes, the encoder's top-k outputs and,
+        with ``denoising`` (the dict of :func:`build_denoising_queries`), the denoising queries.
+
+        Layer ``i``'s boxes are ``sigmoid(bbox_embed[i](x_i) + inverse_sigmoid(ref_i))`` with the
+        gradient through layer ``i``'s head and query; the reference passed on to layer ``i + 1``
+        is detached (as at inference). The denoising queries (class embedding of the noised
+        labels, noised boxes as references) are placed *before* the ``num_queries`` selected
+        queries and run through the same layers under ``denoising["attn_mask"]``. See
+        :meth:`AnyDepthRTDETR.forward_train` for the returned dict.
+        """
+        memory, shapes, starts, out_mem, enc_logits, enc_coord, idx = self._select(feats)
+        ref_unact = enc_coord.gather(1, idx[..., None].expand(-1, -1, 4))
+        x = out_mem.gather(1, idx[..., None].expand(-1, -1, out_mem.shape[-1])).detach()
+        enc_outputs = {"logits": enc_logits.gather(1, idx[..., None].expand(-1, -1, enc_logits.shape[-1])),
+                       "pred_boxes": ref_unact.sigmoid()}
+        ref = ref_unact.detach().sigmoid()
+        mask, nd = None, 0
+        if denoising is not None:
+            if self.denoising_class_embed is None:
+                raise ValueError("denoising queries need a model built with denoising=True")
+            labels, dn_boxes = denoising["labels"], denoising["boxes"]
+            nd = int(labels.shape[1])
+            x = torch.cat([self.denoising_class_embed(labels).to(x.dtype), x], 1)
+            # through the (clamping) inverse sigmoid, as the reference does with its noised boxes
+            ref = torch.cat([torch.sigmoid(_inverse_sigmoid(dn_boxes.to(ref.dtype))), ref], 1)
+            mask = denoising["attn_mask"]
+        logits, boxes = [], []
+        for i in range(num_layers):
+            pos = self.query_pos_head(ref)
+            x = self.layers[i](x, pos, ref, memory, shapes, starts, mask)
+            new_ref = torch.sigmoid(self.bbox_embed[i](x) + _inverse_sigmoid(ref))
+            logits.append(self.class_embed[i](x))
+            boxes.append(new_ref)
+            ref = new_ref.detach()
+        per_layer = [{"logits": lg[:, nd:], "pred_boxes": bx[:, nd:]} for lg, bx in zip(logits, boxes)]
+        return {
+            "logits": per_layer[-1]["logits"],
+            "pred_boxes": per_layer[-1]["pred_boxes"],
+            "aux_outputs": per_layer[:-1],
+            "enc_outputs": enc_outputs,
+            "dn_outputs": (None if denoising is None else
+                           [{"logits": lg[:, :nd], "pred_boxes": bx[:, :nd]} for lg, bx in zip(logits, boxes)]),
+            "dn_meta": None if denoising is None else denoising["meta"],
+        }
+
+
+def _uniform(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """``torch.rand`` drawn from ``generator`` (on the generator's device) then moved to ``device``."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def build_denoising_queries(targets: Sequence[Dict[str, torch.Tensor]], num_classes: int, num_queries: int,
+                            num_denoising: int = 100, label_noise_ratio: float = 0.5,
+                            box_noise_scale: float = 1.0,
+                            generator: Optional[torch.Generator] = None) -> Optional[Dict[str, object]]:
+    """Contrastive denoising queries of RT-DETR (from DINO) for one batch.
+
+    ``targets``: one dict per image with ``labels`` int64 ``[n_i]`` and ``boxes`` ``[n_i, 4]``
+    normalised (cx, cy, w, h) (see :func:`anydepth.losses.rtdetr.normalize_targets`). With
+    ``M = max n_i`` the batch is padded to ``M`` objects and ``G = max(1, num_denoising // M)``
+    groups are built; group ``g`` occupies query positions ``[2Mg, 2M(g+1))``: ``M`` positive
+    copies of the GT objects, then ``M`` negative copies (padding slots get label
+    ``num_classes``, the padding index of the denoising embedding, and an all-zero box).
+
+    * label noise: each real copy's label is replaced by a uniformly random class with
+      probability ``label_noise_ratio / 2`` (the reference's convention);
+    * box noise, in corner form: each corner coordinate moves by ``s * u * box_noise_scale *
+      (w/2 or h/2)`` with a random sign ``s`` and ``u`` uniform in ``[0, 1)`` for positives,
+      ``[1, 2)`` for negatives, then is clipped to ``[0, 1]`` (a negative copy may come out with
+      x1 > x2: its extent becomes ~0 through the decoder's clamping inverse sigmoid).
+    * attention mask ``[Nd + Q, Nd + Q]`` (``Nd = 2MG``, ``Q = num_queries``), ``True`` = blocked:
+      the ``Q`` matching queries (after the ``Nd`` denoising queries) cannot see any denoising
+      query, and a denoising group cannot see another group (it does see the matching queries).
+
+    Returns ``None`` when no image has an object or ``num_denoising <= 0``, else a dict with
+    ``labels [B, Nd]``, ``boxes [B, Nd, 4]`` (noised, cxcywh), ``attn_mask`` and ``meta`` =
+    ``dict(num_groups=G, max_gt=M, num_denoising=Nd, num_queries=Q, positive_idx=[...],
+    gt_idx=[...])`` where ``positive_idx[i][k]`` is the denoising query (position in
+    ``[0, Nd)``) that must reconstruct GT object ``gt_idx[i][k]`` of image ``i`` (``n_i * G``
+    pairs, group-major).
+    """
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError("build_denoising_queries needs a non-empty list of per-image target dicts")
+    counts = [int(t["labels"].shape[0]) for t in targets]
+    m = max(counts)
+    if num_denoising <= 0 or m == 0:
+        return None
+    groups = max(1, num_denoising // m)
+    device = targets[0]["boxes"].device
+    dtype = targets[0]["boxes"].dtype if targets[0]["boxes"].is_floating_point() else torch.float32
+    b, nd = len(targets), 2 * m * groups
+    labels = torch.full((b, m), num_classes, dtype=torch.long, device=device)
+    boxes = torch.zeros(b, m, 4, dtype=dtype, device=device)
+    real = torch.zeros(b, m, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, counts)):
+        labels[i, :n] = t["labels"].to(device)
+        boxes[i, :n] = t["boxes"].to(device=device, dtype=dtype)
+        real[i, :n] = True
+    labels = labels.repeat(1, 2 * groups)
+    boxes = boxes.repeat(1, 2 * groups, 1)
+    real = real.repeat(1, 2 * groups)
+    negative = torch.zeros(2 * m, dtype=torch.bool, device=device)
+    negative[m:] = True
+    negative = negative.repeat(groups)  # [Nd]
+
+    if label_noise_ratio > 0:
+        flip = _uniform((b, nd), generator, device) < label_noise_ratio * 0.5
+        random_labels = (_uniform((b, nd), generator, device) * num_classes).long().clamp_(max=num_classes - 1)
+        labels = torch.where(flip & real, random_labels, labels)
+    if box_noise_scale > 0:
+        half = boxes[..., 2:].repeat(1, 1, 2) * (0.5 * box_noise_scale)
+        sign = torch.where(_uniform((b, nd, 4), generator, device) < 0.5, -1.0, 1.0).to(dtype)
+        magnitude = _uniform((b, nd, 4), generator, device).to(dtype) + negative[None, :, None].to(dtype)
+        cx, cy, w, h = boxes.unbind(-1)
+        corners = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+        x1, y1, x2, y2 = (corners + sign * magnitude * half).clamp(0.0, 1.0).unbind(-1)
+        boxes = torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), -1)
+
+    size = nd + num_queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    group = torch.arange(nd, device=device) // (2 * m)
+    mask[:nd, :nd] = group[:, None] != group[None, :]  # a group sees only itself (and the matching queries)
+    mask[nd:, :nd] = True  # the matching queries see no denoising query
+    offsets = torch.arange(groups, device=device)[:, None] * (2 * m)
+    positive_idx = [(offsets + torch.arange(n, device=device)[None]).flatten() for n in counts]
+    gt_idx = [torch.arange(n, device=device).repeat(groups) for n in counts]
+    meta = {"num_groups": groups, "max_gt": m, "num_denoising": nd, "num_queries": num_queries,
+            "positive_idx": positive_idx, "gt_idx": gt_idx}
+    return {"labels": labels, "boxes": boxes, "attn_mask": mask, "meta": meta}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,7 +757,8 @@ class AnyDepthRTDETR(AnyDepthModel):
                  encoder_heads: int = 8, decoder_points: int = 4, aifi_layers: int = 1,
                  activation: str = "silu", encoder_activation: str = "gelu", decoder_activation: str = "relu",
                  layer_norm_eps: float = 1e-5, batch_norm_eps: float = 1e-5,
-                 positional_temperature: float = 10000.0, denoising: bool = True):
+                 positional_temperature: float = 10000.0, denoising: bool = True,
+                 num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown RT-DETR variant {variant!r}; valid: {list(VARIANTS)}")
@@ -613,6 +770,13 @@ class AnyDepthRTDETR(AnyDepthModel):
                             ("aifi_layers", aifi_layers), ("decoder_points", decoder_points)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "aifi_layers" else 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_denoising, bool) or not isinstance(num_denoising, int) or num_denoising < 0:
+            raise ValueError(f"num_denoising must be an int >= 0, got {num_denoising!r}")
+        for name, value in (("label_noise_ratio", label_noise_ratio), ("box_noise_scale", box_noise_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= (
+                    1 if name == "label_noise_ratio" else math.inf):
+                raise ValueError(f"{name} must be a number >= 0{' and <= 1' if name == 'label_noise_ratio' else ''}"
+                                 f", got {value!r}")
         if activation not in ("silu", "relu"):
             raise ValueError(f"activation must be 'silu' or 'relu', got {activation!r}")
         for name, a in (("encoder_activation", encoder_activation), ("decoder_activation", decoder_activation)):
@@ -622,6 +786,9 @@ class AnyDepthRTDETR(AnyDepthModel):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.num_decoder_layers = layers
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = float(label_noise_ratio)
+        self.box_noise_scale = float(box_noise_scale)
         hidden = v["encoder_hidden_dim"] if encoder_hidden_dim is None else encoder_hidden_dim
         ffn = v["encoder_ffn_dim"] if encoder_ffn_dim is None else encoder_ffn_dim
         expansion = v["hidden_expansion"] if hidden_expansion is None else hidden_expansion
@@ -647,6 +814,54 @@ class AnyDepthRTDETR(AnyDepthModel):
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig) -> Dict[str, torch.Tensor]:
         return self.decoder(self.features(x, depth), depth.knob("decoder_layers"))
+
+    def forward_train(self, x: torch.Tensor, depth: DepthLike = None, targets=None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, object]:
+        """Training pass at ``depth`` (``None`` = full; as in ``forward``). The model must be in
+        training mode and not deployed.
+
+        ``x``: float ``[B, 3, H, W]`` in [0, 1]. ``targets`` (optional): ``B`` dicts with ``boxes``
+        float ``[N, 4]`` xyxy in pixels of ``x`` and ``labels`` int64 ``[N]``; when given and the
+        model was built with ``denoising=True`` and ``num_denoising > 0``, contrastive denoising
+        queries are added (``num_denoising``, ``label_noise_ratio``, ``box_noise_scale``, see
+        :func:`build_denoising_queries`; ``generator`` draws their noise). Returns a dict:
+
+        * ``logits`` ``[B, Q, nc]`` and ``pred_boxes`` ``[B, Q, 4]`` (cxcywh normalised) of the last
+          decoder layer that ran (the same values ``forward`` gives in eval mode without
+          denoising queries);
+        * ``aux_outputs``: ``[dict(logits, pred_boxes)]`` of the earlier layers that ran, in order
+          (``decoder_layers - 1`` entries);
+        * ``enc_outputs``: ``dict(logits, pred_boxes)`` of the ``Q`` encoder positions selected as
+          queries (encoder class logits and sigmoid of the encoder box logits + anchors);
+        * ``dn_outputs``: ``[dict(logits [B, Nd, nc], pred_boxes)]`` of the denoising queries, one
+          per layer that ran, and ``dn_meta`` (group layout, see :func:`build_denoising_queries`);
+          both ``None`` without denoising;
+        * ``distill_feats``: ``dict(backbone=[C3, C4, C5], encoder=[three encoder outputs])``;
+        * ``image_size``: ``(H, W)``.
+        """
+        if not self.training:
+            raise RuntimeError("forward_train() needs the model in training mode: call model.train() first "
+                               "(use model(x, depth=...) or predict() for inference)")
+        if self.deployed:
+            raise RuntimeError("forward_train() cannot run on a deployed (folded, inference-only) model")
+        config = self.resolve_depth(depth, x.shape if isinstance(x, torch.Tensor) else None)
+        self.check_input(x)
+        h, w = int(x.shape[2]), int(x.shape[3])
+        dn = None
+        if targets is not None:
+            from ..losses.rtdetr import normalize_targets  # the losses import this module's helpers lazily too
+
+            norm = normalize_targets(targets, (h, w), self.num_classes, x.shape[0], x.device)
+            if self.decoder.denoising_class_embed is not None and self.num_denoising > 0:
+                dn = build_denoising_queries(norm, self.num_classes, self.num_queries, self.num_denoising,
+                                             self.label_noise_ratio, self.box_noise_scale, generator)
+        skips = [config.is_skipped(f"backbone.stage{i}") for i in range(1, 5)]
+        backbone = self.backbone(x, skips)
+        encoder = self.encoder(backbone, config.is_skipped("encoder"))
+        out = self.decoder.forward_train(encoder, config.knob("decoder_layers"), dn)
+        out["distill_feats"] = {"backbone": list(backbone), "encoder": list(encoder)}
+        out["image_size"] = (h, w)
+        return out
 
     # -- deployment -----------------------------------------------------------------------------
     @torch.no_grad()
