@@ -36,6 +36,11 @@ class Row:
     skip: Dict[str, bool] = field(default_factory=dict)
     knobs: Dict[str, int] = field(default_factory=dict)
 
+    @property
+    def gflop_per_s(self) -> Optional[float]:
+        """Achieved arithmetic rate: GFLOPs / median seconds."""
+        return None if self.gflops is None else self.gflops / (self.median_ms / 1e3)
+
 
 @dataclass
 class ModelReport:
@@ -49,18 +54,23 @@ class ModelReport:
     rows: List[Row]
     peer: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    #: dense matrix-multiply rate measured in the same run (same device, dtype and threads): the
+    #: practical ceiling for a conv network, against which ``GFLOP/s`` per row is read
+    gemm_gflop_per_s: Optional[float] = None
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
     def table(self) -> str:
-        head = f"{'depth':<15}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}{'speedup':>9}"
+        head = (f"{'depth':<15}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}"
+                f"{'speedup':>9}{'GFLOP/s':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             g = f"{r.gflops:9.2f}" if r.gflops is not None else f"{'-':>9}"
             p = f"{r.params_m:11.2f}" if r.params_m is not None else f"{'-':>11}"
+            rate = f"{r.gflop_per_s:9.0f}" if r.gflop_per_s is not None else f"{'-':>9}"
             lines.append(f"{r.name:<15}{r.code[:23]:<24}{g}{p}{r.median_ms:11.1f}"
-                         f"{f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>17}{r.speedup_vs_full:8.2f}x")
+                         f"{f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>17}{r.speedup_vs_full:8.2f}x{rate}")
         return "\n".join(lines)
 
     def summary(self) -> List[str]:
@@ -78,6 +88,17 @@ class ModelReport:
                     eager, fast = self.row(depth), self.row(f"{depth}+{form}")
                     out.append(f"{depth}: {what} vs eager: {eager.median_ms / fast.median_ms:.2f}x "
                                f"({fast.median_ms:.1f} ms vs {eager.median_ms:.1f} ms)")
+        if self.gemm_gflop_per_s:
+            peak = self.gemm_gflop_per_s
+            out.append(f"dense matmul rate in this run: {peak:.0f} GFLOP/s ({self.dtype}); a conv network cannot "
+                       f"run much faster than its GFLOPs at this rate")
+            for depth in ("full", "base"):
+                eager = self.row(depth)
+                best = min((r for r in self.rows if r.name.split("+")[0] == depth), key=lambda r: r.median_ms)
+                if eager.gflop_per_s:
+                    out.append(f"{depth}: eager {eager.gflop_per_s:.0f} GFLOP/s = {eager.gflop_per_s / peak:.0%} of the "
+                               f"matmul rate, fastest form ({best.name}) {best.gflop_per_s / peak:.0%}; ceiling for "
+                               f"any speedup over eager at this FLOP count ~{peak / eager.gflop_per_s:.2f}x")
         if self.peer is not None:
             peer = self.row("peer")
             out.append(f"full depth vs {self.peer} eager, same weights: {peer.median_ms / full.median_ms:.2f}x "
@@ -200,11 +221,25 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
         rows.append(Row("peer", peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
                         med["peer"], pct(times["peer"], 0.1), pct(times["peer"], 0.9), med["full"] / med["peer"]))
     report = ModelReport(model_name, imgsz, batch, str(dev), str(dtype).replace("torch.", ""), rounds,
-                         machine_info(dev), rows, peer_name)
+                         machine_info(dev), rows, peer_name, gemm_gflop_per_s=gemm_rate(dev, dtype))
     if note:
         report.notes.append(note)
     report.notes.extend(compile_notes)
     return report
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matrix multiply on ``device`` in ``dtype`` with the current
+    thread count (median of ``repeats`` after one warm-up): the practical compute ceiling the
+    model rows are compared with."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(n, n, generator=g).to(device, dtype)
+    b = torch.rand(n, n, generator=g).to(device, dtype)
+    timer = _timer(torch.device(device))
+    with torch.inference_mode():
+        torch.matmul(a, b)
+        ms = statistics.median(timer(lambda: torch.matmul(a, b)) for _ in range(repeats))
+    return 2 * n**3 / (ms / 1e3) / 1e9
 
 
 def device_tag(report: ModelReport) -> str:

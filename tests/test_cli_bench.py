@@ -33,3 +33,15 @@ def test_model_report_end_to_end(tmp_path):
     assert data["model"] == "yolov12n-anydepth" and data["machine"]["cores"] and data["summary"]
     assert png is not None and os.path.getsize(png) > 1000
     assert "full/base" in report.table() + "\n".join(report.summary())
+    # the achieved-rate column and the matmul-rate ceiling measured in the same run
+    assert report.gemm_gflop_per_s > 0 and data["gemm_gflop_per_s"] == report.gemm_gflop_per_s
+    full = report.row("full")
+    assert full.gflop_per_s == pytest.approx(full.gflops / (full.median_ms / 1e3))
+    assert "GFLOP/s" in report.table().splitlines()[0]
+    assert any("matmul rate" in line for line in report.summary())
+
+
+def test_gemm_rate_counts_flops_of_the_product(monkeypatch):
+    # a fixed 2 ms per product: 2 n^3 FLOPs / 2 ms
+    monkeypatch.setattr(benchmark, "_timer", lambda device: (lambda fn: (fn(), 2.0)[1]))
+    assert benchmark.gemm_rate("cpu", n=64, repeats=3) == pytest.approx(2 * 64**3 / 2e-3 / 1e9)
