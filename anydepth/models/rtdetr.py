@@ -371,7 +371,22 @@ class AIFILayer(nn.Module):
         return self.final_layer_norm(x + self.mlp(x), skip)
 
 
-@functools.lru_cache(maxsize=32)
+def _shape_cache(fn):
+    """``functools.lru_cache`` of a constant-building function, bypassed while ``torch.compile``
+    traces (Dynamo ignores the cache and warns; under compilation the constants fold anyway)."""
+    cached = functools.lru_cache(maxsize=32)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        return cached(*args)
+
+    call.cache_clear = cached.cache_clear
+    return call
+
+
+@_shape_cache
 def _sincos_2d(h: int, w: int, dim: int, temperature: float, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
     """``[1, h*w, dim]`` 2D sin-cos embedding, row-major, laid out ``[sin_y | cos_y | sin_x | cos_x]``
@@ -512,7 +527,7 @@ def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-@functools.lru_cache(maxsize=32)
+@_shape_cache
 def _anchors(shapes: Tuple[Tuple[int, int], ...], device: torch.device, dtype: torch.dtype,
              grid_size: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
     """Anchor logits ``[1, S, 4]`` (cx, cy, w, h before the sigmoid) and their valid mask
