@@ -103,6 +103,11 @@ class ModelReport:
             peer = self.row("peer")
             out.append(f"full depth vs {self.peer} eager, same weights: {peer.median_ms / full.median_ms:.2f}x "
                        f"({full.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
+            for form in ("fused", "compiled"):
+                if f"full+{form}" in names:
+                    fast = self.row(f"full+{form}")
+                    out.append(f"full+{form} vs {self.peer} eager, same weights: "
+                               f"{peer.median_ms / fast.median_ms:.2f}x ({fast.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
         return out
 
     def to_json(self) -> dict:

@@ -28,6 +28,7 @@ def test_model_report_end_to_end(tmp_path):
     assert report.row("full").speedup_vs_full == pytest.approx(1.0)
     if report.peer is not None:  # Ultralytics installed (the test extras)
         assert report.row("peer").params_m == pytest.approx(report.row("full").params_m, rel=0.05)
+        assert any(line.startswith("full+fused vs ultralytics eager") for line in report.summary())
     js, png = benchmark.save_model_report(report, str(tmp_path))
     data = json.load(open(js))
     assert data["model"] == "yolov12n-anydepth" and data["machine"]["cores"] and data["summary"]
