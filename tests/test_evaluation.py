@@ -100,6 +100,36 @@ def test_faster_backend_same_numbers():
     assert m["AP50"] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_faster_backend_matches_pycocotools_on_random_detections():
+    pytest.importorskip("faster_coco_eval", reason="optional backend (the faster-eval extra; in the test extra)")
+    rng = np.random.default_rng(0)
+    images = [dict(id=i, width=320, height=240) for i in range(1, 21)]
+    anns, res = [], []
+    for img in images:
+        for _ in range(int(rng.integers(0, 6))):
+            w, h = rng.uniform(4, 150, 2)
+            x, y = rng.uniform(0, 320 - w), rng.uniform(0, 240 - h)
+            c = int(rng.integers(1, 4))
+            anns.append(dict(id=len(anns) + 1, image_id=img["id"], category_id=c, bbox=[x, y, w, h],
+                             area=w * h, iscrowd=0))
+            for _ in range(int(rng.integers(0, 3))):  # jittered, sometimes mislabelled detections
+                dx, dy, s = rng.normal(0, 0.15 * w), rng.normal(0, 0.15 * h), rng.uniform(0.7, 1.3)
+                res.append(dict(image_id=img["id"], category_id=c if rng.random() < 0.8 else int(rng.integers(1, 4)),
+                                bbox=[x + dx, y + dy, w * s, h * s], score=float(rng.random())))
+        for _ in range(int(rng.integers(0, 3))):  # false positives
+            res.append(dict(image_id=img["id"], category_id=int(rng.integers(1, 4)),
+                            bbox=[*rng.uniform(0, 200, 2), *rng.uniform(5, 100, 2)], score=float(rng.random())))
+    gt = dict(images=images, annotations=anns, categories=[dict(id=c, name=f"c{c}") for c in (1, 2, 3)])
+    ref = coco_evaluate(gt, res, backend="pycocotools")
+    fast = coco_evaluate(gt, res, backend="faster")
+    assert 0.05 < ref["AP"] < 0.95  # a non-trivial case
+    for k in ref:
+        if ref[k] is None:
+            assert fast[k] is None, k
+        else:
+            assert fast[k] == pytest.approx(ref[k], abs=1e-6), k
+
+
 def test_coco_evaluate_is_silent(capsys):
     coco_evaluate(one_object_gt(), [dict(image_id=1, category_id=1, bbox=[10, 10, 100, 100], score=1.0)])
     assert capsys.readouterr().out == ""
