@@ -21,7 +21,7 @@ export MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: test bench demo install gpu gpu-test gpu-bench clean
+.PHONY: test bench demo install gpu-check clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -52,15 +52,16 @@ DEMO_ARGS ?=
 demo: $(VENV)/.installed
 	$(VENV)/bin/anydepth demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
-# On a GPU machine (the device tool's machines have torch/triton/pytest preinstalled, no network):
-# build against the machine's own torch, run the GPU tests and the benchmarks, results to $(OUT).
-OUT ?= bench/results
-gpu:
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
-	$(PYTHON) -c "import anydepth_kernels, json; print(json.dumps(anydepth_kernels.extension_info(), indent=1))"
-	-$(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
-	$(PYTHON) -m anydepth.cli bench --kernels --device cuda --out $(OUT)
-	$(PYTHON) -m anydepth.cli bench --model yolov12s-anydepth --model rtdetr-r50-anydepth --device cuda --out $(OUT)
+# One-shot GPU check (a fresh GPU machine with its own torch/triton/pytest, no network): builds for
+# the machine's architecture (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise, failing loudly), runs
+# the GPU tests next to compute-sanitizer, then per-depth end-to-end (eager / fused / CUDA graphs)
+# and kernel benchmarks, within GPU_BUDGET_S seconds; <= 8 files in $(OUT), summary.txt first.
+# Without a GPU it is a CPU rehearsal of every step at tiny sizes (tests/test_gpucheck.py runs it).
+OUT ?= bench/results/gpu
+GPU_BUDGET_S ?= 500
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) -m anydepth.gpucheck run --out $(OUT) --budget $(GPU_BUDGET_S) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info anydepth_kernels/*.so anydepth_kernels/_build_info.py

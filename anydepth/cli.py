@@ -56,7 +56,8 @@ def _bench_kernels(args, dtype) -> None:
     path = benchmark.save_report(report, args.out, f"kernels-{device_tag}-{report.dtype}")
     print(f"written: {path}")
     report = benchmark.run_concat_benchmarks(device=args.device, dtype=dtype, rounds=args.rounds,
-                                             reps=args.reps, warmup=args.warmup, progress=not args.quiet)
+                                             reps=args.reps, warmup=args.warmup, progress=not args.quiet,
+                                             compile_eager=args.compile)
     print(f"\nconcat-free CSP output conv (+ folded BN + SiLU), {report.dtype}, on {report.device}: {where}")
     print(report.table())
     print(f"written: {benchmark.save_report(report, args.out, f'concat_conv-{device_tag}-{report.dtype}')}")
@@ -67,7 +68,7 @@ def _bench_kernels(args, dtype) -> None:
     if benchmark_attention is not None:
         report = benchmark_attention.run_attention_benchmarks(
             device=args.device, dtype=dtype, rounds=args.rounds, reps=args.reps, warmup=args.warmup,
-            progress=not args.quiet)
+            compile_reference=args.compile, progress=not args.quiet)
         print(f"\nattention (YOLOv12 area attention / AIFI shapes), {report.dtype}, on {report.device}: {where}")
         print(report.table())
         print(f"written: {benchmark.save_report(report, args.out, f'attention-{device_tag}-{report.dtype}')}")
@@ -77,7 +78,7 @@ def _bench_kernels(args, dtype) -> None:
         return
     report = benchmark_ms_deform.run_ms_deform_benchmarks(
         device=args.device, dtype=dtype, rounds=args.rounds, reps=args.reps, warmup=args.warmup,
-        progress=not args.quiet,
+        compile_reference=args.compile, progress=not args.quiet,
     )
     print(f"\nmulti-scale deformable attention, {report.dtype}, on {report.device}: {where}")
     print(report.table())

@@ -268,19 +268,45 @@ CONCAT_CASES = [
 ]
 
 
+def concat_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
+    """Backend name -> None if ``concat_conv1x1`` can be timed on it here, else the reason."""
+    from . import triton_kernels
+
+    out: Dict[str, Optional[str]] = {"reference": None}
+    out["cpp"] = None if device.type == "cpu" and _ext.CPU_AVAILABLE else "the C++ kernel runs on CPU tensors"
+    if device.type != "cuda":
+        out["triton"] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
+    elif not triton_kernels.AVAILABLE:
+        out["triton"] = triton_kernels.UNAVAILABLE_REASON
+    else:
+        out["triton"] = None
+    return out
+
+
 def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float32, rounds: int = 10,
-                          reps: int = 3, warmup: int = 3, progress: bool = True) -> Report:
+                          reps: int = 3, warmup: int = 3, progress: bool = True,
+                          compile_eager: bool = False, cases: Optional[list] = None) -> Report:
     """Time eager ``cat -> Conv2d 1x1 -> BatchNorm2d -> SiLU`` (the shallow path: a sliced weight)
-    against ``concat_conv1x1`` on the backends available on ``device``."""
+    against ``concat_conv1x1`` on every backend that runs on ``device`` (the C++ kernel on the
+    CPU, Triton on CUDA; the reference everywhere), and ``torch.compile`` of the eager block when
+    ``compile_eager``. ``cases``: ``(name, branch channels, cout, hw, weight cin or None)`` tuples,
+    default :data:`CONCAT_CASES`."""
+    from .modules import fold_batchnorm
     from .ops.concat_conv import concat_conv1x1
 
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
+    cases = CONCAT_CASES if cases is None else cases
     report = Report(machine_info(dev), str(dev), str(dtype).replace("torch.", ""))
-    backends = ["reference"] + (["cpp"] if dev.type == "cpu" and _ext.CPU_AVAILABLE else [])
+    backends = concat_backends(dev, dtype)
+    for name, why in backends.items():
+        if why is not None:
+            report.skipped[name] = why
     timed = _timer(dev)
-    for ci, (name, chans, cout, hw, cin_total) in enumerate(CONCAT_CASES):
+    for ci, (name, chans, cout, hw, cin_total) in enumerate(cases):
         if progress:
-            print(f"[{ci + 1}/{len(CONCAT_CASES)}] {name}", file=sys.stderr, flush=True)
+            print(f"[{ci + 1}/{len(cases)}] {name}", file=sys.stderr, flush=True)
         g = torch.Generator().manual_seed(100 + ci)
         cin = cin_total or sum(chans)
         xs = [torch.randn(1, c, hw, hw, generator=g).to(dev, dtype) for c in chans]
@@ -289,18 +315,20 @@ def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float3
         with torch.no_grad():
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-        from .modules import fold_batchnorm
-
         scale, bias = fold_batchnorm(bn)
         scale, bias = scale.to(dev), bias.to(dev)
         c = sum(chans)
 
-        def eager_fn():
+        def eager_fn(xs=xs, conv=conv, bn=bn, c=c):
             return torch.nn.functional.silu(bn(torch.nn.functional.conv2d(torch.cat(xs, 1), conv.weight[:, :c])))
 
         fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (cat+conv+bn+silu)": eager_fn}
-        for b in backends:
-            fns[b] = (lambda b=b: concat_conv1x1(xs, conv.weight, scale, bias, "silu", None, b))
+        if compile_eager:
+            fns["torch.compile(eager)"] = torch.compile(eager_fn)
+        for b, why in backends.items():
+            if why is None:
+                fns[b] = (lambda b=b, xs=xs, w=conv.weight, s=scale, bb=bias:
+                          concat_conv1x1(xs, w, s, bb, "silu", None, b))
         with torch.no_grad():
             report.results += measure(name, fns, "eager (cat+conv+bn+silu)", timed, rounds, reps, warmup)
     return report

@@ -14,9 +14,62 @@ except ImportError:  # pragma: no cover
 
 
 def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64 (the DESIGN.md accuracy measure)."""
-    out, ref = out.double(), ref.double()
+    """||out - ref|| / ||ref|| in float64 on the CPU (the DESIGN.md accuracy measure); the two
+    tensors may live on different devices."""
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors only through the interpreter; on a GPU machine the suite
+    runs them on CUDA (the ``gpu`` tests) and the interpreter cases run in a second process with
+    ``CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1`` (``make gpu-check`` does both)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--only-triton-cpu", action="store_true",
+                     help="select only the tests that run Triton on CPU tensors (the interpreter process of "
+                          "make gpu-check on a GPU machine)")
+
+
+def _triton_on_cpu(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return item.get_closest_marker("gpu") is None and (
+        params.get("backend") == "triton" or item.get_closest_marker("triton_cpu") is not None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that run the Triton backend on CPU tensors (a ``backend="triton"`` parameter or the
+    ``triton_cpu`` marker), outside the ``gpu`` tests, need the interpreter: where it is off (a GPU
+    machine) they are skipped here with the reason, and run in the interpreter process instead."""
+    if config.getoption("--only-triton-cpu"):
+        keep = [item for item in items if _triton_on_cpu(item)]
+        config.hook.pytest_deselected(items=[item for item in items if not _triton_on_cpu(item)])
+        items[:] = keep
+    if triton_interpreted():
+        return
+    skip = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1: on a GPU machine these "
+                                   "cases run in a separate interpreter process (make gpu-check)")
+    for item in items:
+        if _triton_on_cpu(item):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exact_cuda_references():
+    """GPU references are compared at fp32 tolerances (1e-5): cuDNN convolutions and cuBLAS matmuls
+    must not silently use TF32 (both are allowed by default for cuDNN). Tests that want TF32 ask
+    for it explicitly (``input_precision="tf32"``)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture

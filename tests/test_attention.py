@@ -121,6 +121,7 @@ def test_half_precision(backend, dtype):
         check_close(gr, rg, TOL[dtype], f"{backend} {dtype} d{name}")
 
 
+@pytest.mark.triton_cpu
 def test_saved_log_sum_exp():
     """triton, and sdpa on the CPU (the library's flash kernel), save the natural-log lse."""
     q, k, v = make_qkv(2, 2, 37, 50, 16, seed=2)
@@ -214,6 +215,7 @@ def test_area_attention_channels_last(backend):
     check_close(x.grad, ref_dqkv, 1e-5, f"{backend} d(qkv)")
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_area_attention_triton_half(dtype):
     g = torch.Generator().manual_seed(4)
@@ -229,6 +231,7 @@ def test_area_attention_triton_half(dtype):
     check_close(x.grad, ref_dqkv, TOL[dtype], "d(qkv)")
 
 
+@pytest.mark.triton_cpu
 def test_area_attention_matches_yolov12_aattn_layout():
     """The op on AAttn's qkv equals AAttn's own SDPA computation (head-interleaved channels)."""
     b, heads, hd, h, w, area = 1, 2, 32, 4, 8, 4
@@ -293,6 +296,7 @@ def test_opcheck(backend):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.triton_cpu
 def test_backend_selection(monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 32, seed=0)
     # CPU: "auto" is SDPA (the library's fast path), even with the interpreter on.

@@ -147,6 +147,7 @@ def _triton_case(seed, device="cpu", dtype=torch.float32, max_hw=9):
     return [cast(x) for x in xs], cast(weight), scale.to(device), bias.to(device), act, cast(residual)
 
 
+@pytest.mark.triton_cpu
 @needs_triton
 @pytest.mark.parametrize("seed", range(12))
 def test_triton_matches_reference(seed):
@@ -157,6 +158,7 @@ def test_triton_matches_reference(seed):
     assert rel_err(out, ref) <= 1e-5, (seed, [tuple(x.shape) for x in xs], tuple(weight.shape))
 
 
+@pytest.mark.triton_cpu
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
@@ -169,6 +171,7 @@ def test_triton_half_precision(dtype):
         assert rel_err(out, ref) <= 1e-2
 
 
+@pytest.mark.triton_cpu
 @needs_triton
 def test_triton_prefix_chunks_more_branches_and_layouts():
     torch.manual_seed(0)

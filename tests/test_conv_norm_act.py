@@ -310,6 +310,7 @@ def test_unavailable_backend_is_named():
         ak.conv_norm_act(x, w, s, b, padding=1, backend="cuda")
 
 
+@pytest.mark.triton_cpu
 def test_empty_batch_and_non_contiguous():
     x, w, s, b = _args()
     out = ak.conv_norm_act(torch.randn(0, 4, 8, 8), w, s, b, padding=1)
