@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
+from anydepth_kernels.cuda_graphs import keep_alive
 
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
@@ -371,19 +374,66 @@ class AIFILayer(nn.Module):
         return self.final_layer_norm(x + self.mlp(x), skip)
 
 
-def _shape_cache(fn):
-    """``functools.lru_cache`` of a constant-building function, bypassed while ``torch.compile``
-    traces (Dynamo ignores the cache and warns; under compilation the constants fold anyway)."""
-    cached = functools.lru_cache(maxsize=32)(fn)
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (without initialising CUDA)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
-    @functools.wraps(fn)
-    def call(*args):
+
+_MISSING = object()
+
+
+class _ShapeCache:
+    """Least-recently-used cache (``maxsize`` entries, keyed on the positional arguments) of a
+    constant-building function (level tables, anchors, position embeddings), safe for CUDA graphs
+    and ``torch.compile``:
+
+    * while ``torch.compile`` traces, the cache is bypassed (traced code should not read or
+      mutate it; under compilation the constants fold anyway);
+    * every value it returns is reported to :func:`anydepth_kernels.cuda_graphs.keep_alive`, so a
+      graph captured by :class:`~anydepth_kernels.CUDAGraphRunner` holds its own reference and
+      an eviction here cannot free memory that the graph still reads (a no-op outside a capture);
+    * a miss while a CUDA graph is being captured computes the value without storing it: the
+      capture does not run kernels, so the tensor would stay unfilled for eager callers (it is a
+      graph intermediate instead, recomputed by each replay). The functions cached here build
+      their tensors with device kernels only, never from host data, so a miss is capturable.
+    """
+
+    def __init__(self, fn, maxsize: int = 32):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.maxsize = maxsize
+        self._data: "OrderedDict[tuple, object]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, *args):
         if torch.compiler.is_compiling():
-            return fn(*args)
-        return cached(*args)
+            return self.fn(*args)
+        with self._lock:
+            value = self._data.get(args, _MISSING)
+            if value is not _MISSING:
+                self._data.move_to_end(args)
+        if value is _MISSING:
+            value = self.fn(*args)
+            if not _capturing():
+                with self._lock:
+                    value = self._data.setdefault(args, value)  # another thread may have stored it first
+                    self._data.move_to_end(args)
+                    while len(self._data) > self.maxsize:
+                        self._data.popitem(last=False)
+        keep_alive(value)
+        return value
 
-    call.cache_clear = cached.cache_clear
-    return call
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+def _shape_cache(fn):
+    """Decorator: a :class:`_ShapeCache` of ``fn``."""
+    return _ShapeCache(fn)
 
 
 @_shape_cache
@@ -528,6 +578,24 @@ def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 @_shape_cache
+def _level_tables(shapes: Tuple[Tuple[int, int], ...],
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The level tables of :func:`~anydepth_kernels.ms_deform_attn`: ``(H, W)`` per level ``[L, 2]``
+    and each level's start offset ``[L]``, int64 on ``device``. Filled element by element with
+    device kernels rather than ``torch.tensor(..., device=device)``: that is a host->device copy,
+    which a CUDA graph capture forbids (and which synchronises on every call)."""
+    n = len(shapes)
+    table = torch.empty(3 * n, dtype=torch.long, device=device)
+    start = 0
+    for i, (h, w) in enumerate(shapes):
+        table[2 * i].fill_(h)
+        table[2 * i + 1].fill_(w)
+        table[2 * n + i].fill_(start)
+        start += h * w
+    return table[:2 * n].view(n, 2), table[2 * n:]
+
+
+@_shape_cache
 def _anchors(shapes: Tuple[Tuple[int, int], ...], device: torch.device, dtype: torch.dtype,
              grid_size: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
     """Anchor logits ``[1, S, 4]`` (cx, cy, w, h before the sigmoid) and their valid mask
@@ -587,9 +655,7 @@ class RTDETRDecoder(nn.Module):
         shapes_list = tuple((int(s.shape[2]), int(s.shape[3])) for s in srcs)
         memory = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         device, dtype = memory.device, memory.dtype
-        shapes = torch.tensor(shapes_list, dtype=torch.long, device=device)
-        hw = shapes.prod(1)
-        starts = torch.cat([hw.new_zeros(1), hw.cumsum(0)[:-1]])
+        shapes, starts = _level_tables(shapes_list, device)  # cached: no host->device copy per call
         if memory.shape[1] < self.num_queries:
             raise ValueError(f"the input gives {memory.shape[1]} encoder positions, fewer than num_queries="
                              f"{self.num_queries}; use a larger image")

@@ -38,6 +38,7 @@ from ..model import AnyDepthModel
 from ..nn import ConvNormAct
 from ..registry import register_model
 from anydepth_kernels import area_attention, concat_conv1x1
+from anydepth_kernels.cuda_graphs import keep_alive
 
 #: scale -> (depth multiple, width multiple, max channels), as in Ultralytics' yolo12.yaml.
 SCALES: Dict[str, Tuple[float, float, int]] = {
@@ -322,9 +323,13 @@ class Detect(nn.Module):
                 pts.append(torch.stack((sx, sy)).view(2, -1))
                 strides.append(torch.full((1, h * w), s, device=f0.device, dtype=f0.dtype))
             hit = (torch.cat(pts, 1), torch.cat(strides, 1))
-            if len(self._anchor_cache) > 16:
-                self._anchor_cache.clear()
-            self._anchor_cache[key] = hit
+            # a tensor made while a CUDA graph captures holds its values only after a replay:
+            # used by that graph, never cached for eager calls
+            if not (f0.is_cuda and torch.cuda.is_current_stream_capturing()):
+                if len(self._anchor_cache) > 16:
+                    self._anchor_cache.clear()
+                self._anchor_cache[key] = hit
+        keep_alive(hit)  # a captured graph keeps what it reads even after the cache drops it
         return hit
 
     def heads(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
