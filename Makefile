@@ -39,7 +39,16 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# Triton 3.6 (the GPU machines' version) beside the venv's own, for the AOT-compile tests (they
+# compile with both; tests/conftest.py::aot_triton): triton's files only, no second torch. The
+# stamp lives in the folder, so deleting the folder reinstalls it.
+TRITON36_SPEC ?= triton==3.6.0
+$(VENV)/triton36/.installed: $(VENV)/.torch
+	rm -rf $(VENV)/triton36
+	$(PIP) install -q --no-deps --target $(VENV)/triton36 "$(TRITON36_SPEC)"
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/triton36/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

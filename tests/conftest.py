@@ -77,27 +77,79 @@ def rel():
     return rel_err
 
 
-def aot_compile(tmp_path, families=None):
-    """Compile Triton kernel families for sm_80 and sm_90 (PTX and cubin) in two subprocesses
-    without the interpreter, each with a fresh cache so every variant really goes through the
-    compiler and ptxas. Returns ``{arch: [kernel variant names]}``; fails on any compile error."""
+#: The Triton of the GPU machines, beside the venv's own for the AOT-compile tests: ``make test``
+#: installs it (``make $(VENV)/triton36/.installed``: ``pip install --no-deps --target``, no second
+#: torch) into ``$(VENV)/triton36``, which the compile subprocesses put first on ``PYTHONPATH``.
+TRITON36_VERSION = "3.6."
+#: Triton 3.6 compiles for the GPU machines' architecture only (sm_90, H200), in two processes
+#: sharing the variants: sm_80 is covered by the venv's Triton, and this halves the added time.
+TRITON36_ARCHS = (90,)
+
+
+class AotTriton:
+    """The Triton an AOT-compile test uses: ``path`` (a folder put first on ``PYTHONPATH``, None
+    for the venv's own), the version prefix the subprocesses must import, the architectures."""
+
+    def __init__(self, label, path=None, version=None, archs=(80, 90)):
+        self.label, self.path, self.version, self.archs = label, path, version, tuple(archs)
+
+    def __repr__(self):
+        return f"AotTriton({self.label})"
+
+
+@pytest.fixture(params=["venv", "triton36"])
+def aot_triton(request):
+    """Parametrizes the AOT-compile tests over the venv's Triton (3.8 with torch 2.14) and Triton
+    3.6 (the GPU machines', with torch 2.11). The 3.6 case fails when ``$(VENV)/triton36`` is
+    missing (``make test`` installs it), unless ``ANYDEPTH_NO_TRITON36=1`` makes it skip."""
+    import sys
+    from importlib import metadata
+    from pathlib import Path
+
+    if request.param == "venv":
+        return AotTriton("venv")
+    if metadata.version("triton").startswith(TRITON36_VERSION):
+        pytest.skip(f"the venv's Triton is {metadata.version('triton')}: the venv case covers 3.6")
+    folder = Path(sys.prefix) / "triton36"
+    if not (folder / "triton" / "__init__.py").is_file():
+        if os.environ.get("ANYDEPTH_NO_TRITON36") == "1":
+            pytest.skip(f"ANYDEPTH_NO_TRITON36=1: no Triton 3.6 AOT compile ({folder} is missing)")
+        repo = Path(__file__).resolve().parents[1]
+        venv = os.path.relpath(sys.prefix, repo)
+        pytest.fail(f"Triton 3.6 for the AOT-compile tests is missing: {folder} does not exist. Run "
+                    f"`make test` (or `make {venv}/triton36/.installed`) to install it, or set "
+                    "ANYDEPTH_NO_TRITON36=1 to skip these cases.", pytrace=False)
+    return AotTriton("3.6", folder, TRITON36_VERSION, TRITON36_ARCHS)
+
+
+def aot_compile(tmp_path, families=None, triton=None):
+    """Compile Triton kernel families for sm_80 and sm_90 (PTX and cubin) in subprocesses without
+    the interpreter, each with a fresh cache so every variant really goes through the compiler and
+    ptxas. ``triton``: an :class:`AotTriton` (the ``aot_triton`` fixture) choosing the Triton and
+    the architectures; None is the venv's for sm_80 and sm_90. A single architecture's variants are
+    split over two processes. Returns ``{arch: [kernel variant names]}``; fails on any compile error."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    triton = triton or AotTriton("venv")
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    code = ("import json, sys; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-            f"print(json.dumps(compile_all_for(int(sys.argv[1]){'' if families is None else ', ' + repr(list(families))})))")
-    procs = {arch: subprocess.Popen([sys.executable, "-c", code, str(arch)],
-                                    env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}")), cwd=repo,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (80, 90)}
-    names = {}
-    for arch, proc in procs.items():
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(triton.path or ""), str(repo), env.get("PYTHONPATH")]))
+    code = ("import json, sys, triton; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
+            f"assert triton.__version__.startswith({triton.version or ''!r}), triton.__version__; "
+            "print(json.dumps(compile_all_for(int(sys.argv[1])"
+            f"{'' if families is None else ', ' + repr(list(families))}, shard=(int(sys.argv[2]), int(sys.argv[3])))))")
+    shards = max(1, 2 // len(triton.archs))
+    procs = {(arch, i): subprocess.Popen([sys.executable, "-c", code, str(arch), str(i), str(shards)],
+                                         env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}_{i}")),
+                                         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in triton.archs for i in range(shards)}
+    names = {arch: [] for arch in triton.archs}
+    for (arch, i), proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch} AOT compilation failed:\n{stderr[-6000:]}"
-        names[arch] = json.loads(stdout.strip().splitlines()[-1])
+        assert proc.returncode == 0, \
+            f"sm_{arch} AOT compilation with Triton {triton.label} failed:\n{stderr[-6000:]}"
+        names[arch] += json.loads(stdout.strip().splitlines()[-1])
     return names

@@ -198,11 +198,12 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
         ak.concat_conv1x1([x.double()], w.double(), s, b, backend="triton")
 
 
-def test_triton_aot_compile(tmp_path):
-    """Compile the concat-conv kernel variants for sm_80 and sm_90 (PTX and cubin)."""
+def test_triton_aot_compile(tmp_path, aot_triton):
+    """Compile the concat-conv kernel variants for sm_80 and sm_90 (PTX and cubin), with the venv's
+    Triton and with Triton 3.6 (sm_90 only)."""
     if not triton_kernels.AVAILABLE:
         pytest.skip(triton_kernels.UNAVAILABLE_REASON)
-    for arch, names in aot_compile(tmp_path, ['concat_conv']).items():
+    for arch, names in aot_compile(tmp_path, ['concat_conv'], triton=aot_triton).items():
         assert all(name.startswith("concat_conv1x1[") for name in names)
         for act in ("identity", "relu", "silu"):
             for res in (0, 1):

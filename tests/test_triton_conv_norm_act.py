@@ -226,9 +226,10 @@ def test_conv_norm_act(case, dtype, channels_last, monkeypatch):
 # GPU compilation without a GPU, and GPU execution with one
 # --------------------------------------------------------------------------------------------
 
-def test_aot_compile(tmp_path):
-    """Compile every kernel variant for sm_80 and sm_90 (PTX and cubin) without the interpreter."""
-    for arch, names in aot_compile(tmp_path).items():
+def test_aot_compile(tmp_path, aot_triton):
+    """Compile every kernel variant for sm_80 and sm_90 (PTX and cubin) without the interpreter, with
+    the venv's Triton and with Triton 3.6 (sm_90 only)."""
+    for arch, names in aot_compile(tmp_path, triton=aot_triton).items():
         kernels = {name.split("[")[0] for name in names}
         assert kernels == {"scale_bias_act", "conv1x1"}
         for kernel in kernels:

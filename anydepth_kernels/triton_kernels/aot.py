@@ -38,7 +38,7 @@ compiled kernels); no CUDA device or driver is needed.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -262,10 +262,13 @@ def _source(v: Variant) -> ASTSource:
     return ASTSource(fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
 
 
-def compile_all_for(arch: int, families: Optional[Sequence[str]] = None) -> List[str]:
+def compile_all_for(arch: int, families: Optional[Sequence[str]] = None,
+                    shard: Tuple[int, int] = (0, 1)) -> List[str]:
     """Compile every variant for CUDA compute capability ``arch`` (80 = sm_80, 90 = sm_90).
 
     ``families``: names from ``FAMILIES`` (default ``DEFAULT_FAMILIES``).
+    ``shard``: ``(index, count)`` compiles only every ``count``-th variant starting at ``index``,
+    so ``count`` processes can share one architecture's compiles (the default compiles them all).
 
     Returns the names of the variants compiled, each having produced non-empty PTX and cubin.
     Raises ``RuntimeError`` naming every variant that failed, with the compiler's message.
@@ -276,10 +279,13 @@ def compile_all_for(arch: int, families: Optional[Sequence[str]] = None) -> List
             "TRITON_INTERPRET was not set when they were imported (the interpreter replaces "
             "@triton.jit functions)"
         )
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard}: expected (index, count) with 0 <= index < count")
     target = GPUTarget("cuda", arch, 32)
     done: List[str] = []
     failures: List[str] = []
-    for v in variants(families):
+    for v in variants(families)[index::count]:
         try:
             compiled = triton.compile(_source(v), target=target, options={"num_warps": v.num_warps})
             missing = [key for key in ("ptx", "cubin") if not compiled.asm.get(key)]
