@@ -23,7 +23,29 @@ from conftest import aot_compile, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["reference", "cpp", "triton"]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of rounding a real number to nearest in dtype."""
+    return torch.finfo(dtype).eps / 2
+
+
+# Normwise relative error allowed against the float64 oracle of ref_grads, which is evaluated at
+# the very same (already rounded) inputs, so rounding the inputs is not part of the error.
+# float16/bfloat16: every backend loads the 16-bit inputs exactly into float32, computes in
+# float32 and rounds each result once to the 16-bit type (the CUDA, Triton and C++ kernels, and
+# the reference backend, which upcasts). Rounding to nearest is off by at most u per element,
+# hence at most u normwise; the float32 arithmetic adds about (4 L P + D) * 2^-24 relative (a few
+# 1e-6 for these shapes, amplified somewhat where the corner dot products of the location
+# gradients cancel), well under u (4.9e-4 for float16, 3.9e-3 for bfloat16). So 2u: measured
+# errors are 0.4-0.5 u for every backend and output. (The reference computed *in* half
+# precision is far off that: grid_sample rounds the grid 2 * loc - 1 to 8 or 11 bits, moving
+# the samples, and accumulates the grid gradient over the D channels in half precision; its
+# location gradients were 77-200 u off, 9.7e-2 for float16 on the first GPU run, which is why
+# the reference backend computes float16/bfloat16 in float32.)
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12,
+       torch.float16: 2 * _unit_roundoff(torch.float16),
+       torch.bfloat16: 2 * _unit_roundoff(torch.bfloat16)}
 
 
 def level_tables(shapes):
@@ -148,7 +170,7 @@ def test_fp64_forward_matches_reference_cpp():
     check_close(out, reference.ms_deform_attn(value, ss, starts, loc, attn), 1e-12, "fp64")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cpu(backend, dtype):
     value, ss, starts, loc, attn = make_inputs(1, 8, 2, [(6, 5), (3, 2)], 2, 16, seed=3, dtype=dtype)
@@ -387,9 +409,10 @@ def test_cuda_kernels_compiled_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anydepth::{name}", "CUDA"), name
 
 
-def test_triton_aot_compile(tmp_path):
-    """Compile the Triton forward and backward for sm_80 and sm_90 (PTX and cubin)."""
-    for arch, names in aot_compile(tmp_path, ['ms_deform_attn']).items():
+def test_triton_aot_compile(tmp_path, aot_triton):
+    """Compile the Triton forward and backward for sm_80 and sm_90 (PTX and cubin), with the venv's
+    Triton and with Triton 3.6 (sm_90 only)."""
+    for arch, names in aot_compile(tmp_path, ['ms_deform_attn'], triton=aot_triton).items():
         for direction in ("fwd", "bwd"):
             for dt in ("fp32", "fp16", "bf16"):
                 assert any(x.startswith(f"ms_deform_attn_{direction}[{dt},") for x in names), \
@@ -416,7 +439,7 @@ def test_gpu_backends(backend, dtype, shape):
     ref, ref_g = ref_grads(value, ss, starts, loc, attn, grad)
     out, grads = run_backend(backend, value, ss, starts, loc, attn, grad)
     assert out.dtype == dtype and out.device.type == "cuda"
-    # fp32 on the GPU: no tensor cores involved here, so the CPU tolerance holds.
+    # No tensor cores involved here, so the CPU tolerances hold (see TOL for the 16-bit types).
     check_close(out, ref, TOL[dtype], f"{backend} forward")
     for g, rg in zip(grads, ref_g):
         check_close(g, rg, TOL[dtype], f"{backend} grad")
@@ -501,3 +524,272 @@ def test_opcheck():
     args = (value.requires_grad_(), ss, starts, loc.requires_grad_(), attn.requires_grad_(), "cpp")
     result = torch.library.opcheck(torch.ops.anydepth.ms_deform_attn.default, args)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# --------------------------------------------------------------------------------------------
+# Triton launcher: the kernels' globals
+# --------------------------------------------------------------------------------------------
+
+def test_triton_kernel_globals_compare_equal(aot_triton):
+    """Before every launch Triton re-checks each global a kernel read at compile time with
+    ``current != compiled`` and raises on a difference: a NaN constant never passes ("Global
+    variable _NAN has changed ... from constexpr[nan] to constexpr[nan]", the first GPU run,
+    Triton 3.6). The interpreter skips that check, so resolve the kernels' globals as the
+    compiled launcher does (in a process without TRITON_INTERPRET, with the venv's Triton and
+    the GPU machines') and run the same comparison."""
+    code = (
+        f"import triton; assert triton.__version__.startswith({aot_triton.version or ''!r})\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "import anydepth_kernels.triton_kernels.ms_deform_attn as mod\n"
+        "kernels = [k for k in vars(mod).values() if isinstance(k, JITFunction)]\n"
+        "assert len(kernels) >= 2, kernels\n"
+        "for k in kernels:\n"
+        "    k.cache_key  # collects used_global_vals, as the first launch does\n"
+        "    for (name, _), (val, scope) in k.used_global_vals.items():\n"
+        "        assert not (scope.get(name) != val), f'{k.__name__}: global {name}={val!r}'\n"
+        "print('ok', len(kernels))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(aot_triton.path or ""), str(REPO),
+                                                      env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels bound the level table (no host copy of it on CUDA)
+# --------------------------------------------------------------------------------------------
+
+# (spatial_shapes, level_start_index, the level that does not fit in S=16); overflow-sized
+# shapes too (H * W overflows int64).
+BAD_TABLES = [
+    ([[3, 4], [3, 3]], [0, 12], 1),
+    ([[3, 4], [2, 2]], [0, 13], 1),
+    ([[3, 4], [0, 2]], [0, 12], 1),
+    ([[3, 4], [2, -2]], [0, 12], 1),
+    ([[3, 4], [2, 2]], [-1, 12], 0),
+    ([[2 ** 40, 2 ** 40], [2, 2]], [0, 12], 0),
+    ([[3, 4], [2, 2]], [0, 2 ** 62], 1),
+]
+
+
+def _kernel_fns(backend):
+    if backend == "cuda":
+        return (torch.ops.anydepth._ext_ms_deform_attn_forward,
+                torch.ops.anydepth._ext_ms_deform_attn_backward)
+    from anydepth_kernels.triton_kernels import ms_deform_attn as tk
+
+    return tk.ms_deform_attn_forward, tk.ms_deform_attn_backward
+
+
+_ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("backend, dev", [
+    ("triton", "cpu"),  # the interpreter
+    pytest.param("triton", "cuda", marks=_ON_GPU),
+    pytest.param("cuda", "cuda", marks=_ON_GPU),
+])
+def test_kernels_bound_the_level_table(backend, dev):
+    """Called directly with a table that does not fit in value (the Python layer checks each
+    device table only once, and not during a CUDA graph capture), the CUDA and Triton kernels
+    read nothing of a level that does not fit: its points give NaN, nothing else does."""
+    fwd, bwd = _kernel_fns(backend)
+    value, ss, starts, loc, attn = make_inputs(1, 5, 2, [(3, 4), (2, 2)], 2, 4, 0, device=dev)
+    grad = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(1)).to(dev)
+    good_out = fwd(value, ss.to(dev), starts.to(dev), loc, attn)
+    for shapes, offsets, bad in BAD_TABLES:
+        bad_ss = torch.tensor(shapes, device=dev)
+        bad_starts = torch.tensor(offsets, device=dev)
+        out = fwd(value, bad_ss, bad_starts, loc, attn)
+        g_value, g_loc, g_attn = bwd(value, bad_ss, bad_starts, loc, attn, grad)
+        # every query samples both levels: each output row holds a NaN sample
+        assert torch.isnan(out).all(), (shapes, offsets)
+        assert torch.isnan(g_attn[..., bad, :]).all() and torch.isnan(g_loc[..., bad, :, :]).all()
+        assert torch.isfinite(g_attn[..., 1 - bad, :]).all()
+        assert torch.isfinite(g_value).all()
+    if dev == "cuda":
+        torch.cuda.synchronize()  # no illegal access was queued
+    assert torch.equal(fwd(value, ss.to(dev), starts.to(dev), loc, attn), good_out)
+
+
+# --------------------------------------------------------------------------------------------
+# No host synchronisation on the hot path
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Count the host reads of tensor data (each one a device sync for a CUDA tensor)."""
+    reads = []
+    for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__index__", "__float__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _orig=orig, _name=name, **kwargs):
+            reads.append(_name)
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    msda_ops._CHECKED_TABLES.clear()
+    return reads
+
+
+def _fwd_bwd(value, ss, starts, loc, attn, grad, backend="cpp"):
+    out = torch.ops.anydepth.ms_deform_attn(value, ss, starts, loc, attn, backend)
+    grads = torch.ops.anydepth.ms_deform_attn_backward(value, ss, starts, loc, attn, grad, backend)
+    return out, grads
+
+
+def test_device_tables_are_read_once(host_reads, monkeypatch):
+    """Stand-in for CUDA level tables on this CPU machine: ``_checks.host_read_syncs`` reports
+    every tensor as device-resident. The first call with a table reads it once (one sync on
+    CUDA: both tables in one read); later calls with the same, unmodified tables read nothing,
+    forward and backward; an in-place change is seen and re-checked with a clear error."""
+    from anydepth_kernels.ops import _checks
+
+    monkeypatch.setattr(_checks, "host_read_syncs", lambda t: True)
+    value, ss, starts, loc, attn = make_inputs(2, 3, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    grad = torch.randn(2, 3, 8)
+    ref, ref_g = ref_grads(value, ss, starts, loc, attn, grad)
+    host_reads.clear()
+    out, grads = _fwd_bwd(value, ss, starts, loc, attn, grad)
+    assert host_reads == ["tolist"]
+    host_reads.clear()
+    for _ in range(2):
+        out, grads = _fwd_bwd(value, ss, starts, loc, attn, grad)
+        leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        ak.ms_deform_attn(leaves[0], ss, starts, leaves[1], leaves[2], backend="cpp").backward(grad)
+    assert host_reads == []
+    check_close(out, ref, 1e-5, "forward")
+    for g, rg in zip(grads, ref_g):
+        check_close(g, rg, 1e-5, "grad")
+    starts[1] = 11  # in place: bumps the version counter
+    with pytest.raises(ValueError, match=r"level_start_index \[0, 11\] does not match"):
+        _fwd_bwd(value, ss, starts, loc, attn, grad)
+    starts[1] = 12
+    host_reads.clear()
+    _fwd_bwd(value, ss, starts, loc, attn, grad)
+    assert host_reads == ["tolist"]
+    # the check is keyed on the value's S too
+    with pytest.raises(ValueError, match="value has S=20 positions"):
+        _fwd_bwd(torch.cat([value, value[:, :4]], 1), ss, starts, loc, attn, grad)
+    # other tensor objects (same content): checked again, once
+    host_reads.clear()
+    _fwd_bwd(value, ss.clone(), starts.clone(), loc, attn, grad)
+    assert host_reads == ["tolist"]
+
+
+def test_inference_mode_tables_are_read_once(host_reads, monkeypatch):
+    from anydepth_kernels.ops import _checks
+
+    monkeypatch.setattr(_checks, "host_read_syncs", lambda t: True)
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    with torch.inference_mode():
+        ss, starts = ss.clone(), starts.clone()  # inference tensors: no version counter
+        host_reads.clear()
+        for _ in range(3):
+            ak.ms_deform_attn(value, ss, starts, loc, attn, backend="cpp")
+    assert host_reads == ["tolist"]
+
+
+def test_nothing_is_read_during_capture(host_reads, monkeypatch):
+    """While a CUDA graph is captured (mocked here) device tables are never read, not even on
+    first sight; host tables are read (no sync) but not copied unless already cached."""
+    from anydepth_kernels.ops import _checks
+
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    grad = torch.randn(1, 3, 8)
+    eager = _fwd_bwd(value, ss, starts, loc, attn, grad)
+    monkeypatch.setattr(_checks, "host_read_syncs", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    host_reads.clear()
+    out, grads = _fwd_bwd(value, ss.clone(), starts.clone(), loc, attn, grad)
+    assert host_reads == []
+    assert torch.equal(out, eager[0]) and all(torch.equal(a, b) for a, b in zip(grads, eager[1]))
+
+
+def test_host_tables_for_a_device_value_are_copied_once(monkeypatch):
+    """CPU tables with a device ``value`` (stand-in: the CPU ``value`` reported as device
+    resident): checked on every call (no sync), copied to the device once per content, and the
+    copy is reused (also during a capture, where a copy of new content is refused clearly)."""
+    from anydepth_kernels.ops import _checks
+
+    monkeypatch.setattr(msda_ops, "_DEVICE_TABLES", msda_ops._DeviceTables(maxsize=2))
+    value, ss, starts, loc, attn = make_inputs(1, 3, 2, [(3, 4), (2, 2)], 2, 4, 0)
+    monkeypatch.setattr(_checks, "host_read_syncs", lambda t: t is value)
+    first = msda_ops._check_levels(value, ss, starts)
+    assert first[0].tolist() == [[3, 4], [2, 2]] and first[1].tolist() == [0, 12]
+    again = msda_ops._check_levels(value, ss.clone(), starts.int())
+    assert again[0] is first[0] and again[1] is first[1]
+    with pytest.raises(ValueError, match="does not match"):
+        msda_ops._check_levels(value, ss, torch.tensor([0, 11]))
+    out = ak.ms_deform_attn(value, ss, starts, loc, attn, backend="cpp")
+    assert torch.equal(out, ak.ms_deform_attn(value.clone(), ss, starts, loc, attn, backend="cpp"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert msda_ops._check_levels(value, ss, starts)[0] is first[0]  # cached: fine in a capture
+    other = torch.tensor([[2, 6], [2, 2]])
+    with pytest.raises(RuntimeError, match="Call the op once before the capture"):
+        msda_ops._check_levels(value, other, starts)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    # the copy handed out during the capture is kept; others are dropped beyond maxsize
+    for k in range(1, 5):
+        shapes = [[1, 12 + k], [2, 2]]
+        v = torch.zeros(1, 12 + k + 4, 2, 4)
+        monkeypatch.setattr(_checks, "host_read_syncs", lambda t, v=v: t is v)
+        msda_ops._check_levels(v, torch.tensor(shapes), torch.tensor([0, 12 + k]))
+    monkeypatch.setattr(_checks, "host_read_syncs", lambda t: t is value)
+    assert msda_ops._check_levels(value, ss, starts)[0] is first[0]
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA graphs and sync-free calls on the GPU
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tables_on", ["cuda", "cpu"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_capture_and_no_sync(backend, tables_on):
+    """After one eager call, forward and backward synchronise nothing (sync debug mode "error"
+    raises on any synchronising call) and capture in a CUDA graph whose replays on new inputs
+    match eager calls."""
+    n, q, m, shapes, p, d = GPU_CASES[0]
+    value, ss, starts, loc, attn = make_inputs(n, q, m, shapes, p, d, seed=3, device="cuda")
+    ss, starts = ss.to(tables_on), starts.to(tables_on)
+    grad = torch.randn(n, q, m * d, generator=torch.Generator().manual_seed(4)).cuda()
+
+    def step():
+        return _fwd_bwd(value, ss, starts, loc, attn, grad, backend)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: Triton compiles, the tables are checked
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_grads = step()
+    for seed in (5, 6):
+        new = make_inputs(n, q, m, shapes, p, d, seed=seed, device="cuda")
+        for dst, src in zip((value, loc, attn), (new[0], new[3], new[4])):
+            dst.copy_(src)
+        grad.copy_(torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        graph.replay()
+        eager_out, eager_grads = step()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager_out), seed  # the forward is deterministic
+        for g, eg in zip(static_grads, eager_grads):  # grad_value: float32 atomics, any order
+            check_close(g, eg.cpu().double(), 1e-6, f"replay grad (seed {seed})")
+        ref, ref_g = ref_grads(value, ss, starts, loc, attn, grad)
+        check_close(static_out, ref, 1e-5, "replay forward")
+        for g, rg in zip(static_grads, ref_g):
+            check_close(g, rg, 1e-5, "replay grad")

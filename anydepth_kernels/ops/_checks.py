@@ -1,7 +1,16 @@
-"""Input validation shared by the ops: clear Python errors instead of crashes or wrong answers."""
+"""Input validation shared by the ops: clear Python errors instead of crashes or wrong answers.
+
+Checks of shapes, dtypes and devices read no tensor data. Checks that must read data on the host
+(``tolist``, ``item``, ``bool(t)``) synchronise a CUDA device when the tensor lives there, and
+fail during CUDA graph capture; :func:`host_read_syncs` tells the two cases apart and
+:class:`CheckedOnce` lets such a check run once per tensor instead of on every call.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -94,3 +103,73 @@ def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
             f"padding {padding} and dilation {dilation}"
         )
     return (n, cout, oh, ow)
+
+
+def host_read_syncs(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host (``tolist``, ``item``, ``bool(t)``) has to wait
+    for a device (every device but the CPU; a CUDA read also fails during graph capture)."""
+    return t.device.type != "cpu"
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: it keeps no version counter
+        return None
+
+
+class CheckedOnce:
+    """Remembers which tensors passed a check that reads their data on the host, so that the
+    check (and its device synchronisation) runs once per tensor rather than on every call.
+
+    An entry is keyed on the identity of the tensors (held through weak references: a tensor
+    that is freed, or another one that reuses its ``id``, is never mistaken for it), an extra
+    hashable (whatever else the check depended on, e.g. a size it was compared against) and the
+    tensors' version counters: any in-place change through torch (``t[0] = 5``, ``t.copy_(...)``,
+    also through a view) bumps the counter and invalidates the entry. Writes that bypass the
+    counter (through ``t.data`` or raw pointers) and in-place changes of inference tensors (which
+    have no counter) are not seen, so the guarded kernels must stay memory-safe on their own for
+    data that would fail the check. At most ``maxsize`` entries are kept (least recently used
+    are dropped). Thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 256):
+        self.maxsize = maxsize
+        self._entries: "OrderedDict[Hashable, tuple]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(tensors: Sequence[torch.Tensor], extra: Hashable) -> Hashable:
+        return tuple(id(t) for t in tensors), extra
+
+    def seen(self, tensors: Sequence[torch.Tensor], extra: Hashable = None) -> bool:
+        """Whether these very tensors, unchanged since, passed the check with this ``extra``."""
+        key = self._key(tensors, extra)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            refs, versions = entry
+            if any(r() is not t for r, t in zip(refs, tensors)) \
+                    or versions != tuple(_version(t) for t in tensors):
+                del self._entries[key]
+                return False
+            self._entries.move_to_end(key)
+            return True
+
+    def add(self, tensors: Sequence[torch.Tensor], extra: Hashable = None) -> None:
+        """Record that ``tensors`` (as they are now) passed the check with this ``extra``."""
+        entry = (tuple(weakref.ref(t) for t in tensors), tuple(_version(t) for t in tensors))
+        key = self._key(tensors, extra)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -11,7 +11,8 @@ Backends (``backend=``):
   ``"cuda"``      CUDA kernels, float32/float16/bfloat16/float64, fp32 accumulation (CUDA)
   ``"triton"``    Triton kernels, float32/float16/bfloat16 (CUDA; CPU tensors only under
                   ``TRITON_INTERPRET=1``)
-  ``"reference"`` the eager ``grid_sample`` reference (backward: autograd through it)
+  ``"reference"`` the eager ``grid_sample`` reference (backward: autograd through it); float16
+                  and bfloat16 computed in float32
   ``"auto"``      cpp on CPU, cuda then triton on CUDA, else the reference with a one-time warning
 
 The backward runs on the same backend as the forward (``"auto"`` resolves the same way), so every
@@ -21,9 +22,22 @@ Input handling:
   * ``value``, ``sampling_locations`` and ``attention_weights`` share one floating dtype and one
     device; any strides are accepted (non-contiguous inputs are copied to contiguous ones).
   * ``spatial_shapes`` ``[L, 2]`` and ``level_start_index`` ``[L]`` are integer tensors on any
-    device (moved to ``value``'s device as int64); every level must be non-empty, their sizes
-    must sum to ``S`` and ``level_start_index`` must be their running offsets (checked on every
-    eager call; reading the two small tables synchronises a CUDA device).
+    device (used on ``value``'s device as int64); every level must be non-empty, their sizes
+    must sum to ``S`` and ``level_start_index`` must be their running offsets. Checking that
+    reads the tables on the host, and no call synchronises a device for it on the hot path:
+
+    - tables on the CPU are checked on every call (reading them costs no device sync); for a
+      CUDA ``value`` their device copy is cached by content, so there is no host-to-device copy
+      per call either (and a CUDA graph can be captured once the call has run eagerly);
+    - tables on a device are checked once per table (:class:`~._checks.CheckedOnce`: the same
+      tensor objects, not modified in place since): the first call with them synchronises once,
+      later calls do not;
+    - while a CUDA graph is being captured nothing is read or copied (the eager warm-up calls
+      before a capture have checked the tables).
+
+    The CUDA and Triton kernels bound the table themselves, so a table that escaped the check (a
+    first use inside a capture, a write through ``.data``) cannot make them read outside
+    ``value``: the points of a level that does not fit give NaN.
   * Empty ``N``, ``Q``, ``M`` or ``D`` give an empty ``[N, Q, M*D]`` result (and zero gradients);
     ``P = 0`` gives zeros.
   * NaN/inf policy, identical in every backend and in the reference: a non-finite sampling
@@ -34,11 +48,14 @@ Input handling:
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _ext, reference
+from . import _checks
 from ._checks import FLOAT_DTYPES
 from .conv_norm_act import select_backend
 
@@ -89,17 +106,9 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
             raise ValueError(f"{op}: {name} is on {t.device} but value is on {value.device}")
 
 
-def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                  level_start_index: torch.Tensor) -> None:
-    """The level table against ``S`` (reads the two small tables; runs on every eager call)."""
+def _validate_levels(s: int, shapes: List[List[int]], starts: List[int]) -> None:
+    """The level table (read as Python lists) against ``S``: a ``ValueError`` naming the fault."""
     op = "ms_deform_attn"
-    if value.is_cuda and torch.cuda.is_current_stream_capturing():
-        # inside a CUDA graph capture nothing may synchronise; the tables were checked by the
-        # eager warm-up calls that precede a capture (anydepth_kernels.CUDAGraphRunner does them)
-        return
-    s = value.shape[1]
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
     offset = 0
     expected = []
     for lvl, (h, w) in enumerate(shapes):
@@ -113,6 +122,97 @@ def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
     if starts != expected:
         raise ValueError(f"{op}: level_start_index {starts} does not match spatial_shapes "
                          f"(expected {expected})")
+
+
+def _read_tables(spatial_shapes: torch.Tensor,
+                 level_start_index: torch.Tensor) -> Tuple[List[List[int]], List[int]]:
+    """Both tables as Python lists, with one device synchronisation when they share a device."""
+    if spatial_shapes.device == level_start_index.device and _checks.host_read_syncs(spatial_shapes):
+        flat = torch.cat([spatial_shapes.reshape(-1).to(torch.int64),
+                          level_start_index.to(torch.int64)]).tolist()
+        n = 2 * spatial_shapes.shape[0]
+        return [flat[i:i + 2] for i in range(0, n, 2)], flat[n:]
+    return spatial_shapes.tolist(), level_start_index.tolist()
+
+
+class _DeviceTables:
+    """Device copies of host level tables, keyed by their content (no host-to-device copy, which
+    synchronises, per call). Copies handed out while a CUDA graph is captured are never dropped
+    (the graph reads them on every replay) and are reported to
+    :func:`anydepth_kernels.cuda_graphs.keep_alive`; others are dropped least recently used
+    first beyond ``maxsize``."""
+
+    def __init__(self, maxsize: int = 64):
+        self.maxsize = maxsize
+        self._entries: "OrderedDict[tuple, list]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, device: torch.device, shapes: List[List[int]], starts: List[int],
+            capturing: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = (device, tuple(map(tuple, shapes)), tuple(starts))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is None:
+            if capturing:
+                raise RuntimeError(
+                    "ms_deform_attn: spatial_shapes and level_start_index are CPU tensors this "
+                    f"process has not used on {device} before, and a CUDA graph is being captured "
+                    "(the host-to-device copy of the tables cannot be captured). Call the op once "
+                    "before the capture (a warm-up call) or pass the tables on the device.")
+            levels = len(shapes)
+            flat = torch.tensor([v for hw in shapes for v in hw] + list(starts), dtype=torch.int64,
+                                device=device)
+            entry = [flat[:2 * levels].view(levels, 2), flat[2 * levels:], False]
+            with self._lock:
+                entry = self._entries.setdefault(key, entry)  # another thread may have stored it
+                self._entries.move_to_end(key)
+                droppable = [k for k, e in self._entries.items() if not e[2]]
+                for k in droppable[:max(0, len(self._entries) - self.maxsize)]:
+                    del self._entries[k]
+        if capturing:
+            entry[2] = True
+            try:
+                from ..cuda_graphs import keep_alive
+            except ImportError:  # pragma: no cover - older cuda_graphs without keep_alive
+                pass
+            else:
+                keep_alive(entry[0], entry[1])
+        return entry[0], entry[1]
+
+
+#: Device level tables that passed the check (keyed on the tensors and value's S).
+_CHECKED_TABLES = _checks.CheckedOnce()
+#: Device copies of host level tables (keyed by content).
+_DEVICE_TABLES = _DeviceTables()
+
+
+def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                  level_start_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Check the level tables against ``S`` and return them as contiguous int64 tensors on
+    ``value``'s device, with no device synchronisation on the hot path (see the module
+    docstring): host tables are read (no sync) and checked on every call, device tables once
+    per table, and nothing is read while a CUDA graph is being captured."""
+    dev = value.device
+    s = value.shape[1]
+    # torch.cuda.is_initialized() first: no CUDA initialisation for CPU-only work.
+    capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    on_host = not (_checks.host_read_syncs(spatial_shapes)
+                   or _checks.host_read_syncs(level_start_index))
+    if on_host:
+        shapes, starts = _read_tables(spatial_shapes, level_start_index)
+        _validate_levels(s, shapes, starts)
+        if _checks.host_read_syncs(value):
+            return _DEVICE_TABLES.get(dev, shapes, starts, capturing)
+    elif not capturing:
+        tables = (spatial_shapes, level_start_index)
+        if not _CHECKED_TABLES.seen(tables, s):
+            shapes, starts = _read_tables(spatial_shapes, level_start_index)  # one sync
+            _validate_levels(s, shapes, starts)
+            _CHECKED_TABLES.add(tables, s)
+    return (spatial_shapes.to(device=dev, dtype=torch.int64).contiguous(),
+            level_start_index.to(device=dev, dtype=torch.int64).contiguous())
 
 
 def _ext_registered(device_type: str) -> bool:
@@ -142,17 +242,22 @@ def _resolve(t: torch.Tensor, backend: str) -> str:
     return chosen
 
 
-def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    dev = value.device
-    return (value.contiguous(),
-            spatial_shapes.to(device=dev, dtype=torch.int64).contiguous(),
-            level_start_index.to(device=dev, dtype=torch.int64).contiguous(),
-            sampling_locations.contiguous(), attention_weights.contiguous())
+def _prepare(value, tables, sampling_locations, attention_weights):
+    """Contiguous operands for the kernels; ``tables`` from :func:`_check_levels`."""
+    return (value.contiguous(), *tables, sampling_locations.contiguous(),
+            attention_weights.contiguous())
 
 
-def _cpp_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The C++ CPU kernels compute float16/bfloat16 in float32."""
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 by the C++ CPU kernels and by the reference
+    backend (the CUDA and Triton kernels load them and accumulate in float32 too)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reference_tables(spatial_shapes, tables):
+    """The reference reads ``spatial_shapes`` on the host: give it the host table when there is
+    one (reading the device copy would synchronise)."""
+    return (spatial_shapes if not _checks.host_read_syncs(spatial_shapes) else tables[0]), tables[1]
 
 
 @torch.library.custom_op(_OP.replace(".", "::"), mutates_args=())
@@ -163,12 +268,12 @@ def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
     n, _, m, d = value.shape
     q, p = sampling_locations.shape[1], sampling_locations.shape[4]
     chosen = _resolve(value, backend)
-    _check_levels(value, spatial_shapes, level_start_index)
+    tables = _check_levels(value, spatial_shapes, level_start_index)
     if n * q * m * d == 0 or p == 0:
         return value.new_zeros((n, q, m * d))
-    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    args = _prepare(value, tables, sampling_locations, attention_weights)
     if chosen == "cpp":
-        ct = _cpp_dtype(value.dtype)
+        ct = _compute_dtype(value.dtype)
         v, ss, lsi, loc, attn = args
         out = torch.ops.anydepth._ext_ms_deform_attn_forward(v.to(ct), ss, lsi, loc.to(ct), attn.to(ct))
         return out.to(value.dtype)
@@ -178,7 +283,13 @@ def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
         from ..triton_kernels import ms_deform_attn as tk
 
         return tk.ms_deform_attn_forward(*args)
-    return reference.ms_deform_attn(*args)
+    # The reference in float32 for float16/bfloat16 inputs, like every kernel: in half precision
+    # grid_sample would round the sampling grid (2 * loc - 1) and its own sums to 8 or 11 bits.
+    ct = _compute_dtype(value.dtype)
+    v, _, _, loc, attn = args
+    out = reference.ms_deform_attn(v.to(ct), *_reference_tables(spatial_shapes, tables),
+                                   loc.to(ct), attn.to(ct))
+    return out.to(value.dtype)
 
 
 @_ms_deform_attn_op.register_fake
@@ -189,12 +300,15 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 
 
 def _reference_backward(value, spatial_shapes, level_start_index, loc, attn, grad):
+    """Gradients of the reference, computed in float32 for float16/bfloat16 (as the forward)."""
+    ct = _compute_dtype(value.dtype)
+
     # torch.func.vjp: plain autograd is switched off inside a custom op's body.
     def fn(v, sl, aw):
         return reference.ms_deform_attn(v, spatial_shapes, level_start_index, sl, aw)
 
-    _, vjp = torch.func.vjp(fn, value, loc, attn)
-    return vjp(grad)
+    _, vjp = torch.func.vjp(fn, value.to(ct), loc.to(ct), attn.to(ct))
+    return tuple(g.to(value.dtype) for g in vjp(grad.to(ct)))
 
 
 @torch.library.custom_op(_BWD_OP.replace(".", "::"), mutates_args=())
@@ -210,14 +324,14 @@ def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tenso
         raise ValueError(f"{_BWD_OP}: grad_output must be [N, Q, M*D] = {(n, q, m * d)}, got "
                          f"{tuple(grad_output.shape)}")
     chosen = _resolve(value, backend)
-    _check_levels(value, spatial_shapes, level_start_index)
+    tables = _check_levels(value, spatial_shapes, level_start_index)
     if n * q * m * d == 0 or p == 0:
         return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
                 torch.zeros_like(attention_weights))
-    args = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    args = _prepare(value, tables, sampling_locations, attention_weights)
     grad = grad_output.to(value.dtype).contiguous()
     if chosen == "cpp":
-        ct = _cpp_dtype(value.dtype)
+        ct = _compute_dtype(value.dtype)
         v, ss, lsi, loc, attn = args
         grads = torch.ops.anydepth._ext_ms_deform_attn_backward(
             v.to(ct), ss, lsi, loc.to(ct), attn.to(ct), grad.to(ct))
@@ -228,7 +342,8 @@ def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tenso
         from ..triton_kernels import ms_deform_attn as tk
 
         return tk.ms_deform_attn_backward(*args, grad)
-    return tuple(_reference_backward(*args, grad))
+    v, _, _, loc, attn = args
+    return _reference_backward(v, *_reference_tables(spatial_shapes, tables), loc, attn, grad)
 
 
 @_ms_deform_attn_backward_op.register_fake

@@ -18,6 +18,11 @@ convention; bilinear sampling with zero padding, ``grid_sample(align_corners=Fal
 
 Non-finite inputs follow the reference: a non-finite location samples NaN, the weight
 multiplies the sample (``inf * 0 = NaN``). float32, float16 and bfloat16 inputs, fp32 arithmetic.
+The kernels bound the level table themselves (they read no host copy of it): every point of a
+level that is empty or does not lie inside ``[0, S)`` is treated as a non-finite location (NaN
+output and gradients, nothing read or written), so a table the Python layer did not re-check (on
+CUDA it checks each table once, and not at all during CUDA graph capture) cannot reach outside
+``value``.
 Runs on CUDA tensors and, under ``TRITON_INTERPRET=1`` (set before this module is imported), on
 CPU tensors.
 """
@@ -30,8 +35,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-_INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
+# No module-level NaN/inf constants: before each launch, Triton's launcher compares every global
+# a kernel reads with its value at compile time using ``!=``, and a NaN global never equals
+# itself ("Global variable _NAN has changed since we compiled this kernel" on the first GPU run).
+# The kernels write ``float("nan")`` / ``float("inf")`` inline: compile-time constants, not
+# globals (tests/test_ms_deform_attn.py::test_triton_kernel_globals_compare_equal checks this).
 
 #: Elements of the ``[BLOCK_Q, BLOCK_D]`` tile of one program.
 MSDA_TILE = 2048
@@ -65,14 +73,30 @@ def _corner(value_nm, row_stride, xi, yi, H, W, start, ok, ds, d_mask):
 
 
 @triton.jit
-def _point(loc_ptr, attn_ptr, pi, q_mask, H, W):
-    """Weight, pixel coordinates and validity flags of one point per query of the block."""
+def _level(shapes_ptr, starts_ptr, l, S):
+    """``(H, W, start, ok)`` of level ``l``; ``ok``: the level is non-empty and lies inside
+    ``[0, S)``. The Python layer validates the table, but on CUDA it may skip that (a table it
+    has already checked, CUDA graph capture), so the kernels bound it themselves: the points of
+    a level that does not fit sample NaN and read nothing."""
+    H = tl.load(shapes_ptr + 2 * l)
+    W = tl.load(shapes_ptr + 2 * l + 1)
+    start = tl.load(starts_ptr + l)
+    ok = (H > 0) & (W > 0) & (start >= 0) & (start <= S)
+    ok = ok & (H <= (S - start) // tl.maximum(W, 1))
+    return H, W, start, ok
+
+
+@triton.jit
+def _point(loc_ptr, attn_ptr, pi, q_mask, H, W, level_ok):
+    """Weight, pixel coordinates and validity flags of one point per query of the block
+    (every point of a level that does not fit is treated as a non-finite location)."""
     a = tl.load(attn_ptr + pi, mask=q_mask, other=0.0).to(tl.float32)
     Wf = W.to(tl.float32)
     Hf = H.to(tl.float32)
     x = tl.load(loc_ptr + 2 * pi, mask=q_mask, other=0.0).to(tl.float32) * Wf - 0.5
     y = tl.load(loc_ptr + 2 * pi + 1, mask=q_mask, other=0.0).to(tl.float32) * Hf - 0.5
-    finite = (tl.abs(x) < _INF) & (tl.abs(y) < _INF)  # False for NaN too
+    x = tl.where(level_ok, x, float("nan"))  # a level that does not fit: a non-finite point
+    finite = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))  # False for NaN too
     inside = finite & (x >= -1.0) & (y >= -1.0) & (x < Wf) & (y < Hf) & q_mask
     xf = tl.floor(tl.where(inside, x, 0.0))
     yf = tl.floor(tl.where(inside, y, 0.0))
@@ -98,12 +122,11 @@ def _msda_fwd_kernel(
     value_nm = value_ptr + (n.to(tl.int64) * S * M + m) * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for l in range(0, L):
-        H = tl.load(shapes_ptr + 2 * l)
-        W = tl.load(shapes_ptr + 2 * l + 1)
-        start = tl.load(starts_ptr + l)
+        H, W, start, level_ok = _level(shapes_ptr, starts_ptr, l, S)
         for p in range(0, P):
             pi = (nqm * L + l) * P + p
-            a, finite, inside, xf, yf, fx, fy = _point(loc_ptr, attn_ptr, pi, q_mask, H, W)
+            a, finite, inside, xf, yf, fx, fy = _point(loc_ptr, attn_ptr, pi, q_mask, H, W,
+                                                       level_ok)
             x0 = xf.to(tl.int64)
             y0 = yf.to(tl.int64)
             v00, _o00, _m00 = _corner(value_nm, row_stride, x0, y0, H, W, start, inside, ds, d_mask)
@@ -114,7 +137,7 @@ def _msda_fwd_kernel(
             gy = 1.0 - fy
             s = ((gx * gy)[:, None] * v00 + (fx * gy)[:, None] * v01
                  + (gx * fy)[:, None] * v10 + (fx * fy)[:, None] * v11)
-            s = tl.where(finite[:, None], s, _NAN)
+            s = tl.where(finite[:, None], s, float("nan"))
             acc += a[:, None] * s
     out_offs = nqm[:, None] * D + ds[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty),
@@ -144,12 +167,11 @@ def _msda_bwd_kernel(
     g = tl.load(grad_out_ptr + nqm[:, None] * D + ds[None, :],
                 mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     for l in range(0, L):
-        H = tl.load(shapes_ptr + 2 * l)
-        W = tl.load(shapes_ptr + 2 * l + 1)
-        start = tl.load(starts_ptr + l)
+        H, W, start, level_ok = _level(shapes_ptr, starts_ptr, l, S)
         for p in range(0, P):
             pi = (nqm * L + l) * P + p
-            a, finite, inside, xf, yf, fx, fy = _point(loc_ptr, attn_ptr, pi, q_mask, H, W)
+            a, finite, inside, xf, yf, fx, fy = _point(loc_ptr, attn_ptr, pi, q_mask, H, W,
+                                                       level_ok)
             x0 = xf.to(tl.int64)
             y0 = yf.to(tl.int64)
             gx = 1.0 - fx
@@ -173,9 +195,9 @@ def _msda_bwd_kernel(
             g_attn = w00 * dot00 + w01 * dot01 + w10 * dot10 + w11 * dot11
             g_x = a * W.to(tl.float32) * (gy * (dot01 - dot00) + fy * (dot11 - dot10))
             g_y = a * H.to(tl.float32) * (gx * (dot10 - dot00) + fx * (dot11 - dot01))
-            g_attn = tl.where(finite, tl.where(inside, g_attn, 0.0), _NAN)
-            g_x = tl.where(finite, tl.where(inside, g_x, 0.0), _NAN)
-            g_y = tl.where(finite, tl.where(inside, g_y, 0.0), _NAN)
+            g_attn = tl.where(finite, tl.where(inside, g_attn, 0.0), float("nan"))
+            g_x = tl.where(finite, tl.where(inside, g_x, 0.0), float("nan"))
+            g_y = tl.where(finite, tl.where(inside, g_y, 0.0), float("nan"))
             tl.store(grad_attn_ptr + pi, g_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pi, g_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pi + 1, g_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)

@@ -13,6 +13,12 @@
 //
 // Non-finite inputs follow the reference (grid_sample): a non-finite sampling location samples
 // NaN, the attention weight multiplies the sample (inf * 0 = NaN).
+//
+// The level table lives on the device and is read only by the kernels (reading it on the host
+// would synchronise). The Python layer validates each table once (and skips that while a CUDA
+// graph is being captured), so the kernels bound it themselves: every point of a level that is
+// empty or does not lie inside [0, S) is treated as a non-finite location (NaN output and
+// gradients, nothing read or written). No table can make them read or write outside value.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -48,6 +54,12 @@ __device__ __forceinline__ bool finite(acc_t v) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t quiet_nan() {
   return static_cast<acc_t>(NAN);
+}
+
+// Level l of the table is non-empty and lies inside [0, S) (overflow-free: H * W <= S - start is
+// tested as H <= (S - start) / W).
+__device__ __forceinline__ bool level_fits(int64_t H, int64_t W, int64_t start, int64_t S) {
+  return H > 0 && W > 0 && start >= 0 && start <= S && H <= (S - start) / W;
 }
 
 // Bilinear geometry of one point: rows (-1 when outside the map) and weights of the corners
@@ -101,12 +113,13 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value,
     acc_t acc = 0;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+      const bool fits = level_fits(H, W, start, S);
       for (int64_t p = 0; p < P; ++p) {
         const int64_t pi = (nqm * L + l) * P + p;
         const acc_t a = static_cast<acc_t>(attn[pi]);
         const acc_t x = static_cast<acc_t>(loc[2 * pi]) * static_cast<acc_t>(W) - acc_t(0.5);
         const acc_t y = static_cast<acc_t>(loc[2 * pi + 1]) * static_cast<acc_t>(H) - acc_t(0.5);
-        if (!(finite(x) && finite(y))) {
+        if (!(fits && finite(x) && finite(y))) {
           acc += quiet_nan<acc_t>();
           continue;
         }
@@ -159,7 +172,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value,
     const acc_t a = static_cast<acc_t>(attn[pi]);
     const acc_t x = static_cast<acc_t>(loc[2 * pi]) * static_cast<acc_t>(W) - acc_t(0.5);
     const acc_t y = static_cast<acc_t>(loc[2 * pi + 1]) * static_cast<acc_t>(H) - acc_t(0.5);
-    if (!(finite(x) && finite(y))) {
+    if (!(level_fits(H, W, start, S) && finite(x) && finite(y))) {
       if (lane == 0) {
         grad_attn[pi] = static_cast<scalar_t>(quiet_nan<acc_t>());
         grad_loc[2 * pi] = static_cast<scalar_t>(quiet_nan<acc_t>());
