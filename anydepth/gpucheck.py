@@ -64,6 +64,7 @@ class Check:
         self.out, self.rehearse, self.python = out, rehearse, python
         self.t0 = time.time()
         self.deadline = self.t0 + budget_s
+        self.total = budget_s
         self.work = Path(tempfile.mkdtemp(prefix="gpucheck."))
         (self.work / "res").mkdir()
         self.summary = out / "summary.txt"
@@ -168,7 +169,7 @@ def _build(c: Check) -> None:
     cmd = [c.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
     env = dict(c.env, ANYDEPTH_BUILD_CUDA="1")  # fails the build if CUDA cannot be built
     rc = c.step("build (sm_%s, %s jobs)" % (c.env["TORCH_CUDA_ARCH_LIST"], c.env["MAX_JOBS"]), cmd, log,
-                c.budget(300, 200), env=env)
+                c.budget(300, min(200.0, 0.5 * c.total), least=60), env=env)
     if rc != 0:
         tail = log.read_text().splitlines()[-15:]
         c.log("build failed, last lines:\n    " + "\n    ".join(tail))
@@ -198,7 +199,7 @@ def _pytest_cmd(c: Check, junit: str, workers: int) -> List[str]:
 
 
 def _tests_and_sanitizer(c: Check) -> None:
-    T = c.budget(240, 230, least=60)
+    T = c.budget(150, min(230.0, 0.35 * c.total), least=60)
     if T <= 0:
         c.log("SKIP tests and sanitizer (time budget)")
         return
@@ -254,27 +255,34 @@ def _tests_and_sanitizer(c: Check) -> None:
             c.log("sanitizer: " + ln.strip("= "))
 
 
-def _benchmarks(c: Check) -> None:
+#: default plan, in priority order (a short budget drops the tail): model:dtype, and
+#: dtype[+compile]:family/family
+DEFAULT_E2E = "yolov12s-anydepth:float16,rtdetr-r50-anydepth:float32,rtdetr-r50-anydepth:float16,yolov12s-anydepth:float32"
+DEFAULT_KBENCH = "float16:msda/attention/conv/concat,float32:conv/concat/attention/msda,float32+compile:conv/concat/attention/msda"
+
+
+def _benchmarks(c: Check, e2e_plan: str, kbench_plan: str) -> None:
     blog = c.out / "bench.log"
     res = str(c.work / "res")
+    e2e = [tuple(x.split(":")) for x in e2e_plan.split(",") if x]
+    kb = []
+    for x in kbench_plan.split(","):
+        if x:
+            dt, fams = x.split(":")
+            kb.append((dt.split("+")[0], dt.endswith("+compile"), fams.replace("/", ",")))
     if c.rehearse:
         e2e = [("yolov12n-anydepth", "float32"), ("rtdetr-r18-anydepth", "float32")]
         e2e_args = ["--imgsz", "64", "--max-depths", "2", "--reps", "1", "--device", "cpu", "--small"]
-    else:
-        e2e = [("yolov12s-anydepth", "float32"), ("yolov12s-anydepth", "float16"),
-               ("rtdetr-r50-anydepth", "float32"), ("rtdetr-r50-anydepth", "float16")]
-        e2e_args = ["--imgsz", "640", "--budget", "30"]
-    for i, (model, dt) in enumerate(e2e):
-        c.step(f"e2e {model} {dt}", c.sub("e2e", model, dt, res, *e2e_args), blog,
-               c.budget(60, 120 + 25 * (len(e2e) - i - 1), least=30))
-    kb = [("float32", False, "conv,concat,attention,msda"), ("float16", False, "conv,concat,attention,msda"),
-          ("float32", True, "conv,concat,attention,msda")]
-    if c.rehearse:
         kb = [("float32", False, "conv,concat,attention,msda")]
+    else:
+        e2e_args = ["--imgsz", "640", "--budget", "25"]
+    for i, (model, dt) in enumerate(e2e):
+        later = 25 * (len(e2e) - i - 1) + (40 if kb else 0)
+        c.step(f"e2e {model} {dt}", c.sub("e2e", model, dt, res, *e2e_args), blog, c.budget(60, later, least=30))
     for i, (dt, comp, fams) in enumerate(kb):
         args = ["kbench", res, dt, fams] + (["--compile"] if comp else []) + (["--tiny", "--device", "cpu"] if c.rehearse else [])
-        c.step(f"kernel benchmarks {dt}{' +torch.compile' if comp else ''}", c.sub(*args), blog,
-               c.budget(150 if comp else 60, 10 + 40 * (len(kb) - i - 1), least=30))
+        c.step(f"kernel benchmarks {dt}{' +torch.compile' if comp else ''} ({fams})", c.sub(*args), blog,
+               c.budget(150 if comp else 60, 5 + 30 * (len(kb) - i - 1), least=20), critical=not comp)
 
 
 def _targets(c: Check) -> None:
@@ -338,6 +346,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--skip-build", action="store_true", help="reuse the in-place build")
     p.add_argument("--steps", default="build,tests,bench", help="comma list of build,tests,bench")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--e2e", default=DEFAULT_E2E, help="end-to-end runs, model:dtype comma list, in priority order")
+    p.add_argument("--kbench", default=DEFAULT_KBENCH,
+                   help="kernel benchmark runs, dtype[+compile]:family/family comma list (families: conv, "
+                        "concat, attention, msda); '' for none")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -355,7 +367,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if "tests" in steps:
         _tests_and_sanitizer(c)
     if "bench" in steps:
-        _benchmarks(c)
+        _benchmarks(c, a.e2e, a.kbench)
     _targets(c)
     res = c.work / "res"
     with tarfile.open(out / "junit.tgz", "w:gz") as t:

@@ -29,7 +29,8 @@ def test_rehearsal_runs_every_step(rehearsal):
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
     assert "CPU REHEARSAL" in summary and "all steps passed" in summary
     for step in ("pytest -m gpu", "sanitizer memcheck (workload only)", "e2e yolov12n-anydepth float32",
-                 "e2e rtdetr-r18-anydepth float32", "kernel benchmarks float32"):
+                 "e2e rtdetr-r18-anydepth float32", "pytest triton interpreter",
+                 "kernel benchmarks float32 (conv,concat,attention,msda)"):
         assert f"ok   {step} rc=0" in summary, step
     assert "SKIP" not in summary and "FAIL" not in summary
     # at most 8 files, the summary among them; the environment is named
