@@ -67,3 +67,23 @@ def test_sub_commands_reject_bad_arguments(tmp_path, capsys):
     assert gpucheck.main(["kbench", str(tmp_path), "float32", "nope,concat", "--tiny", "--device", "cpu"]) == 1
     assert "unknown kernel family 'nope'" in capsys.readouterr().err
     assert (tmp_path / "concat_conv-float32.json").exists()
+
+
+def test_interpreter_probe_tells_a_broken_triton_interpreter(aot_triton, tmp_path):
+    """Triton 3.6's interpreter cannot run a loop bounded by a scalar argument under NumPy >= 2.4
+    (seen on the GPU machines): gpu-check's probe says so and names the versions; Triton 3.8's runs it."""
+    import numpy as np
+
+    from anydepth import gpucheck
+
+    c = gpucheck.Check(tmp_path, 60, True, sys.executable)
+    env = dict(c.env, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    if aot_triton.path is not None:
+        env["PYTHONPATH"] = f"{aot_triton.path}:{env['PYTHONPATH']}"
+    why = gpucheck._interpreter_defect(c, env)
+    if aot_triton.label == "venv":
+        assert why is None
+    elif tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4):
+        assert why is not None and "triton 3.6" in why and "0-dimensional" in why, why
+    else:  # older NumPy: either it runs, or the reason names the version
+        assert why is None or "triton 3.6" in why, why
