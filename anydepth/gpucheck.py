@@ -37,11 +37,10 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: the test files whose ``gpu``-marked tests run on the GPU, and the Triton file whose unmarked
-#: tests run on CUDA tensors when a GPU is visible
-GPU_TEST_FILES = ["tests/test_attention.py", "tests/test_ms_deform_attn.py", "tests/test_conv_norm_act.py",
-                  "tests/test_concat_conv.py", "tests/test_cuda_graphs.py", "tests/test_triton_conv_norm_act.py",
-                  "tests/test_capture_safety.py"]
+#: the test files whose ``gpu``-marked tests run on the GPU: every test file that marks one
+GPU_TEST_FILES = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py")
+                        if "mark.gpu" in f.read_text(errors="replace"))
+#: the Triton file whose unmarked tests run on CUDA tensors when a GPU is visible
 TRITON_ON_CUDA_FILE = "tests/test_triton_conv_norm_act.py"
 #: files with Triton cases on CPU tensors (``--only-triton-cpu`` selects them): on a GPU machine they
 #: run in a separate process with CUDA hidden and the interpreter on
