@@ -2,8 +2,6 @@
 
 Recognised (by class, without importing the packages that define them):
 
-* **anydepth models** (``anydepth.models.*``): their own inference form (``model.fuse()`` /
-  ``model.deploy()``): folded norms for every depth, fused conv epilogues, reparameterised blocks.
 * **Ultralytics** (YOLO12 and its relatives): ``Conv`` / ``DWConv`` (conv + BN + act -> one fused
   op), ``Bottleneck`` (residual add fused into the second conv), ``AAttn`` (area attention on
   ``scaled_dot_product_attention``'s fused kernels instead of explicit matmuls, positional conv
@@ -12,6 +10,11 @@ Recognised (by class, without importing the packages that define them):
   (the residual add fused into the last conv), ``RTDetrConvNormLayer``, ``RTDetrRepVggBlock``
   (reparameterised into one 3x3 conv), ``RTDetrCSPRepLayer`` (its add fused) and the
   multi-scale deformable attention kernel (:func:`anydepth_kernels.ms_deform_attn`).
+
+Other packages teach it their own module types with :func:`register_swap` (the any-depth models
+register theirs when ``anydepth`` is imported: this package knows nothing about them). A rule
+also applies to the model passed in itself: a whole-model rule (e.g. a model's own inference
+form) replaces or converts the model, and the report lists the module types it added.
 
 Everything else is left alone and listed in the returned report (``verbose=True`` prints it).
 The model is put in eval mode: folding uses the BatchNorm running statistics, so the result is an
@@ -324,15 +327,36 @@ SWAPS: Dict[tuple, Swap] = {
 }
 
 
-def register_swap(package: str, class_name: str, rule: Swap) -> None:
+#: (package, class name) -> the note a rule adds to the report when it converts the whole model
+_NOTES: Dict[tuple, str] = {}
+
+
+def register_swap(package: str, class_name: str, rule: Swap, note: Optional[str] = None) -> None:
     """Teach :func:`optimize` a new module type: ``rule(module, backend)`` returns the replacement
-    (same call signature and outputs in eval mode) or ``None`` to leave it alone."""
+    (same call signature and outputs in eval mode; it may be ``module`` itself, converted in
+    place) or ``None`` to leave it alone.
+
+    ``package`` is the top-level package of the class's module (``type(m).__module__`` up to the
+    first dot) and ``class_name`` the class's ``__name__``; nothing is imported to match them.
+    Rules apply to submodules and to the model passed to :func:`optimize` itself; in the latter
+    case the report counts the module types the rule added and ``note`` (if given; e.g. "its own
+    inference form (fuse())") is added to its notes. Registering the same key again replaces the
+    rule."""
+    if not callable(rule):
+        raise TypeError(f"register_swap: rule must be callable, got {type(rule).__name__}")
     SWAPS[(package, class_name)] = rule
+    if note is None:
+        _NOTES.pop((package, class_name), None)
+    else:
+        _NOTES[(package, class_name)] = str(note)
+
+
+def _key(m: nn.Module) -> tuple:
+    return type(m).__module__.split(".", 1)[0], type(m).__name__
 
 
 def _rule_for(m: nn.Module) -> Optional[Swap]:
-    pkg = type(m).__module__.split(".", 1)[0]
-    return SWAPS.get((pkg, type(m).__name__))
+    return SWAPS.get(_key(m))
 
 
 _NEUTRAL = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.SiLU, nn.ReLU, nn.Upsample,
@@ -391,7 +415,7 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
     if compile:
         import torch._dynamo
 
-        if getattr(model, "is_fused", False) or getattr(model, "deployed", False):
+        if any(isinstance(m, FusedConvNormAct) for m in model.modules()):
             report.notes.append("the model is already in its fused form: Inductor compiles around the "
                                 "opaque fused ops and gains less than from the eager form")
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
@@ -403,17 +427,17 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
         report.swapped["torch.compile(inductor, freezing)"] = 1
         report.notes.append("compiled lazily: the first call per (depth, input shape) compiles")
     else:
-        own = type(model).__module__.startswith("anydepth.")
-        make = (getattr(model, "fuse", None) or getattr(model, "deploy", None)) if own else None
-        if own and callable(make):
-            before = collections.Counter(type(m).__name__ for m in model.modules())
-            out = make(backend=backend) if "backend" in make.__code__.co_varnames else make()
-            model = out if isinstance(out, nn.Module) else model
+        key, rule = _key(model), _rule_for(model)
+        before = collections.Counter(type(m).__name__ for m in model.modules()) if rule is not None else None
+        new = rule(model, backend) if rule is not None else None
+        if new is not None:  # a rule for the model itself (e.g. its own inference form)
+            model = new
             after = collections.Counter(type(m).__name__ for m in model.modules())
             for k in after:
                 if after[k] > before.get(k, 0):
                     report.swapped[k] = after[k] - before.get(k, 0)
-            report.notes.append(f"{type(model).__name__}: its own inference form ({make.__name__}())")
+            note = _NOTES.get(key) or f"converted by {getattr(rule, '__name__', 'its registered rule')}"
+            report.notes.append(f"{key[1]}: {note}")
         else:
             _walk(model, backend, report)
     if verbose:

@@ -25,6 +25,59 @@ def test_optimize_anydepth_yolov12_every_depth():
             assert rel_err(opt(x, depth=depth), exact(x.double(), depth=depth)) <= 1e-5
 
 
+def _type_counts(model):
+    import collections
+
+    return collections.Counter(type(m).__name__ for m in model.modules())
+
+
+def _added(before, after):
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+
+
+@pytest.mark.parametrize("name, verb", [("yolov12n-anydepth", "fuse"), ("rtdetr-r18-anydepth", "deploy")])
+def test_optimize_anydepth_swaps_what_its_inference_form_does(name, verb):
+    """Our models register their rule from `anydepth` (anydepth/_swaps.py): optimize() gives the
+    model's own inference form, in place, and reports the same module types as calling it."""
+    m = anydepth.create_model(name, num_classes=3).eval()
+    direct = getattr(copy.deepcopy(m), verb)()
+    expected = _added(_type_counts(m), _type_counts(direct))
+    assert expected
+    opt, report = ak.optimize(m, return_report=True)
+    assert opt is m and report.swapped == expected and _type_counts(opt) == _type_counts(direct)
+    assert report.notes == [f"{type(m).__name__}: its own inference form ({verb}())"]
+    assert getattr(opt, "is_fused", False) or getattr(opt, "deployed", False)
+    # nested in a plain container, the same rule applies to it as a submodule
+    wrapped = nn.Sequential(anydepth.create_model(name, num_classes=3))
+    _, report = ak.optimize(wrapped, return_report=True)
+    assert report.swapped == {f"anydepth.{type(m).__name__}": 1}
+    assert _type_counts(wrapped[0]) == _type_counts(direct)
+
+
+def test_register_swap_applies_to_the_model_itself_with_a_note():
+    from anydepth_kernels.optimize import SWAPS
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    def rule(mod, backend):
+        mod.lin = nn.Identity()
+        return mod
+
+    key = (Toy.__module__.split(".", 1)[0], "Toy")
+    try:
+        ak.register_swap(*key, rule, note="toy form")
+        out, report = ak.optimize(Toy().eval(), return_report=True)
+        assert isinstance(out.lin, nn.Identity) and report.swapped == {"Identity": 1}
+        assert report.notes == ["Toy: toy form"]
+        with pytest.raises(TypeError, match="callable"):
+            ak.register_swap(*key, "not a rule")
+    finally:
+        SWAPS.pop(key, None)
+
+
 def test_optimize_leaves_unknown_modules_and_reports(capsys):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Linear(4, 2))
     net.train()

@@ -1,0 +1,34 @@
+"""``anydepth_kernels.optimize(model)`` rules for our own models, registered through the public
+:func:`anydepth_kernels.register_swap` API (the kernel package knows nothing about ``anydepth``).
+
+``optimize`` on an any-depth model turns it into its own inference form, in place: folded norms
+for every depth, fused conv epilogues, reparameterised blocks. Imported by ``anydepth/__init__``;
+the classes are matched by (package, class name), so nothing here imports the model modules.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from anydepth_kernels import register_swap
+
+#: model class -> the method that builds its inference form (``fuse`` / ``deploy`` today)
+_INFERENCE_VERB = {"AnyDepthYOLOv12": "fuse", "AnyDepthRTDETR": "deploy"}
+
+
+def to_inference(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """The model's inference form, in place. The one place that names the inference verb."""
+    return getattr(model, _INFERENCE_VERB[type(model).__name__])(backend=backend)
+
+
+def _swap_own_model(model: nn.Module, backend: str) -> nn.Module:
+    out = to_inference(model, backend)
+    return out if isinstance(out, nn.Module) else model
+
+
+def register() -> None:
+    """Register the rules (idempotent)."""
+    for cls, verb in _INFERENCE_VERB.items():
+        register_swap("anydepth", cls, _swap_own_model, note=f"its own inference form ({verb}())")
+
+
+register()
