@@ -292,5 +292,5 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
         fig.savefig(png)
         plt.close(fig)
     except ImportError:
-        report.notes.append("matplotlib not installed: no plot written")
+        report.notes.append("matplotlib not installed: no plot written (pip install \"anydepth[plot]\")")
     return stem + ".json", png

@@ -160,11 +160,10 @@ def _backend_classes(backend: str):
         except ImportError:
             warnings.warn("faster-coco-eval is not installed (pip install faster-coco-eval): using pycocotools",
                           RuntimeWarning, stacklevel=3)
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError as e:  # pragma: no cover - a dependency of anydepth
-        raise ImportError("COCO evaluation needs pycocotools: pip install pycocotools") from e
+    from ._optional import require
+
+    COCO = require("pycocotools.coco", "COCO evaluation").COCO
+    COCOeval = require("pycocotools.cocoeval", "COCO evaluation").COCOeval
     return COCO, COCOeval, "pycocotools"
 
 
@@ -336,9 +335,9 @@ class EvalReport:
     def plot(self, path: Union[str, os.PathLike]) -> str:
         """PNG of AP (and AP50) in percent against latency, or against GFLOPs when latency was not
         measured (or against the depth order when neither is known). Returns ``path``."""
-        import matplotlib
+        from ._optional import require
 
-        matplotlib.use("Agg")
+        require("matplotlib", "EvalReport.plot").use("Agg")
         import matplotlib.pyplot as plt
 
         kind, xs = self.plot_axis()
@@ -566,7 +565,7 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
         try:
             from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - a dependency
+        except ImportError:  # optional (the `data` extra): no progress bar
             tqdm = None
         bar = tqdm(total=len(entries) * len(batches), desc="evaluate", unit="batch", file=sys.stderr,
                    disable=not progress) if tqdm is not None else None

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._optional import require
 from ..detection import letterbox_batch, resize_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -50,7 +51,7 @@ def read_image(path: PathLike) -> np.ndarray:
     """Decode an image file with PIL into an ``HxWx3`` uint8 RGB array (no EXIF rotation is
     applied: annotations refer to the stored pixels). Raises ``FileNotFoundError`` for a missing
     file and ``ValueError`` naming the file when it cannot be decoded."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading image files")
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +70,7 @@ def read_image(path: PathLike) -> np.ndarray:
 
 def _image_size(path: Path) -> Tuple[int, int]:
     """(height, width) of an image file from its header."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading image files")
 
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")

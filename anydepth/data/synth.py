@@ -40,7 +40,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from .._optional import require
+
+
+def _pil():
+    """PIL's ``Image`` and ``ImageDraw`` (pillow: the ``data`` extra), imported on first use."""
+    return require("PIL.Image", "the synthetic data set"), require("PIL.ImageDraw", "the synthetic data set")
 
 DEFAULT_CLASSES = ("circle", "square", "triangle", "star", "ring")
 SHAPES = DEFAULT_CLASSES + ("diamond", "hexagon", "cross")
@@ -106,6 +112,7 @@ def _shape_mask(kind: str, diameter: float, aspect: float, angle: float) -> np.n
     n = int(math.ceil(2 * math.sqrt(2) * max(rx, ry))) + 4  # unit polygons lie within radius sqrt(2)
     c, s = math.cos(angle), math.sin(angle)
     rot = np.array([[c, -s], [s, c]])
+    Image, ImageDraw = _pil()
     canvas = Image.new("L", (n, n), 0)
     draw = ImageDraw.Draw(canvas)
     for j, poly in enumerate(_unit_polygon(kind)):
@@ -129,6 +136,8 @@ def _image_size(rng: np.random.Generator, imgsz: int) -> Tuple[int, int]:
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A float32 HxWx3 textured background in [0, 255]."""
+    Image, _ = _pil()
+
     def layer(kind: int) -> np.ndarray:
         c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         if kind == 3:  # blotchy noise: a coarse random grid, upsampled bilinearly
@@ -162,6 +171,7 @@ def _draw_lines(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     if n == 0:
         return img
     h, w = img.shape[:2]
+    Image, ImageDraw = _pil()
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     for _ in range(n):
@@ -304,7 +314,8 @@ def generate(out_dir, images: int = 1000, imgsz: int = 320, seed: int = 0, class
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
 
-    from tqdm import tqdm
+    tqdm = require("tqdm", "synth.generate").tqdm
+    Image, _ = _pil()
 
     coco_images, annotations = [], []
     per_class = {n: 0 for n in names}

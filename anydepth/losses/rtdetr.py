@@ -151,7 +151,9 @@ class HungarianMatcher:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor,
                  targets: Sequence[Dict[str, torch.Tensor]]) -> Indices:
-        from scipy.optimize import linear_sum_assignment
+        from .._optional import require
+
+        linear_sum_assignment = require("scipy.optimize", "HungarianMatcher (RT-DETR loss)").linear_sum_assignment
 
         if logits.ndim != 3 or boxes.shape != (*logits.shape[:2], 4):
             raise ValueError(f"HungarianMatcher expects logits [B, Q, nc] and boxes [B, Q, 4], got "

@@ -423,7 +423,9 @@ class Trainer:
                 "stopped_early": stopped_early, "epochs": self.epoch, "steps": self.step}
 
     def _train_epoch(self, start: float) -> bool:
-        from tqdm import tqdm
+        from .._optional import require
+
+        tqdm = require("tqdm", "Trainer").tqdm
 
         cfg = self.config
         self.sampler.set_epoch(self.epoch)
