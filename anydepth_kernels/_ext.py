@@ -71,9 +71,13 @@ def extension_info() -> Dict[str, Any]:
     """What was compiled and what can run here, and why not where not.
 
     Returns a dict with one entry per backend (``cpu``, ``cuda``, ``triton``), each holding
-    ``available`` (bool) and ``reason`` (``None`` when available), plus build details.
+    ``available`` (bool) and ``reason`` (``None`` when available), plus build details; and
+    ``ops``: the backend table (:mod:`anydepth_kernels.ops._backends`) per op: each backend's
+    devices and dtypes, the order ``auto`` tries them, and per device type (``cpu``, ``cuda``) what
+    ``auto`` runs and each backend's availability for float32 (``None`` or the reason).
     """
     from . import triton_kernels
+    from .ops import _backends
 
     info = _build_info()
     return {
@@ -91,4 +95,5 @@ def extension_info() -> Dict[str, Any]:
             "available": triton_kernels.AVAILABLE,
             "reason": triton_kernels.UNAVAILABLE_REASON,
         },
+        "ops": _backends.describe(),
     }

@@ -182,22 +182,28 @@ def measure(case: str, fns: Dict[str, Callable[[], object]], baseline: str, time
             for name, s in samples.items()]
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
-    """Backend name -> None if it can run here, else the reason it cannot."""
-    from .ops.conv_norm_act import select_backend
+#: Why a Triton backend is not timed off the GPU (the backend table allows CPU tensors under the
+#: interpreter, which runs but is no measure of the kernels).
+TRITON_NEEDS_GPU = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
 
-    probe = torch.empty(1, device=device, dtype=dtype)
+
+def bench_backends(op: str, device: torch.device, dtype: torch.dtype, **ctx) -> Dict[str, Optional[str]]:
+    """Backend name -> None if ``op`` can be timed on it here, else the reason it cannot: the
+    backend table's :func:`~anydepth_kernels.ops._backends.availability`, less Triton off the GPU."""
+    from .ops import _backends
+
     out: Dict[str, Optional[str]] = {}
-    for name in ("reference", "cpp", "cuda", "triton"):
+    for name, why in _backends.availability(op, device, dtype, **ctx).items():
         if name == "triton" and device.type != "cuda":
-            out[name] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
-            continue
-        try:
-            select_backend("bench", probe, name)
-            out[name] = None
-        except RuntimeError as e:
-            out[name] = str(e).split("not available: ", 1)[-1]
+            out[name] = TRITON_NEEDS_GPU
+        else:
+            out[name] = None if why is None else str(why)
     return out
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
+    """Backend name -> None if ``conv_norm_act`` can run on it here, else the reason it cannot."""
+    return bench_backends("conv_norm_act", device, dtype)
 
 
 def run_conv_benchmarks(
@@ -270,17 +276,7 @@ CONCAT_CASES = [
 
 def concat_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if ``concat_conv1x1`` can be timed on it here, else the reason."""
-    from . import triton_kernels
-
-    out: Dict[str, Optional[str]] = {"reference": None}
-    out["cpp"] = None if device.type == "cpu" and _ext.CPU_AVAILABLE else "the C++ kernel runs on CPU tensors"
-    if device.type != "cuda":
-        out["triton"] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
-    elif not triton_kernels.AVAILABLE:
-        out["triton"] = triton_kernels.UNAVAILABLE_REASON
-    else:
-        out["triton"] = None
-    return out
+    return bench_backends("concat_conv1x1", device, dtype)
 
 
 def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float32, rounds: int = 10,

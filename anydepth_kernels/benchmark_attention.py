@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .benchmark import Report, _timer, machine_info, measure
+from .benchmark import Report, _timer, bench_backends, machine_info, measure
 from .ops import attention as attn_ops
 
 #: Name of the baseline row of every case.
@@ -71,18 +71,7 @@ def make_case_inputs(case: AttnCase, device, dtype, seed: int = 0) -> List[torch
 
 def attention_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if it can run here (head dim 32), else the reason it cannot."""
-    probe = torch.empty(1, device=device, dtype=dtype)
-    out: Dict[str, Optional[str]] = {}
-    for name in ("reference", "sdpa", "triton"):
-        if name == "triton" and device.type != "cuda":
-            out[name] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
-            continue
-        try:
-            attn_ops.resolve_backend("bench", probe, 32, name)
-            out[name] = None
-        except RuntimeError as e:
-            out[name] = str(e).split("not available: ", 1)[-1]
-    return out
+    return bench_backends("attention", device, dtype, head_dim=32)
 
 
 def _case_calls(case: AttnCase, backends: Dict[str, Optional[str]], compiled_ref):

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .benchmark import Report, _timer, machine_info, measure
+from .benchmark import Report, _timer, bench_backends, machine_info, measure
 from .ops import ms_deform_attn as msda_ops
 
 #: Name of the baseline row of every case.
@@ -66,18 +66,7 @@ def make_case_inputs(case: MsDeformCase, device, dtype, seed: int = 0):
 
 def ms_deform_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
     """Backend name -> None if it can run here, else the reason it cannot."""
-    probe = torch.empty(1, device=device, dtype=dtype)
-    out: Dict[str, Optional[str]] = {}
-    for name in ("reference", "cpp", "cuda", "triton"):
-        if name == "triton" and device.type != "cuda":
-            out[name] = "timing Triton needs a GPU (on the CPU it runs only in its interpreter)"
-            continue
-        try:
-            msda_ops._resolve(probe, name)
-            out[name] = None
-        except RuntimeError as e:
-            out[name] = str(e).split("not available: ", 1)[-1]
-    return out
+    return bench_backends("ms_deform_attn", device, dtype)
 
 
 def run_ms_deform_benchmarks(

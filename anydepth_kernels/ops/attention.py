@@ -47,20 +47,17 @@ which head dims and dtypes it supports).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import reference
+from . import _backends
+from ._backends import INPUT_PRECISIONS, TRITON_MAX_HEAD_DIM  # noqa: F401 (re-exported)
 
-ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Head dims the triton backend takes.
-TRITON_MAX_HEAD_DIM = 128
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
+ATTENTION_BACKENDS = _backends.names("attention")
+_FLOAT_DTYPES = _backends.FLOAT_DTYPES
 
 _OP = "anydepth.attention"
 _AREA_OP = "anydepth.area_attention"
@@ -73,9 +70,9 @@ _AREA_OP = "anydepth.area_attention"
 def _check_common(op: str, scale, backend: str, input_precision: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-    if input_precision not in _PRECISIONS:
+    if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"{op}: unknown input_precision {input_precision!r}; expected one of "
-                         f"{_PRECISIONS}")
+                         f"{INPUT_PRECISIONS}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
@@ -128,34 +125,10 @@ def _check_area(qkv, num_heads, area) -> Tuple[int, int, int, int, int]:
     return b, c3 // 3, h, w, c3 // (3 * num_heads)
 
 
-def _triton_why_not(t: torch.Tensor, head_dim: int) -> Optional[str]:
-    from .. import triton_kernels
-
-    if not triton_kernels.AVAILABLE:
-        return triton_kernels.UNAVAILABLE_REASON
-    if t.dtype not in _TRITON_DTYPES:
-        return f"it supports float32, float16 and bfloat16, not {t.dtype}"
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-    if not 1 <= head_dim <= TRITON_MAX_HEAD_DIM:
-        return (f"head dim {head_dim} is not supported; the Triton kernels support head dims 1 to "
-                f"{TRITON_MAX_HEAD_DIM} (tiles 16, 32, 64, 128)")
-    return None
-
-
 def resolve_backend(op: str, t: torch.Tensor, head_dim: int, backend: str) -> str:
     """The backend that runs ``op`` for tensor ``t``; raises if a named one cannot run."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-    if backend == "auto":
-        if t.device.type == "cuda" and _triton_why_not(t, head_dim) is None:
-            return "triton"
-        return "sdpa"
-    if backend == "triton":
-        why = _triton_why_not(t, head_dim)
-        if why is not None:
-            raise RuntimeError(f"{op}: backend 'triton' is not available: {why}")
-    return backend
+    key = "area_attention" if op == _AREA_OP else "attention"
+    return _backends.resolve(key, t, backend, name=op, head_dim=head_dim).backend
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

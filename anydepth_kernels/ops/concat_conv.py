@@ -20,12 +20,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import _ext, reference
-from . import _checks
-from .conv_norm_act import _triton_usable
+from .. import reference
+from . import _backends, _checks
 
 _OP = "anydepth.concat_conv1x1"
-CONCAT_BACKENDS = ("auto", "reference", "cpp", "triton")
+CONCAT_BACKENDS = _backends.names("concat_conv1x1")
 
 
 def _validate(xs, weight, scale, bias, act, residual):
@@ -51,24 +50,7 @@ def _validate(xs, weight, scale, bias, act, residual):
 
 
 def _select(x: torch.Tensor, backend: str) -> str:
-    if backend not in CONCAT_BACKENDS:
-        raise ValueError(f"{_OP}: unknown backend {backend!r}; expected one of {CONCAT_BACKENDS}")
-    if backend == "auto":
-        if x.device.type == "cpu" and _ext.CPU_AVAILABLE:
-            return "cpp"
-        if x.device.type == "cuda" and _triton_usable(x) is None:
-            return "triton"
-        if x.device.type == "cpu":
-            _ext.warn_fallback(_OP, x.device, "no compiled kernel for this device")
-        return "reference"
-    if backend == "triton":
-        why = _triton_usable(x)
-        if why is not None:
-            raise RuntimeError(f"{_OP}: backend 'triton' is not available: {why}")
-    if backend == "cpp" and (x.device.type != "cpu" or not _ext.CPU_AVAILABLE):
-        why = f"it runs on CPU tensors, got {x.device}" if x.device.type != "cpu" else _ext._CPU_ERROR
-        raise RuntimeError(f"{_OP}: backend 'cpp' is not available: {why}")
-    return backend
+    return _backends.resolve("concat_conv1x1", x, backend).backend
 
 
 @torch.library.custom_op(_OP.replace(".", "::"), mutates_args=())

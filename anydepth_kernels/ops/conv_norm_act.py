@@ -16,15 +16,14 @@ Backends:
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .. import _ext, reference
-from . import _checks
+from .. import reference
+from . import _backends, _checks
 
-BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+BACKENDS = _backends.names("conv_norm_act")
 
 _CONV_OP = "anydepth.conv_norm_act"
 _EPI_OP = "anydepth.scale_bias_act"
@@ -37,49 +36,10 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _triton_usable(t: torch.Tensor) -> Optional[str]:
-    from .. import triton_kernels
-
-    if not triton_kernels.AVAILABLE:
-        return triton_kernels.UNAVAILABLE_REASON
-    if t.dtype == torch.float64:
-        return "the Triton kernels support float32, float16 and bfloat16, not float64"
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-    return None
-
-
 def select_backend(op: str, t: torch.Tensor, backend: str) -> str:
-    """Resolve ``backend`` for tensor ``t``; raise if an explicitly named one cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    dev = t.device.type
-    if backend == "auto":
-        if dev == "cpu" and _ext.CPU_AVAILABLE:
-            return "cpp"
-        if dev == "cuda" and _ext.CUDA_COMPILED:
-            return "cuda"
-        if dev == "cuda" and _triton_usable(t) is None:
-            return "triton"
-        if dev in ("cpu", "cuda"):
-            _ext.warn_fallback(op, t.device, "no compiled kernel for this device")
-        return "reference"
-    why = None
-    if backend == "cpp":
-        if dev != "cpu":
-            why = f"it runs on CPU tensors, got {t.device}"
-        elif not _ext.CPU_AVAILABLE:
-            why = _ext._CPU_ERROR
-    elif backend == "cuda":
-        if dev != "cuda":
-            why = f"it runs on CUDA tensors, got {t.device}"
-        elif not _ext.CUDA_COMPILED:
-            why = _ext._CUDA_ERROR
-    elif backend == "triton":
-        why = _triton_usable(t)
-    if why is not None:
-        raise RuntimeError(f"{op}: backend {backend!r} is not available: {why}")
-    return backend
+    """Resolve ``backend`` for tensor ``t``; raise if an explicitly named one cannot run
+    (the conv ops' row of :data:`._backends.OPS`; ``op`` names the op in messages)."""
+    return _backends.resolve("conv_norm_act", t, backend, name=op).backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +75,7 @@ def _conv_norm_act_op(
     fmt = _output_format(x)
     if out_shape[0] == 0:
         return torch.empty(out_shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    chosen = select_backend(_CONV_OP, x, backend)
+    chosen = _backends.resolve("conv_norm_act", x, backend).backend
     scale32 = scale.detach().to(torch.float32).contiguous()
     bias32 = bias.detach().to(torch.float32).contiguous()
     if chosen in ("cpp", "cuda"):
@@ -230,7 +190,7 @@ def _scale_bias_act_op(
     fmt = _output_format(y)
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=fmt)
-    chosen = select_backend(_EPI_OP, y, backend)
+    chosen = _backends.resolve("scale_bias_act", y, backend).backend
     scale32 = scale.detach().to(torch.float32).contiguous()
     bias32 = bias.detach().to(torch.float32).contiguous()
     if chosen in ("cpp", "cuda"):

@@ -54,16 +54,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _ext, reference
-from . import _checks
+from .. import reference
+from . import _backends, _checks
 from ._checks import FLOAT_DTYPES
-from .conv_norm_act import select_backend
 
-MS_DEFORM_BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+MS_DEFORM_BACKENDS = _backends.names("ms_deform_attn")
 
 _OP = "anydepth.ms_deform_attn"
 _BWD_OP = "anydepth.ms_deform_attn_backward"
-_EXT_FWD = "anydepth::_ext_ms_deform_attn_forward"
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -215,31 +213,10 @@ def _check_levels(value: torch.Tensor, spatial_shapes: torch.Tensor,
             level_start_index.to(device=dev, dtype=torch.int64).contiguous())
 
 
-def _ext_registered(device_type: str) -> bool:
-    key = "CPU" if device_type == "cpu" else "CUDA"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(_EXT_FWD, key)
-    except RuntimeError:  # the schema itself is missing: an extension built before this op
-        return False
-
-
 def _resolve(t: torch.Tensor, backend: str) -> str:
-    """``select_backend`` plus a check that the loaded extension has this op."""
-    if backend not in MS_DEFORM_BACKENDS:
-        raise ValueError(f"{_OP}: unknown backend {backend!r}; expected one of {MS_DEFORM_BACKENDS}")
-    chosen = select_backend(_OP, t, backend)
-    if chosen in ("cpp", "cuda") and not _ext_registered(t.device.type):
-        why = "the loaded compiled extension predates this op; rebuild it"
-        if backend != "auto":
-            raise RuntimeError(f"{_OP}: backend {backend!r} is not available: {why}")
-        if t.device.type == "cuda":
-            from .conv_norm_act import _triton_usable
-
-            if _triton_usable(t) is None:
-                return "triton"
-        _ext.warn_fallback(_OP, t.device, why)
-        return "reference"
-    return chosen
+    """The backend for ``t`` (:data:`._backends.OPS`: cpp/cuda also need the loaded extension to
+    have this op)."""
+    return _backends.resolve("ms_deform_attn", t, backend).backend
 
 
 def _prepare(value, tables, sampling_locations, attention_weights):

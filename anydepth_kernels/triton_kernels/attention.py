@@ -56,14 +56,14 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-#: Largest head dim the kernels take (``BLOCK_D`` up to 128).
-MAX_HEAD_DIM = 128
+from ..ops._backends import INPUT_PRECISIONS, TRITON_MAX_HEAD_DIM
+from .conv_norm_act import _INTERPRETED
+
+#: Largest head dim the kernels take (``BLOCK_D`` up to 128; the backend table's limit).
+MAX_HEAD_DIM = TRITON_MAX_HEAD_DIM
 #: The head-dim tiles compiled (a head dim ``D`` uses the smallest one >= D).
 ATTN_BLOCK_DS = (16, 32, 64, 128)
-#: Values accepted for ``input_precision`` (fp32 inputs only).
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -320,11 +320,10 @@ def _attn_bwd_dq_kernel(
              dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-#: True when ``TRITON_INTERPRET=1`` was set at import. The interpreter keeps bf16 as raw bits and
-#: cannot multiply them in ``tl.dot``, so under it bf16 tiles are upcast to fp32 right before each
-#: dot (``UPCAST_DOT``): the same products (bf16 x bf16 is exact in fp32) and the same fp32
-#: accumulation as the compiled tensor-core path, which never upcasts.
-_INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
+#: Under the interpreter (``_INTERPRETED``, defined once in :mod:`.conv_norm_act`) bf16 tiles are
+#: upcast to fp32 right before each dot (``UPCAST_DOT``): the interpreter keeps bf16 as raw bits and
+#: cannot multiply them in ``tl.dot``; the products (bf16 x bf16 is exact in fp32) and the fp32
+#: accumulation are those of the compiled tensor-core path, which never upcasts.
 
 
 # --------------------------------------------------------------------------------------------

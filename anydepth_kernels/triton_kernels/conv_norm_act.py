@@ -44,13 +44,12 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ..ops._backends import INPUT_PRECISIONS  # the one definition; fp32 inputs only (fp16/bf16
+#                                              always take the tensor-core path, whatever the value)
 from ..reference import ACTIVATIONS
 
 IntOr2 = Union[int, Sequence[int]]
 
-#: Values accepted for ``input_precision``. They matter for fp32 inputs only: fp16/bf16 operands
-#: always take the tensor-core path, whatever the value.
-INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 #: Elements per program of the epilogue kernel.
 EPILOGUE_TILE = 2048

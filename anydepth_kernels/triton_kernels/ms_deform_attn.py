@@ -33,7 +33,6 @@ from typing import NamedTuple, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 # No module-level NaN/inf constants: before each launch, Triton's launcher compares every global
 # a kernel reads with its value at compile time using ``!=``, and a NaN global never equals
@@ -201,10 +200,6 @@ def _msda_bwd_kernel(
             tl.store(grad_attn_ptr + pi, g_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pi, g_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * pi + 1, g_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
-
-
-#: True when ``TRITON_INTERPRET=1`` was set at import (the kernels then run on CPU tensors).
-_INTERPRETED = isinstance(_msda_fwd_kernel, InterpretedFunction)
 
 
 def _check(value, spatial_shapes, level_start_index, loc, attn):
