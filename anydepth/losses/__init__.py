@@ -34,8 +34,8 @@ def build_criterion(model, **weights):
     if fam is None:
         from ..family import families
 
-        raise TypeError(f"no criterion for model class {type(model).__name__!r}; registered families: "
-                        f"{', '.join(f.name for f in families())}")
+        raise TypeError(f"no criterion for model class {type(model).__name__!r}; supported: "
+                        f"{', '.join(f.model_class.__name__ for f in families())}")
     return fam.build_criterion(model, **weights)
 
 
