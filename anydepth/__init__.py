@@ -9,6 +9,7 @@ from . import checkpoint
 from .checkpoint import load, save
 from .depth import DepthConfig, DepthSpace, KnobSpec
 from .detection import Detections
+from .family import ModelFamily, families, family_of, register_family
 from .model import AnyDepthModel
 from .nn import ConvNormAct, SkipAwareBatchNorm2d, SkipAwareLayerNorm, SkippableStage, split_blocks
 from .registry import create_model, list_models, register_model
@@ -23,13 +24,17 @@ __all__ = [
     "DepthSpace",
     "Detections",
     "KnobSpec",
+    "ModelFamily",
     "SkipAwareBatchNorm2d",
     "SkipAwareLayerNorm",
     "SkippableStage",
     "checkpoint",
     "create_model",
+    "families",
+    "family_of",
     "list_models",
     "load",
+    "register_family",
     "register_model",
     "save",
     "split_blocks",

@@ -119,20 +119,16 @@ class ModelReport:
 def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):
     """``(ours, peer, peer_name, peer_call)``: our model with random well-conditioned weights and,
     when the peer package is installed, the peer implementation holding the same weights."""
+    from .family import family_of
+
     note = None
-    try:
-        if model_name.startswith("yolov12"):
-            from .convert._ultralytics import build_peer
-
-            peer, ours = build_peer(model_name, num_classes, seed)
-            return ours, peer, "ultralytics", (lambda m, x: m(x)), None
-        if model_name.startswith("rtdetr"):
-            from .convert._transformers import build_peer
-
-            peer, ours = build_peer(model_name, num_classes, seed)
-            return ours, peer, "transformers", (lambda m, x: m(pixel_values=x)), None
-    except ImportError as e:
-        note = f"peer not timed: {e}"
+    spec = family_of(model_name).peer
+    if spec is not None:
+        try:
+            peer, ours = spec.build(model_name, num_classes, seed)
+            return ours, peer, spec.name, spec.call, None
+        except ImportError as e:
+            note = f"peer not timed: {e}"
     from .testing import randomize_
 
     torch.manual_seed(seed)
@@ -172,11 +168,9 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     if fuse:
         import copy
 
-        make = getattr(ours, "fuse", None) or getattr(ours, "deploy", None)
-        if make is not None:
+        if hasattr(ours, "to_inference"):
             log("building the fused inference form ...")
-            fused = copy.deepcopy(ours)
-            fused = (getattr(fused, "fuse", None) or getattr(fused, "deploy"))() or fused
+            fused = copy.deepcopy(ours).to_inference()
             fns["full+fused"] = lambda: fused(x, depth=ladder[-1])
             fns["base+fused"] = lambda: fused(x, depth=ladder[0])
     compile_notes = []
@@ -273,7 +267,7 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
             ax.annotate(r.name, (r.gflops, r.median_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
         if fused_rows:
             ax.plot([r.gflops for r in fused_rows], [r.median_ms for r in fused_rows], "s--",
-                    label="fused inference form (model.fuse())")
+                    label="fused inference form (model.to_inference())")
         if compiled_rows:
             ax.plot([r.gflops for r in compiled_rows], [r.median_ms for r in compiled_rows], "^:",
                     label="optimize(compile=True)")

@@ -223,8 +223,6 @@ def _cmd_train(args) -> int:
 
 
 def _load_for_eval(args):
-    import os
-
     import anydepth
     from anydepth import checkpoint
 
@@ -237,18 +235,15 @@ def _load_for_eval(args):
         if args.model and args.model != payload["model"]:
             raise ValueError(f"--model {args.model} but {args.weights} holds {payload['model']}")
         return model
-    from anydepth import convert
+    from anydepth.family import import_weights
 
-    if os.path.isdir(args.weights):
-        from transformers import RTDetrForObjectDetection
-
-        return convert.from_transformers(RTDetrForObjectDetection.from_pretrained(args.weights)).eval()
-    return convert.from_ultralytics(args.weights).eval()
+    return import_weights(args.weights).eval()
 
 
 def _cmd_eval(args) -> int:
     from anydepth.data import open_dataset
     from anydepth.evaluation import evaluate
+    from anydepth.family import family_of
 
     if args.weights is None and args.model is None:
         print("anydepth eval: give --weights (a checkpoint) or --model (random weights)", file=sys.stderr)
@@ -260,7 +255,7 @@ def _cmd_eval(args) -> int:
 
         model = anydepth.create_model(args.model).eval()
     name = getattr(model, "model_name", args.model or "model")
-    mode = args.mode or ("resize" if name.startswith("rtdetr") else "letterbox")
+    mode = args.mode or family_of(model).preprocess
     dataset = open_dataset(args.data, imgsz=args.imgsz, mode=mode, augment=False)
     if dataset.num_classes != getattr(model, "num_classes", dataset.num_classes):
         print(f"anydepth eval: the model predicts {model.num_classes} classes, the dataset has "

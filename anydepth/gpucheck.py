@@ -497,7 +497,7 @@ def sanitize(argv: Sequence[str]) -> int:
 
 
 def e2e(argv: Sequence[str]) -> int:
-    """Per-depth latency of one model, batch 1: eager, fused (``fuse``/``deploy``) and CUDA graphs
+    """Per-depth latency of one model, batch 1: eager, fused (``to_inference()``) and CUDA graphs
     of both (:class:`anydepth_kernels.CUDAGraphRunner`), with each output's relative error against
     eager. Writes ``e2e-<model>-<dtype>.json`` after every depth (a timeout keeps what was done)."""
     p = argparse.ArgumentParser(prog="anydepth.gpucheck e2e")
@@ -529,7 +529,10 @@ def e2e(argv: Sequence[str]) -> int:
     tf32 = {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     torch.manual_seed(0)
-    kwargs = {"num_classes": 3, **({"num_queries": 20} if a.model.startswith("rtdetr") else {})} if a.small else {}
+    from anydepth.family import family_of
+
+    detr = family_of(a.model).name == "rtdetr"  # query-based: fewer queries for the small run
+    kwargs = {"num_classes": 3, **({"num_queries": 20} if detr else {})} if a.small else {}
     calib = (1, 3, 64, 64) if a.small else (1, 3, 128, 128)
     m = randomize_(anydepth.create_model(a.model, **kwargs), seed=0, calibrate_shape=calib).eval().to(dev, dtype)
     shape = (1, 3, a.imgsz, a.imgsz)
@@ -557,7 +560,7 @@ def e2e(argv: Sequence[str]) -> int:
 
     rows: List[dict] = []
     notes: List[str] = []
-    if a.model.startswith("rtdetr"):
+    if detr:
         notes.append("rtdetr rel errs compare final outputs after the top-k query selection: near-ties in "
                      "random-weight encoder scores can flip it, so a large fused err alone is not a kernel bug")
     path = Path(a.out) / f"e2e-{a.model}-{a.dtype}.json"
@@ -576,8 +579,7 @@ def e2e(argv: Sequence[str]) -> int:
         if a.max_depths and len(ladder) > a.max_depths:
             keep = [0] + [round(i * (len(ladder) - 1) / (a.max_depths - 1)) for i in range(1, a.max_depths)]
             ladder = [ladder[i] for i in sorted(set(keep))]
-        fused = copy.deepcopy(m)
-        fused = (getattr(fused, "fuse", None) or getattr(fused, "deploy"))() or fused
+        fused = copy.deepcopy(m).to_inference()
         runners = {"eager": ak.CUDAGraphRunner(m), "fused": ak.CUDAGraphRunner(fused)}
         dead = set()
         for i, cfg in enumerate(ladder):

@@ -1,6 +1,7 @@
 """Base class of the any-depth model families."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,6 +13,17 @@ from anydepth_kernels.flops import flop_mapping
 from .depth import DepthConfig, DepthLike, DepthSpace
 
 Shape = Tuple[int, ...]
+
+_WARNED = set()  # deprecated names already warned about (each warns once per process)
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One ``DeprecationWarning`` per old name per process: ``old`` is deprecated, use ``new``."""
+    if old in _WARNED:
+        return
+    _WARNED.add(old)
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=3)
 
 
 class AnyDepthModel(nn.Module):
@@ -53,6 +65,38 @@ class AnyDepthModel(nn.Module):
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
         raise NotImplementedError
+
+    # -- inference form -------------------------------------------------------------------------
+    @property
+    def is_inference(self) -> bool:
+        """True once :meth:`to_inference` has turned this model into its inference form."""
+        return bool(self.__dict__.get("_is_inference", False))
+
+    @torch.no_grad()
+    def to_inference(self, backend: str = "auto", **options) -> "AnyDepthModel":
+        """The family's inference form, in place (folded norms, fused conv epilogues, ...): outputs
+        equal the eager model's at every depth; the model is in eval mode and can no longer train.
+        ``backend`` picks the fused ops' backend (see :class:`~anydepth_kernels.FusedConvNormAct`);
+        ``options`` are family-specific (YOLOv12: ``concat_free``). Idempotent; returns ``self``."""
+        if self.is_inference:
+            return self
+        self.eval()
+        self._to_inference(backend, **options)
+        self.__dict__["_is_inference"] = True
+        self._flops_cache.clear()
+        return self
+
+    def _to_inference(self, backend: str, **options) -> None:
+        """Family hook of :meth:`to_inference`: rewrite the modules in place (the model is in eval
+        mode already). The default has nothing to fold."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.to_inference() takes no options {sorted(options)}")
+
+    def train(self, mode: bool = True):
+        if mode and self.is_inference:
+            raise RuntimeError("this model was fused for inference (model.to_inference()); rebuild it "
+                               "from its checkpoint to train")
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor, depth: DepthLike = None):
         return self.forward_depth(x, self.resolve_depth(depth, x.shape))

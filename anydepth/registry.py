@@ -1,7 +1,8 @@
 """Model registry: ``create_model("yolov12s-anydepth")`` (timm-style, one file per family).
 
-Each family module (``anydepth/models/<family>.py``) registers its factories with
-:func:`register_model`. A factory takes ``num_classes`` plus keyword options and returns an
+Each family module (``anydepth/models/<family>.py``, found here on its own) registers its
+:class:`~anydepth.family.ModelFamily` spec with :func:`anydepth.family.register_family`, which
+registers the family's factories with :func:`register_model`. A factory takes ``num_classes`` plus keyword options and returns an
 :class:`~anydepth.model.AnyDepthModel`; the registry records the name and options on the model
 (``model.model_name``, ``model.model_kwargs``) so that checkpoints can rebuild it.
 """
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import pkgutil
 from typing import Callable, Dict, List, Optional
 
-_FAMILY_MODULES = ("anydepth.models.yolov12", "anydepth.models.rtdetr")
 _REGISTRY: Dict[str, Callable] = {}
 _loaded = False
 
@@ -32,13 +33,16 @@ def _load_families() -> None:
     global _loaded
     if _loaded:
         return
-    for mod in _FAMILY_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a family not in this build; anything else is a bug
-            if e.name != mod:
-                raise
     _loaded = True
+    from . import models
+
+    try:
+        for info in pkgutil.iter_modules(models.__path__):  # every family file registers itself
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{models.__name__}.{info.name}")
+    except BaseException:
+        _loaded = False
+        raise
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:

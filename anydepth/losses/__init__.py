@@ -1,9 +1,10 @@
 """Training criteria for the any-depth detectors.
 
-``build_criterion(model, **weights)`` picks the criterion for a model class:
+``build_criterion(model, **weights)`` builds the criterion the model's family spec names
+(:class:`anydepth.family.ModelFamily`, ``criterion``):
 
-* ``AnyDepthYOLOv12`` -> :class:`anydepth.losses.yolo.YOLOCriterion`
-* ``AnyDepthRTDETR``  -> :class:`anydepth.losses.rtdetr.RTDETRCriterion`
+* YOLOv12 -> :class:`anydepth.losses.yolo.YOLOCriterion`
+* RT-DETR -> :class:`anydepth.losses.rtdetr.RTDETRCriterion`
 
 Every criterion exposes ``gt_loss(outputs, targets) -> (loss, logs)`` and
 ``distill_loss(student_outputs, teacher_outputs, targets) -> (loss, logs)``.
@@ -20,26 +21,22 @@ from .boxes import (  # noqa: F401
     generalized_box_iou,
 )
 
-_SUPPORTED = ("AnyDepthYOLOv12", "AnyDepthRTDETR")
-
 
 def build_criterion(model, **weights):
-    """Return the training criterion matching ``model``'s class.
+    """Return the training criterion of ``model``'s family (``family_of(model).criterion``).
 
     ``weights`` are forwarded as keywords to the criterion constructor (loss weights, assigner
-    settings...). Dispatch is on the class name so the model modules are not imported here.
-    Raises ``TypeError`` for an unsupported model class.
+    settings...). Raises ``TypeError`` for a model of no registered family.
     """
-    name = type(model).__name__
-    if name == "AnyDepthYOLOv12":
-        from .yolo import YOLOCriterion
+    from ..family import family_of
 
-        return YOLOCriterion(model, **weights)
-    if name == "AnyDepthRTDETR":
-        from .rtdetr import RTDETRCriterion
+    fam = family_of(model, default=None)
+    if fam is None:
+        from ..family import families
 
-        return RTDETRCriterion(model, **weights)
-    raise TypeError(f"no criterion for model class {name!r}; supported: {', '.join(_SUPPORTED)}")
+        raise TypeError(f"no criterion for model class {type(model).__name__!r}; supported: "
+                        f"{', '.join(f.model_class.__name__ for f in families())}")
+    return fam.build_criterion(model, **weights)
 
 
 __all__ = [

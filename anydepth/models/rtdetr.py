@@ -59,9 +59,9 @@ from anydepth_kernels.cuda_graphs import keep_alive
 
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
-from ..model import AnyDepthModel
+from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, lazy, register_family
+from ..model import AnyDepthModel, warn_deprecated
 from ..nn import ConvNormAct, SkipAwareLayerNorm, SkippableStage, split_blocks
-from ..registry import register_model
 
 __all__ = ["AnyDepthRTDETR", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
 
@@ -883,7 +883,6 @@ class AnyDepthRTDETR(AnyDepthModel):
         self.decoder = RTDETRDecoder([hidden] * 3, num_classes, d_model, num_heads, decoder_ffn_dim, layers,
                                      decoder_points, num_queries, decoder_activation, layer_norm_eps,
                                      batch_norm_eps, denoising)
-        self.deployed = False
 
     # -- input checks -------------------------------------------------------------------------
     # -- forward --------------------------------------------------------------------------------
@@ -899,7 +898,7 @@ class AnyDepthRTDETR(AnyDepthModel):
     def forward_train(self, x: torch.Tensor, depth: DepthLike = None, targets=None,
                       generator: Optional[torch.Generator] = None) -> Dict[str, object]:
         """Training pass at ``depth`` (``None`` = full; as in ``forward``). The model must be in
-        training mode and not deployed.
+        training mode and not in its inference form.
 
         ``x``: float ``[B, 3, H, W]`` in [0, 1]. ``targets`` (optional): ``B`` dicts with ``boxes``
         float ``[N, 4]`` xyxy in pixels of ``x`` and ``labels`` int64 ``[N]``; when given and the
@@ -923,8 +922,9 @@ class AnyDepthRTDETR(AnyDepthModel):
         if not self.training:
             raise RuntimeError("forward_train() needs the model in training mode: call model.train() first "
                                "(use model(x, depth=...) or predict() for inference)")
-        if self.deployed:
-            raise RuntimeError("forward_train() cannot run on a deployed (folded, inference-only) model")
+        if self.is_inference:
+            raise RuntimeError("forward_train() cannot run on the inference form (model.to_inference(): "
+                               "folded, inference-only)")
         config = self.resolve_depth(depth, x.shape if isinstance(x, torch.Tensor) else None)
         self.check_input(x)
         h, w = int(x.shape[2]), int(x.shape[3])
@@ -944,15 +944,12 @@ class AnyDepthRTDETR(AnyDepthModel):
         out["image_size"] = (h, w)
         return out
 
-    # -- deployment -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
-        """Inference form, in place: each RepVGG block becomes one 3x3 conv per norm set and every
-        conv-BN(-act) becomes a :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where
-        the BN is skip-aware). Puts the model in eval mode (the running statistics are folded);
-        outputs equal the eager model's at every depth. ``backend`` is the fused ops' backend
-        (see :class:`~anydepth_kernels.FusedConvNormAct`). Returns ``self``."""
-        self.eval()
+    # -- inference form -----------------------------------------------------------------------
+    def _to_inference(self, backend: str) -> None:
+        """Inference form (:meth:`~anydepth.model.AnyDepthModel.to_inference`): each RepVGG block
+        becomes one 3x3 conv per norm set and every conv-BN(-act) becomes a
+        :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where the BN is skip-aware); the
+        running statistics are folded. Outputs equal the eager model's at every depth."""
 
         def swap(module: nn.Module) -> None:
             for name, child in module.named_children():
@@ -966,9 +963,17 @@ class AnyDepthRTDETR(AnyDepthModel):
                     swap(child)
 
         swap(self)
-        self.deployed = True
-        self._flops_cache.clear()
-        return self
+
+    def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
+        """Deprecated alias of :meth:`to_inference` (warns once)."""
+        warn_deprecated("AnyDepthRTDETR.deploy()", "model.to_inference()")
+        return self.to_inference(backend)
+
+    @property
+    def deployed(self) -> bool:
+        """Deprecated alias of :attr:`is_inference` (warns once)."""
+        warn_deprecated("AnyDepthRTDETR.deployed", "model.is_inference")
+        return self.is_inference
 
     # -- images in, detections out ----------------------------------------------------------------
     @torch.no_grad()
@@ -1018,5 +1023,30 @@ def _factory(variant: str):
     return build
 
 
-for _v in VARIANTS:
-    register_model(f"rtdetr-{_v}-anydepth")(_factory(_v))
+def _import_transformers(path: str) -> AnyDepthRTDETR:
+    try:
+        from transformers import RTDetrForObjectDetection
+    except ImportError as e:
+        raise ImportError(f"{path!r} is a directory (a HuggingFace model?) but transformers is not "
+                          "installed: pip install 'anydepth[peers]'") from e
+    from ..convert import from_transformers
+
+    return from_transformers(RTDetrForObjectDetection.from_pretrained(path)).eval()
+
+
+FAMILY = register_family(ModelFamily(
+    name="rtdetr",
+    model_class=AnyDepthRTDETR,
+    factories={f"rtdetr-{v}-anydepth": _factory(v) for v in VARIANTS},
+    task="detect",
+    preprocess="resize",
+    criterion=lazy("anydepth.losses.rtdetr:RTDETRCriterion"),
+    # the official recipe: AdamW 1e-4, backbone at 0.1x, clip 0.1, no mixed precision
+    train=TrainDefaults(lr=1e-4, weight_decay=1e-4, clip_grad=0.1, lr_scales=(("backbone.", 0.1),),
+                        amp_warning="the any-depth RT-DETR recipe trains without mixed precision (FACTS: "
+                                    "'No mixed precision'); amp is on at your request"),
+    converters={"transformers": lazy("anydepth.convert:from_transformers")},
+    weight_import=WeightImport("a HuggingFace RT-DETR directory", is_dir, _import_transformers),
+    peer=Peer("transformers", lazy("anydepth.convert._transformers:build_peer"),
+              lambda m, x: m(pixel_values=x)),
+))

@@ -34,9 +34,9 @@ from torch import nn
 
 from ..depth import DepthConfig, DepthLike, DepthSpace
 from ..detection import Detections, batched_nms, letterbox_batch
-from ..model import AnyDepthModel
+from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_file, lazy, register_family
+from ..model import AnyDepthModel, warn_deprecated
 from ..nn import ConvNormAct
-from ..registry import register_model
 from anydepth_kernels import area_attention, concat_conv1x1
 from anydepth_kernels.cuda_graphs import keep_alive
 
@@ -141,7 +141,7 @@ class AAttn(nn.Module):
         self.qkv = _Conv(dim, all_head_dim * 3, 1, act=False, skip_aware=skip_aware)
         self.proj = _Conv(all_head_dim, dim, 1, act=False, skip_aware=skip_aware)
         self.pe = _Conv(all_head_dim, all_head_dim, 7, 1, g=all_head_dim, act=False, skip_aware=skip_aware)
-        self.use_kernel = False  # set by AnyDepthYOLOv12.fuse(): anydepth_kernels.area_attention
+        self.use_kernel = False  # set by AnyDepthYOLOv12.to_inference(): anydepth_kernels.area_attention
 
     def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.use_kernel:  # fused form: the area reshapes are folded into the kernel's indexing
@@ -225,8 +225,8 @@ class SwitchableCSP(nn.Module):
                           if shallow_out == "separate" else None)
         self.gamma = nn.Parameter(0.01 * torch.ones(c2)) if gamma else None
         self.skip_aware = True
-        self.cv2_skip: Optional[nn.Module] = None  # set by AnyDepthYOLOv12.fuse()
-        self.concat_free = False  # set by AnyDepthYOLOv12.fuse(concat_free=True)
+        self.cv2_skip: Optional[nn.Module] = None  # set by AnyDepthYOLOv12.to_inference()
+        self.concat_free = False  # set by AnyDepthYOLOv12.to_inference(concat_free=True)
 
     @property
     def shallow_in_channels(self) -> int:
@@ -399,7 +399,6 @@ class AnyDepthYOLOv12(AnyDepthModel):
         L[21] = Detect(num_classes, (W(256), W(512), W(1024)))
         self.layers = nn.ModuleList([m if m is not None else nn.Identity() for m in L])
         self._init_weights()
-        self.is_fused = False
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -415,18 +414,15 @@ class AnyDepthYOLOv12(AnyDepthModel):
         """Switch name -> its CSP module."""
         return {name: self.layers[i] for name, i in SWITCHES}
 
-    def fuse(self, backend: str = "auto", concat_free: bool = True) -> "AnyDepthYOLOv12":
-        """Inference form, in place: every conv + BN (+ activation, + residual add) becomes one
-        fused op (``torch.ops.anydepth.conv_norm_act``) with one folded epilogue per norm set.
-        With ``concat_free`` (default) each CSP module's output conv reads its branches in place
-        (``anydepth_kernels.concat_conv1x1``: no concat; the shallow path reads the weight's first
-        input channels); otherwise the concat stays and the shallow weight slice is folded once.
-        Outputs match the eager model at every depth. The fused model is for inference only."""
+    def _to_inference(self, backend: str, concat_free: bool = True) -> None:
+        """Inference form (:meth:`~anydepth.model.AnyDepthModel.to_inference`): every conv + BN
+        (+ activation, + residual add) becomes one fused op (``torch.ops.anydepth.conv_norm_act``)
+        with one folded epilogue per norm set. With ``concat_free`` (default) each CSP module's
+        output conv reads its branches in place (``anydepth_kernels.concat_conv1x1``: no concat; the
+        shallow path reads the weight's first input channels); otherwise the concat stays and the
+        shallow weight slice is folded once. Outputs match the eager model at every depth."""
         from ..nn import FusedConv, fuse_conv_norm_acts
 
-        if self.is_fused:
-            return self
-        self.eval()
         for csp in self.switchable_modules.values():
             if csp.conv_skip is None and not concat_free:
                 csp.cv2_skip = FusedConv.from_conv_norm_act(
@@ -436,14 +432,17 @@ class AnyDepthYOLOv12(AnyDepthModel):
             if isinstance(m, AAttn):
                 m.use_kernel = True
         fuse_conv_norm_acts(self, backend)
-        self.is_fused = True
-        return self
 
-    def train(self, mode: bool = True):
-        if mode and getattr(self, "is_fused", False):
-            raise RuntimeError("this model was fused for inference (model.fuse()); rebuild it from its "
-                               "checkpoint to train")
-        return super().train(mode)
+    def fuse(self, backend: str = "auto", concat_free: bool = True) -> "AnyDepthYOLOv12":
+        """Deprecated alias of :meth:`to_inference` (warns once)."""
+        warn_deprecated("AnyDepthYOLOv12.fuse()", "model.to_inference()")
+        return self.to_inference(backend, concat_free=concat_free)
+
+    @property
+    def is_fused(self) -> bool:
+        """Deprecated alias of :attr:`is_inference` (warns once)."""
+        warn_deprecated("AnyDepthYOLOv12.is_fused", "model.is_inference")
+        return self.is_inference
 
     def _extra_params_used(self, config: DepthConfig, ran: set) -> int:
         # a shallow output conv that reads a slice of cv2's weight calls F.conv2d directly: count
@@ -563,5 +562,22 @@ def _factory(scale: str):
     return build
 
 
-for _s in SCALES:
-    register_model(f"yolov12{_s}-anydepth")(_factory(_s))
+def _import_ultralytics(path: str) -> AnyDepthYOLOv12:
+    from ..convert import from_ultralytics
+
+    return from_ultralytics(path).eval()
+
+
+FAMILY = register_family(ModelFamily(
+    name="yolov12",
+    model_class=AnyDepthYOLOv12,
+    factories={f"yolov12{s}-anydepth": _factory(s) for s in SCALES},
+    task="detect",
+    preprocess="letterbox",
+    criterion=lazy("anydepth.losses.yolo:YOLOCriterion"),
+    # AdamW 2e-3 as Ultralytics' automatic optimizer picks for small runs, weight decay 5e-4, clip 10
+    train=TrainDefaults(lr=2e-3, weight_decay=5e-4, clip_grad=10.0),
+    converters={"ultralytics": lazy("anydepth.convert:from_ultralytics")},
+    weight_import=WeightImport("an Ultralytics YOLO12 checkpoint", is_file, _import_ultralytics),
+    peer=Peer("ultralytics", lazy("anydepth.convert._ultralytics:build_peer"), lambda m, x: m(x)),
+))

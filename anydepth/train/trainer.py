@@ -30,21 +30,28 @@ from .step import parameter_groups, two_pass_step
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Per-family defaults (None in TrainConfig = use these). RT-DETR: the official recipe's AdamW 1e-4,
-# backbone at 0.1x, clip 0.1; YOLO: AdamW 2e-3 as Ultralytics' automatic optimizer picks for small
-# runs, weight decay 5e-4, clip 10.
-FAMILY_DEFAULTS = {
-    "yolov12": {"lr": 2e-3, "weight_decay": 5e-4, "clip_grad": 10.0, "mode": "letterbox", "lr_scales": []},
-    "rtdetr": {"lr": 1e-4, "weight_decay": 1e-4, "clip_grad": 0.1, "mode": "resize",
-               "lr_scales": [("backbone.", 0.1)]},
-}
+def model_family(name: str):
+    """The :class:`~anydepth.family.ModelFamily` of model ``name``, if it has a training recipe."""
+    from ..family import families, family_of
+
+    fam = family_of(name, default=None)
+    if fam is None or fam.train is None:
+        raise ValueError(f"no training recipe for model {name!r}; trainable families: "
+                         f"{sorted(f.name for f in families() if f.train is not None)}")
+    return fam
 
 
-def model_family(name: str) -> str:
-    for fam in FAMILY_DEFAULTS:
-        if name.startswith(fam):
-            return fam
-    raise ValueError(f"no training recipe for model {name!r}; trainable families: {sorted(FAMILY_DEFAULTS)}")
+def __getattr__(name: str):
+    if name == "FAMILY_DEFAULTS":  # deprecated: the recipes live on the family specs now
+        from ..family import families
+        from ..model import warn_deprecated
+
+        warn_deprecated("anydepth.train.FAMILY_DEFAULTS", "anydepth.family.family_of(name).train")
+        return {f.name: {"lr": f.train.lr, "weight_decay": f.train.weight_decay,
+                         "clip_grad": f.train.clip_grad, "mode": f.preprocess,
+                         "lr_scales": list(f.train.lr_scales)}
+                for f in families() if f.train is not None}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -58,7 +65,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 16
     imgsz: int = 640
-    lr: Optional[float] = None          # family default (FAMILY_DEFAULTS)
+    lr: Optional[float] = None          # family default (family_of(model).train)
     weight_decay: Optional[float] = None
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.05          # cosine ends at lr * min_lr_ratio
@@ -141,28 +148,25 @@ def load_matching_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Te
 
 
 def initial_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Weights to start from: an anydepth checkpoint, an Ultralytics YOLO12 ``.pt`` or a
-    HuggingFace RT-DETR directory (converted with :mod:`anydepth.convert`)."""
-    from .. import checkpoint, convert
+    """Weights to start from: an anydepth checkpoint, or a peer's weights that a model family
+    imports (:func:`anydepth.family.import_weights`: an Ultralytics YOLO12 ``.pt``, a HuggingFace
+    RT-DETR directory, converted with :mod:`anydepth.convert`)."""
+    from .. import checkpoint
+    from ..family import import_weights
 
-    if os.path.isdir(path):
-        try:
-            from transformers import RTDetrForObjectDetection
-        except ImportError as e:
-            raise ValueError(f"{path!r} is a directory (a HuggingFace model?) but transformers is not "
-                             "installed: pip install 'anydepth[peers]'") from e
-        return convert.from_transformers(RTDetrForObjectDetection.from_pretrained(path)).state_dict()
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"initial weights {path!r} not found")
+    if os.path.isfile(path):
+        try:
+            return checkpoint.read(path)["state_dict"]
+        except ValueError:
+            pass
     try:
-        return checkpoint.read(path)["state_dict"]
-    except ValueError:
-        pass
-    try:
-        return convert.from_ultralytics(path).state_dict()
-    except Exception as e:
-        raise ValueError(f"{path!r} is neither an anydepth checkpoint, an Ultralytics YOLO12 checkpoint "
-                         f"nor a HuggingFace RT-DETR directory ({type(e).__name__}: {e})") from e
+        return import_weights(path).state_dict()
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    except ValueError as e:
+        raise ValueError(f"{path!r} is not an anydepth checkpoint, and {e}") from e
 
 
 def collate_batch(samples):
@@ -255,20 +259,19 @@ class Trainer:
             raise ValueError("Trainer needs a TrainConfig or resume=path")
         config.validate()
         self.config = cfg = config
-        self.family = model_family(cfg.model)
-        fam = FAMILY_DEFAULTS[self.family]
-        self.lr = fam["lr"] if cfg.lr is None else cfg.lr
-        self.weight_decay = fam["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
-        self.clip_grad = fam["clip_grad"] if cfg.clip_grad is None else cfg.clip_grad
-        self.mode = fam["mode"] if cfg.mode is None else cfg.mode
+        self.family = model_family(cfg.model)  # the ModelFamily spec
+        fam = self.family.train
+        self.lr = fam.lr if cfg.lr is None else cfg.lr
+        self.weight_decay = fam.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+        self.clip_grad = fam.clip_grad if cfg.clip_grad is None else cfg.clip_grad
+        self.mode = self.family.preprocess if cfg.mode is None else cfg.mode
 
         self.dist = _Dist(cfg.device)
         self.device = self.dist.device
         if self.device.type != "cuda" and cfg.amp != "off":
             raise ValueError(f"amp={cfg.amp!r} needs a CUDA device (training on {self.device})")
-        if cfg.amp != "off" and self.family == "rtdetr":
-            warnings.warn("the any-depth RT-DETR recipe trains without mixed precision (FACTS: 'No mixed "
-                          "precision'); amp is on at your request", stacklevel=2)
+        if cfg.amp != "off" and fam.amp_warning:
+            warnings.warn(fam.amp_warning, stacklevel=2)
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
 
@@ -306,7 +309,7 @@ class Trainer:
         self.full = self.model.resolve_depth("full")
         self.shallow = self.model.resolve_depth(cfg.shallow)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.weight_decay, fam["lr_scales"]),
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.weight_decay, list(fam.lr_scales)),
                                            lr=self.lr, betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         tau = cfg.ema_tau if cfg.ema_tau is not None else min(2000.0, max(1.0, self.total_steps / 5))
