@@ -11,13 +11,13 @@ from torch import nn
 
 from anydepth_kernels import register_swap
 
-#: model class -> the method that builds its inference form (``fuse`` / ``deploy`` today)
-_INFERENCE_VERB = {"AnyDepthYOLOv12": "fuse", "AnyDepthRTDETR": "deploy"}
+#: the model classes whose inference form ``optimize`` builds (``model.to_inference()``)
+_OWN_MODELS = ("AnyDepthYOLOv12", "AnyDepthRTDETR")
 
 
 def to_inference(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """The model's inference form, in place. The one place that names the inference verb."""
-    return getattr(model, _INFERENCE_VERB[type(model).__name__])(backend=backend)
+    """The model's inference form, in place."""
+    return model.to_inference(backend=backend)
 
 
 def _swap_own_model(model: nn.Module, backend: str) -> nn.Module:
@@ -27,8 +27,8 @@ def _swap_own_model(model: nn.Module, backend: str) -> nn.Module:
 
 def register() -> None:
     """Register the rules (idempotent)."""
-    for cls, verb in _INFERENCE_VERB.items():
-        register_swap("anydepth", cls, _swap_own_model, note=f"its own inference form ({verb}())")
+    for cls in _OWN_MODELS:
+        register_swap("anydepth", cls, _swap_own_model, note="its own inference form (to_inference())")
 
 
 register()

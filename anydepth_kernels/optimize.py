@@ -340,7 +340,7 @@ def register_swap(package: str, class_name: str, rule: Swap, note: Optional[str]
     first dot) and ``class_name`` the class's ``__name__``; nothing is imported to match them.
     Rules apply to submodules and to the model passed to :func:`optimize` itself; in the latter
     case the report counts the module types the rule added and ``note`` (if given; e.g. "its own
-    inference form (fuse())") is added to its notes. Registering the same key again replaces the
+    inference form (to_inference())") is added to its notes. Registering the same key again replaces the
     rule."""
     if not callable(rule):
         raise TypeError(f"register_swap: rule must be callable, got {type(rule).__name__}")

@@ -18,7 +18,7 @@ def test_optimize_anydepth_yolov12_every_depth():
                    calibrate_shape=(2, 3, 64, 64)).eval()
     exact = copy.deepcopy(m).double()
     opt, report = ak.optimize(copy.deepcopy(m), return_report=True)
-    assert report.swapped and "fuse()" in " ".join(report.notes)
+    assert report.swapped and "to_inference()" in " ".join(report.notes)
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         for depth in ("full", "base", {"neck.p4_down": True}, 0.3):
@@ -35,18 +35,18 @@ def _added(before, after):
     return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
 
 
-@pytest.mark.parametrize("name, verb", [("yolov12n-anydepth", "fuse"), ("rtdetr-r18-anydepth", "deploy")])
-def test_optimize_anydepth_swaps_what_its_inference_form_does(name, verb):
+@pytest.mark.parametrize("name", ["yolov12n-anydepth", "rtdetr-r18-anydepth"])
+def test_optimize_anydepth_swaps_what_its_inference_form_does(name):
     """Our models register their rule from `anydepth` (anydepth/_swaps.py): optimize() gives the
     model's own inference form, in place, and reports the same module types as calling it."""
     m = anydepth.create_model(name, num_classes=3).eval()
-    direct = getattr(copy.deepcopy(m), verb)()
+    direct = copy.deepcopy(m).to_inference()
     expected = _added(_type_counts(m), _type_counts(direct))
     assert expected
     opt, report = ak.optimize(m, return_report=True)
     assert opt is m and report.swapped == expected and _type_counts(opt) == _type_counts(direct)
-    assert report.notes == [f"{type(m).__name__}: its own inference form ({verb}())"]
-    assert getattr(opt, "is_fused", False) or getattr(opt, "deployed", False)
+    assert report.notes == [f"{type(m).__name__}: its own inference form (to_inference())"]
+    assert opt.is_inference
     # nested in a plain container, the same rule applies to it as a submodule
     wrapped = nn.Sequential(anydepth.create_model(name, num_classes=3))
     _, report = ak.optimize(wrapped, return_report=True)
