@@ -21,7 +21,7 @@ export MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: test bench demo install gpu-check clean
+.PHONY: test lint bench demo install gpu-check clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,11 @@ $(VENV)/triton36/.installed: $(VENV)/.torch
 	$(PIP) install -q --no-deps --target $(VENV)/triton36 "$(TRITON36_SPEC)"
 	touch $@
 
-test: $(VENV)/.installed $(VENV)/triton36/.installed
+# lint (ruff: pycodestyle + pyflakes, config in pyproject.toml), then the whole suite
+lint: $(VENV)/.installed
+	$(PY) -m ruff check anydepth anydepth_kernels tests bench setup.py
+
+test: lint $(VENV)/.installed $(VENV)/triton36/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

@@ -96,7 +96,8 @@ class ModelReport:
                 eager = self.row(depth)
                 best = min((r for r in self.rows if r.name.split("+")[0] == depth), key=lambda r: r.median_ms)
                 if eager.gflop_per_s:
-                    out.append(f"{depth}: eager {eager.gflop_per_s:.0f} GFLOP/s = {eager.gflop_per_s / peak:.0%} of the "
+                    out.append(f"{depth}: eager {eager.gflop_per_s:.0f} GFLOP/s = "
+                               f"{eager.gflop_per_s / peak:.0%} of the "
                                f"matmul rate, fastest form ({best.name}) {best.gflop_per_s / peak:.0%}; ceiling for "
                                f"any speedup over eager at this FLOP count ~{peak / eager.gflop_per_s:.2f}x")
         if self.peer is not None:
@@ -107,7 +108,8 @@ class ModelReport:
                 if f"full+{form}" in names:
                     fast = self.row(f"full+{form}")
                     out.append(f"full+{form} vs {self.peer} eager, same weights: "
-                               f"{peer.median_ms / fast.median_ms:.2f}x ({fast.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
+                               f"{peer.median_ms / fast.median_ms:.2f}x "
+                               f"({fast.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
         return out
 
     def to_json(self) -> dict:
@@ -262,7 +264,8 @@ def save_model_report(report: ModelReport, out_dir: str) -> Tuple[str, Optional[
         fused_rows = [r for r in report.rows if "+fused" in r.name]
         compiled_rows = [r for r in report.rows if "+compiled" in r.name]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        ax.plot([r.gflops for r in rows], [r.median_ms for r in rows], "o-", label=f"{report.model} (one set of weights)")
+        ax.plot([r.gflops for r in rows], [r.median_ms for r in rows], "o-",
+                label=f"{report.model} (one set of weights)")
         for r in rows:
             ax.annotate(r.name, (r.gflops, r.median_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
         if fused_rows:

@@ -266,7 +266,8 @@ def _cmd_eval(args) -> int:
     model = model.to(device)
     report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
                       progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images)
-    print(f"{name} on {args.data} at {args.imgsz}, {len(dataset) if args.max_images is None else args.max_images} images")
+    n_images = len(dataset) if args.max_images is None else args.max_images
+    print(f"{name} on {args.data} at {args.imgsz}, {n_images} images")
     print(report.table())
     stem = f"eval-{name}-{args.imgsz}"
     paths = report.save(args.out, stem)
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     b.add_argument("--reps", type=int, default=3, help="timed calls per backend per round")
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--compile", action="store_true", help="also time torch.compile: of the eager reference (--kernels) and "
+    b.add_argument("--compile", action="store_true",
+                   help="also time torch.compile: of the eager reference (--kernels) and "
                         "anydepth_kernels.optimize(model, compile=True) at full and base depth (--model)")
     b.add_argument("--out", default="bench/results", help="directory for the JSON report")
     b.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -85,7 +85,8 @@ def as_image_list(images) -> List[ImageLike]:
         if not images:
             raise ValueError("predict: got an empty list of images")
         return list(images)
-    raise TypeError(f"predict: images must be an image, a batch tensor or a list of images, got {type(images).__name__}")
+    raise TypeError("predict: images must be an image, a batch tensor or a list of images, got "
+                    f"{type(images).__name__}")
 
 
 def letterbox_batch(images, size: Union[int, Tuple[int, int]], stride: int = 32, fill: float = 114 / 255,

@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,8 +245,9 @@ def _tests_and_sanitizer(c: Check) -> None:
         env = dict(c.env, TORCHINDUCTOR_COMPILE_THREADS="1")
         running.append(("pytest -m gpu", c.start("pytest -m gpu", _pytest_cmd(c, "junit-gpu.xml", 6) + [
             "-m", "gpu", *files], pylog_gpu, env)))
-        running.append(("pytest triton-on-cuda", c.start("pytest triton-on-cuda", _pytest_cmd(c, "junit-triton.xml", 4) + [
-            "-m", "not gpu", TRITON_ON_CUDA_FILE, "--deselect", f"{TRITON_ON_CUDA_FILE}::test_aot_compile"], pylog_tri)))
+        cmd = _pytest_cmd(c, "junit-triton.xml", 4) + [
+            "-m", "not gpu", TRITON_ON_CUDA_FILE, "--deselect", f"{TRITON_ON_CUDA_FILE}::test_aot_compile"]
+        running.append(("pytest triton-on-cuda", c.start("pytest triton-on-cuda", cmd, pylog_tri)))
     # the Triton-on-CPU-tensor cases (the interpreter) in their own process without CUDA
     interp_env = dict(c.env, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     broken = _interpreter_defect(c, interp_env)
@@ -292,8 +293,10 @@ def _tests_and_sanitizer(c: Check) -> None:
 
 #: default plan, in priority order (a short budget drops the tail): model:dtype, and
 #: dtype[+compile]:family/family
-DEFAULT_E2E = "yolov12s-anydepth:float16,rtdetr-r50-anydepth:float32,rtdetr-r50-anydepth:float16,yolov12s-anydepth:float32"
-DEFAULT_KBENCH = "float16:msda/attention/conv/concat,float32:conv/concat/attention/msda,float32+compile:conv/concat/attention/msda"
+DEFAULT_E2E = ("yolov12s-anydepth:float16,rtdetr-r50-anydepth:float32,rtdetr-r50-anydepth:float16,"
+               "yolov12s-anydepth:float32")
+DEFAULT_KBENCH = ("float16:msda/attention/conv/concat,float32:conv/concat/attention/msda,"
+                  "float32+compile:conv/concat/attention/msda")
 
 
 def _benchmarks(c: Check, e2e_plan: str, kbench_plan: str) -> None:
@@ -315,7 +318,8 @@ def _benchmarks(c: Check, e2e_plan: str, kbench_plan: str) -> None:
         later = 25 * (len(e2e) - i - 1) + (40 if kb else 0)
         c.step(f"e2e {model} {dt}", c.sub("e2e", model, dt, res, *e2e_args), blog, c.budget(60, later, least=30))
     for i, (dt, comp, fams) in enumerate(kb):
-        args = ["kbench", res, dt, fams] + (["--compile"] if comp else []) + (["--tiny", "--device", "cpu"] if c.rehearse else [])
+        args = ["kbench", res, dt, fams] + (["--compile"] if comp else [])
+        args += ["--tiny", "--device", "cpu"] if c.rehearse else []
         c.step(f"kernel benchmarks {dt}{' +torch.compile' if comp else ''} ({fams})", c.sub(*args), blog,
                c.budget(150 if comp else 60, 5 + 30 * (len(kb) - i - 1), least=20), critical=not comp)
 
@@ -337,11 +341,14 @@ def _targets(c: Check) -> None:
             full, base = rows[-1], rows[0]
             form = "graph_fused_ms" if "graph_fused_ms" in full else "graph_eager_ms"
             if form not in full:
-                lines.append(f"  {model} {dt}: no CUDA-graph timing ({full.get('graph_fused_error') or full.get('graph_eager_error')})")
+                why = full.get("graph_fused_error") or full.get("graph_eager_error")
+                lines.append(f"  {model} {dt}: no CUDA-graph timing ({why})")
                 continue
-            msg = [f"full {full[form]:.2f} ms" + (f" (target <= {limits['full']})" if dt == "float16" or "rtdetr" in model else "")]
+            targeted = dt == "float16" or "rtdetr" in model
+            msg = [f"full {full[form]:.2f} ms" + (f" (target <= {limits['full']})" if targeted else "")]
             if form in base and base is not full:
-                msg.append(f"base {base[form]:.2f} ms" + (f" (target <= {limits['base']})" if "base" in limits and dt == "float16" else ""))
+                target = f" (target <= {limits['base']})" if "base" in limits and dt == "float16" else ""
+                msg.append(f"base {base[form]:.2f} ms" + target)
                 eff = (base["gflops"] / full["gflops"]) / (base[form] / full[form])
                 msg.append(f"depth efficiency {eff:.2f}")
             lines.append(f"  {model} {dt} [{form.replace('_ms', '')}]: " + ", ".join(msg))
@@ -358,7 +365,8 @@ def _targets(c: Check) -> None:
             comp = by.get((case, "torch.compile(reference)"))
             for b in ("cuda", "triton"):
                 if comp and (case, b) in by:
-                    lines.append(f"  ms_deform_attn {rep['dtype']} {case}: {b} {comp['median_ms'] / by[(case, b)]['median_ms']:.2f}x "
+                    ratio = comp["median_ms"] / by[(case, b)]["median_ms"]
+                    lines.append(f"  ms_deform_attn {rep['dtype']} {case}: {b} {ratio:.2f}x "
                                  "vs torch.compile(reference)")
     for dt in ("float16", "float32"):
         rep = load(f"attention-{dt}.json")
@@ -584,7 +592,8 @@ def e2e(argv: Sequence[str]) -> int:
         dead = set()
         for i, cfg in enumerate(ladder):
             if time.time() - t_start > a.budget and i < len(ladder) - 1:
-                notes.append(f"budget: skipped depths {i + 1}..{len(ladder) - 1} of {len(ladder)}, timed the full depth")
+                notes.append(f"budget: skipped depths {i + 1}..{len(ladder) - 1} of {len(ladder)}, "
+                             "timed the full depth")
                 ladder = ladder[:i] + [ladder[-1]]
                 cfg = ladder[-1]
             row = {"depth": cfg.code, "gflops": round(m.flops(cfg, shape) / 1e9, 3)}
@@ -619,12 +628,17 @@ def e2e(argv: Sequence[str]) -> int:
     dump()
 
     def f(r_, k):
-        return f"{r_[k]:8.2f}" if isinstance(r_.get(k), float) else f"{'ERR' if k.replace('_ms', '_error') in r_ else '-':>8}"
+        if isinstance(r_.get(k), float):
+            return f"{r_[k]:8.2f}"
+        return f"{'ERR' if k.replace('_ms', '_error') in r_ else '-':>8}"
 
     print(f"\n{a.model} {a.dtype} @{a.imgsz} batch 1 on {dev} (ms, median)")
-    print(f"{'depth':26}{'GFLOPs':>8}{'eager':>8}{'fused':>8}{'graph':>8}{'g+fused':>8}{'fused err':>10}{'graph err':>10}")
+    print(f"{'depth':26}{'GFLOPs':>8}{'eager':>8}{'fused':>8}{'graph':>8}{'g+fused':>8}"
+          f"{'fused err':>10}{'graph err':>10}")
     for r_ in rows:
-        e = (lambda k: f"{r_[k]:10.1e}" if k in r_ else f"{'-':>10}")
+        def e(k, r_=r_):
+            return f"{r_[k]:10.1e}" if k in r_ else f"{'-':>10}"
+
         print(f"{r_['depth'][:25]:26}{r_['gflops']:8.2f}{f(r_, 'eager_ms')}{f(r_, 'fused_ms')}{f(r_, 'graph_eager_ms')}"
               f"{f(r_, 'graph_fused_ms')}{e('fused_rel_err')}{e('graph_eager_rel_err')}")
     for n_ in notes:
@@ -680,15 +694,18 @@ def kbench(argv: Sequence[str]) -> int:
                 from anydepth_kernels import benchmark_attention as BA
 
                 cases = [BA.AttnCase("tiny area", "area", 1, 2, 16, map_hw=(4, 4), area=2)] if a.tiny else None
-                save(BA.run_attention_benchmarks(dev, dtype, cases=cases, compile_reference=a.compile, progress=False, **kw),
+                save(BA.run_attention_benchmarks(dev, dtype, cases=cases, compile_reference=a.compile,
+                                                 progress=False, **kw),
                      "attention", "attention / area attention")
                 if dev == "cuda" and dtype == torch.float32 and not a.compile:
-                    save(_attention_precision(B, kw), "attention-precision", "Triton attention: ieee vs tf32 dots vs SDPA")
+                    save(_attention_precision(B, kw), "attention-precision",
+                         "Triton attention: ieee vs tf32 dots vs SDPA")
             elif fam == "msda":
                 from anydepth_kernels import benchmark_ms_deform as BM
 
                 cases = [BM.MsDeformCase("tiny", 1, 7, 2, ((4, 4), (2, 2)), 2, 8)] if a.tiny else None
-                save(BM.run_ms_deform_benchmarks(dev, dtype, cases=cases, compile_reference=a.compile, progress=False, **kw),
+                save(BM.run_ms_deform_benchmarks(dev, dtype, cases=cases, compile_reference=a.compile,
+                                                 progress=False, **kw),
                      "ms_deform_attn", "multi-scale deformable attention")
             else:
                 raise ValueError(f"unknown kernel family {fam!r}")

@@ -2,7 +2,8 @@
 
 Each family module (``anydepth/models/<family>.py``, found here on its own) registers its
 :class:`~anydepth.family.ModelFamily` spec with :func:`anydepth.family.register_family`, which
-registers the family's factories with :func:`register_model`. A factory takes ``num_classes`` plus keyword options and returns an
+registers the family's factories with :func:`register_model`. A factory takes ``num_classes``
+plus keyword options and returns an
 :class:`~anydepth.model.AnyDepthModel`; the registry records the name and options on the model
 (``model.model_name``, ``model.model_kwargs``) so that checkpoints can rebuild it.
 """

@@ -43,7 +43,8 @@ def test_names_are_the_public_tuples():
     assert conv_norm_act.BACKENDS == ak.BACKENDS == B.names("conv_norm_act") == B.names("scale_bias_act") \
         == ("auto", "reference", "cpp", "cuda", "triton")
     assert concat_conv.CONCAT_BACKENDS == B.names("concat_conv1x1") == ("auto", "reference", "cpp", "triton")
-    assert ms_deform_attn.MS_DEFORM_BACKENDS == B.names("ms_deform_attn") == ("auto", "reference", "cpp", "cuda", "triton")
+    assert (ms_deform_attn.MS_DEFORM_BACKENDS == B.names("ms_deform_attn")
+            == ("auto", "reference", "cpp", "cuda", "triton"))
     assert attn_ops.ATTENTION_BACKENDS == B.names("attention") == B.names("area_attention") \
         == ("auto", "reference", "sdpa", "triton")
 

@@ -124,7 +124,8 @@ def test_silu_full_range_every_isa():
 
 def test_unknown_isa_is_a_clear_error():
     env = dict(os.environ, ANYDEPTH_CPU_ISA="sse9")
-    code = "import torch, anydepth_kernels as ak; ak.scale_bias_act(torch.randn(1,2,3,3), torch.ones(2), torch.zeros(2), backend='cpp')"
+    code = ("import torch, anydepth_kernels as ak; "
+            "ak.scale_bias_act(torch.randn(1,2,3,3), torch.ones(2), torch.zeros(2), backend='cpp')")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "ANYDEPTH_CPU_ISA=sse9" in out.stderr
 

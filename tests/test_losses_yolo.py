@@ -237,8 +237,8 @@ def test_gt_loss_random_model_finite_positive(model, batch):
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     loss3, logs3 = build_criterion(model).gt_loss(out, empty)
     assert logs3["fg"] == 0 and logs3["box"] == 0 and logs3["dfl"] == 0
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out["scores"].detach(), torch.zeros_like(out["scores"]),
-                                                                     reduction="sum")
+    scores = out["scores"].detach()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(scores, torch.zeros_like(scores), reduction="sum")
     assert float(loss3.detach()) == pytest.approx(0.5 * float(expected), rel=1e-5)
 
 
@@ -324,7 +324,8 @@ def test_distill_terms_and_weights(model, batch):
     # every weight is a keyword: only the feature term left
     only_feat = build_criterion(model, distill_gt=0.0, distill_kd=1.0, kd_cls=0.0, kd_box=0.0, kd_dfl=0.0,
                                 kd_feat=1.0)
-    assert float(only_feat.distill_loss(student, teacher, targets)[0].detach()) == pytest.approx(logs["kd_feat"], rel=1e-5)
+    feat_only = float(only_feat.distill_loss(student, teacher, targets)[0].detach())
+    assert feat_only == pytest.approx(logs["kd_feat"], rel=1e-5)
 
 
 def test_distill_gradients_shared_and_refinement():

@@ -313,7 +313,8 @@ def test_rtdetr_self_distillation_overfits_two_images_at_both_depths():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 96, 96, generator=g) * 0.3
-    boxes = [torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 90.0, 50.0]]), torch.tensor([[20.0, 30.0, 80.0, 85.0]])]
+    boxes = [torch.tensor([[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 90.0, 50.0]]),
+             torch.tensor([[20.0, 30.0, 80.0, 85.0]])]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
     anns = []
     for i, (b, lab) in enumerate(zip(boxes, labels)):

@@ -148,7 +148,8 @@ def _translate(key: str, model: AnyDepthRTDETR) -> str:
     key = re.sub(r"\.norm\.", ".bn.", key)
     key = re.sub(r"(fpn_blocks|pan_blocks)\.(\d+)\.bottlenecks\.(\d+)\.",
                  lambda mm: (f"{mm.group(1)}.{mm.group(2)}.bottlenecks."
-                             + ("essential.blocks.0." if mm.group(3) == "0" else f"refinement.blocks.{int(mm.group(3)) - 1}.")),
+                             + ("essential.blocks.0." if mm.group(3) == "0"
+                                else f"refinement.blocks.{int(mm.group(3)) - 1}.")),
                  key)
     return key
 

@@ -284,7 +284,8 @@ class CocoDetection(DetectionDataset):
         self._images = []
         row_of = {}
         for im in data["images"]:
-            if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            if (not isinstance(im, dict) or not isinstance(im.get("id"), int)
+                    or not isinstance(im.get("file_name"), str)):
                 raise ValueError(f"{where}: image entry without an integer 'id' and a 'file_name': {im!r}")
             if im["id"] in row_of:
                 raise ValueError(f"{where}: duplicate image id {im['id']}")
@@ -300,7 +301,8 @@ class CocoDetection(DetectionDataset):
             if not isinstance(a, dict):
                 raise ValueError(f"{where}: annotation {k} is not an object: {a!r}")
             if a.get("image_id") not in row_of:
-                raise ValueError(f"{where}: annotation {a.get('id', k)} refers to unknown image id {a.get('image_id')!r}")
+                raise ValueError(f"{where}: annotation {a.get('id', k)} refers to unknown image id "
+                                 f"{a.get('image_id')!r}")
             if a.get("category_id") not in self._label_of:
                 raise ValueError(f"{where}: annotation {a.get('id', k)} has unknown category id "
                                  f"{a.get('category_id')!r}")

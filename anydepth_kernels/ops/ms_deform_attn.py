@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
