@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover
 
 
 def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64 on the CPU (the DESIGN.md accuracy measure); the two
+    """||out - ref|| / ||ref|| in float64 on the CPU (the project's accuracy measure); the two
     tensors may live on different devices."""
     out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -1,5 +1,5 @@
 """RT-DETR training losses: Hungarian matching, varifocal + L1 + GIoU ground-truth losses with
-auxiliary, encoder and denoising terms, and the any-depth self-distillation loss (FACTS.md A).
+auxiliary, encoder and denoising terms, and the any-depth self-distillation loss (arXiv 2605.09407).
 
 Conventions
 -----------
@@ -186,7 +186,7 @@ class RTDETRCriterion:
     """GT and self-distillation losses of AnyDepth-RT-DETR.
 
     ``RTDETRCriterion(model)`` reads ``num_classes`` from an :class:`AnyDepthRTDETR`;
-    ``RTDETRCriterion(num_classes)`` builds it without a model. Keywords (FACTS.md A defaults):
+    ``RTDETRCriterion(num_classes)`` builds it without a model. Keywords (the paper's defaults, arXiv 2605.09407):
 
     * GT losses: ``vfl`` 1 (varifocal, ``alpha`` 0.75, ``gamma`` 2), ``l1`` 5, ``giou`` 2;
       ``aux``: also on every earlier decoder layer and on the encoder's top-k outputs (each with
@@ -214,7 +214,7 @@ class RTDETRCriterion:
       global-average-pool to ``[B, C]`` and take ``T^2 KL(softmax(t / T) || softmax(s / T))``
       over channels, averaged over the batch and the 3 maps;
     * the student's aux, encoder and denoising outputs keep their GT losses (as in ``gt_loss``,
-      with the same switches). FACTS.md: "Auxiliary and denoising decoder outputs keep GT
+      with the same switches). The paper: "Auxiliary and denoising decoder outputs keep GT
       losses"; the student's *final* output gets only the KD terms (it is supervised by the
       GT through the teacher, which is matched to the GT).
 

@@ -1,5 +1,5 @@
 """YOLOv12 training losses: task-aligned assignment, CIoU + DFL + BCE, and the any-depth
-self-distillation loss (FACTS.md section A).
+self-distillation loss (the any-depth detection paper, arXiv 2605.09407).
 
 Conventions
 -----------
@@ -269,7 +269,7 @@ class YOLOCriterion:
     ``Detect`` head; ``YOLOCriterion((num_classes, reg_max, strides))`` builds it without a
     model. The anchor grid follows the shapes of ``outputs["feats"]`` (or ``image_size``).
 
-    Weights (FACTS.md A): ``box`` 7.5 (CIoU), ``cls`` 0.5 (BCE), ``dfl`` 1.5; assigner ``topk``
+    Weights (arXiv 2605.09407): ``box`` 7.5 (CIoU), ``cls`` 0.5 (BCE), ``dfl`` 1.5; assigner ``topk``
     10, ``alpha`` 0.5, ``beta`` 6. Distillation: ``distill_gt`` 0.2 and ``distill_kd`` 0.8
     (shallow-pass total = 0.2 * GT + 0.8 * KD), inside KD ``kd_cls`` 0.5 with temperature
     ``kd_cls_t`` 2, ``kd_box`` 7.5, ``kd_dfl`` 1.5 with ``kd_dfl_t`` 10, ``kd_feat`` 0.1.

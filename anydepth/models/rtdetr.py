@@ -1043,7 +1043,7 @@ FAMILY = register_family(ModelFamily(
     criterion=lazy("anydepth.losses.rtdetr:RTDETRCriterion"),
     # the official recipe: AdamW 1e-4, backbone at 0.1x, clip 0.1, no mixed precision
     train=TrainDefaults(lr=1e-4, weight_decay=1e-4, clip_grad=0.1, lr_scales=(("backbone.", 0.1),),
-                        amp_warning="the any-depth RT-DETR recipe trains without mixed precision (FACTS: "
+                        amp_warning="the any-depth RT-DETR recipe trains without mixed precision (the paper: "
                                     "'No mixed precision'); amp is on at your request"),
     converters={"transformers": lazy("anydepth.convert:from_transformers")},
     weight_import=WeightImport("a HuggingFace RT-DETR directory", is_dir, _import_transformers),

@@ -15,7 +15,7 @@ Network (layer index: module, output stride)::
    18 Conv 3x3/2  19 cat(18, 8)   20 C3k2  [neck.p5_down]  -> P5 output
    21 Detect (DFL box head + class head per level)
 
-Any-depth split (FACTS.md section A): each of the 8 bracketed CSP modules concatenates the
+Any-depth split (arXiv 2605.09407): each of the 8 bracketed CSP modules concatenates the
 outputs of its inner blocks before a 1x1 output conv. A module of ``n`` inner blocks keeps
 ``min(n - 1, (n + 1) // 2)`` of them on the shallow path (4 -> 2, 2 -> 1, 1 -> 0); the skipped
 blocks drop out of the concat, and the output conv reads only the channels present: a slice of
@@ -495,7 +495,7 @@ class AnyDepthYOLOv12(AnyDepthModel):
         * ``feats``: ``[P3, P4, P5]``, the head inputs (neck outputs);
         * ``distill_feats``: the 5 maps of the feature-distillation term, in this order:
           the outputs of ``backbone.p4`` (layer 6) and ``backbone.p5`` (layer 8) and the three
-          head inputs P3, P4, P5. FACTS.md only says "pooled features of 5 layers"; we take the
+          head inputs P3, P4, P5. The paper only says "pooled features of 5 layers"; we take the
           two deepest backbone stages (the last two switchable backbone modules, where a skipped
           refinement path changes the most channels) and the three maps the detection head
           sees, so every switchable module upstream of the head is covered by some map.

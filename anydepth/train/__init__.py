@@ -1,4 +1,4 @@
-"""Self-distillation training of any-depth detectors (FACTS.md A).
+"""Self-distillation training of any-depth detectors (arXiv 2605.09407).
 
 :class:`TrainConfig` + :class:`Trainer` (or :func:`train`) run the two-pass step of
 :func:`two_pass_step` — full depth on ground truth, the shallowest depth distilled from the

@@ -1,4 +1,4 @@
-"""The self-distillation training step (FACTS.md A): one network, two passes, one update.
+"""The self-distillation training step (arXiv 2605.09407): one network, two passes, one update.
 
 1. full depth, ground-truth loss, ``backward()``;
 2. shallowest depth (``base``), distillation loss against the *detached* full-depth outputs,
