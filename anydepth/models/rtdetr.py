@@ -55,13 +55,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
+from anydepth_kernels.modules import swap_modules
 from anydepth_kernels.cuda_graphs import keep_alive
 
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
-from ..nn import ConvNormAct, SkipAwareLayerNorm, SkippableStage, split_blocks
+from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, split_blocks
 
 __all__ = ["AnyDepthRTDETR", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
 
@@ -90,33 +91,16 @@ def decoder_base_layers(layers: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # conv blocks: eager form and deployed (folded) form share one call signature
 # ------------------------------------------------------------------------------------------------
-class ConvBN(ConvNormAct):
-    """Conv (no bias) + BatchNorm (skip-aware if ``skip_aware``) + activation, then an optional
-    residual add: ``act(bn(conv(x))) + residual`` (the epilogue of ``FusedConvNormAct``)."""
-
-    def forward(self, x: torch.Tensor, skip: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = super().forward(x, skip)
-        return y if residual is None else y + residual
-
-
-class FusedConvBN(nn.Module):
-    """Deployed :class:`ConvBN`: a :class:`FusedConvNormAct` whose epilogue is ``int(skip)``
-    (one epilogue when the BN was not skip-aware)."""
-
-    def __init__(self, fused: FusedConvNormAct):
-        super().__init__()
-        self.fused = fused
-
-    def forward(self, x: torch.Tensor, skip: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        e = int(skip) if self.fused.num_epilogues > 1 else 0
-        return self.fused(x, epilogue=e, residual=residual)
+#: RT-DETR's conv-BN(-act) blocks are the shared :class:`~anydepth.nn.ConvNormAct` (skip-aware
+#: BatchNorm, ``forward(x, skip, residual)``) and their folded form :class:`~anydepth.nn.FusedConv`;
+#: the old names stay as aliases.
+ConvBN = ConvNormAct
+FusedConvBN = FusedConv
 
 
 def _conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip_aware: bool = False,
-             eps: float = 1e-5) -> ConvBN:
-    return ConvBN(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+             eps: float = 1e-5) -> ConvNormAct:
+    return ConvNormAct(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
 
 
 class Blocks(nn.Module):
@@ -951,18 +935,14 @@ class AnyDepthRTDETR(AnyDepthModel):
         :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where the BN is skip-aware); the
         running statistics are folded. Outputs equal the eager model's at every depth."""
 
-        def swap(module: nn.Module) -> None:
-            for name, child in module.named_children():
-                if isinstance(child, RepVGGBlock):
-                    setattr(module, name, child.reparameterize(backend))
-                elif isinstance(child, ConvBN):
-                    bns = (child.bn.bn, child.bn.bn_skip) if child.skip_aware else (child.bn, None)
-                    setattr(module, name, FusedConvBN(
-                        FusedConvNormAct.from_modules(child.conv, *bns, child.act, backend)))
-                else:
-                    swap(child)
+        def replace(child: nn.Module) -> Optional[nn.Module]:
+            if isinstance(child, RepVGGBlock):
+                return child.reparameterize(backend)
+            if isinstance(child, ConvNormAct):
+                return FusedConv.from_conv_norm_act(child, backend=backend)
+            return None
 
-        swap(self)
+        swap_modules(self, replace)
 
     def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
         """Deprecated alias of :meth:`to_inference` (warns once)."""
