@@ -148,14 +148,10 @@ class FusedConv(nn.Module):
 def fuse_conv_norm_acts(module: nn.Module, backend: str = "auto") -> int:
     """Replace every :class:`ConvNormAct` below ``module`` by its :class:`FusedConv`, in place.
     Returns how many were replaced."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, ConvNormAct):
-            setattr(module, name, FusedConv.from_conv_norm_act(child, backend=backend))
-            count += 1
-        else:
-            count += fuse_conv_norm_acts(child, backend)
-    return count
+    from anydepth_kernels.modules import swap_modules
+
+    return swap_modules(module, lambda child: FusedConv.from_conv_norm_act(child, backend=backend)
+                        if isinstance(child, ConvNormAct) else None)
 
 
 class SkippableStage(nn.Module):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -12,6 +12,26 @@ from .ops._checks import pair
 from .reference import ACTIVATIONS
 
 ActLike = Union[str, nn.Module, None]
+
+
+def swap_modules(module: nn.Module, replace: Callable[[nn.Module], Optional[nn.Module]],
+                 visit: Optional[Callable[[nn.Module], None]] = None) -> int:
+    """Replace modules below ``module`` in place: depth-first over the children, ``replace(child)``
+    returns the module to put in its place (the walk does not descend into a replaced child) or
+    ``None`` to keep it, in which case ``visit(child)`` (if given) is called and the walk goes into
+    its children. Returns how many modules were replaced. The one tree walker of the library
+    (:func:`anydepth_kernels.optimize`, the models' inference forms)."""
+    count = 0
+    for name, child in list(module.named_children()):
+        new = replace(child)
+        if new is not None:
+            setattr(module, name, new)
+            count += 1
+            continue
+        if visit is not None:
+            visit(child)
+        count += swap_modules(child, replace, visit)
+    return count
 
 
 def activation_name(act: ActLike) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import FusedConvNormAct
+from .modules import FusedConvNormAct, swap_modules
 
 #: activation class names (torch's and HF's own classes) -> the fused epilogue's activation
 _ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "Identity": "identity"}
@@ -96,8 +96,9 @@ def _fused_from_conv(m: nn.Module, backend: str) -> Optional[FusedConvNormAct]:
     return FusedConvNormAct.from_modules(conv, bn, None, name, backend)
 
 
-class FusedConv(nn.Module):
-    """A conv + norm + activation module replaced by one fused op; ``forward(x, residual=None)``."""
+class FusedPlainConv(nn.Module):
+    """A third-party conv + norm + activation module replaced by one fused op (one epilogue, no
+    skip-aware norm set: not :class:`anydepth.nn.FusedConv`); ``forward(x, residual=None)``."""
 
     def __init__(self, fused: FusedConvNormAct):
         super().__init__()
@@ -110,7 +111,7 @@ class FusedConv(nn.Module):
 class FusedBottleneck(nn.Module):
     """``x + cv2(cv1(x))`` with the add fused into ``cv2``'s epilogue."""
 
-    def __init__(self, cv1: FusedConv, cv2: FusedConv, add: bool):
+    def __init__(self, cv1: FusedPlainConv, cv2: FusedPlainConv, add: bool):
         super().__init__()
         self.cv1, self.cv2, self.add = cv1, cv2, add
 
@@ -123,7 +124,8 @@ class FusedAreaAttention(nn.Module):
     q/k/v from the qkv map by strides; the library's flash kernel on the CPU) instead of explicit
     matmuls, with ``o + pe(v)`` and the caller's residual fused into conv epilogues."""
 
-    def __init__(self, qkv: FusedConv, proj: FusedConv, pe: FusedConv, num_heads: int, head_dim: int, area: int):
+    def __init__(self, qkv: FusedPlainConv, proj: FusedPlainConv, pe: FusedPlainConv, num_heads: int, head_dim: int,
+                 area: int):
         super().__init__()
         self.qkv, self.proj, self.pe = qkv, proj, pe
         self.num_heads, self.head_dim, self.area = num_heads, head_dim, max(area, 1)
@@ -138,7 +140,7 @@ class FusedAreaAttention(nn.Module):
 class FusedABlock(nn.Module):
     """Ultralytics ``ABlock``: ``x + attn(x)``, ``x + mlp(x)``, both adds fused."""
 
-    def __init__(self, attn: nn.Module, mlp0: FusedConv, mlp1: FusedConv):
+    def __init__(self, attn: nn.Module, mlp0: FusedPlainConv, mlp1: FusedPlainConv):
         super().__init__()
         self.attn, self.mlp0, self.mlp1 = attn, mlp0, mlp1
 
@@ -153,11 +155,11 @@ Swap = Callable[[nn.Module, str], Optional[nn.Module]]
 
 def _swap_ultra_conv(m: nn.Module, backend: str) -> Optional[nn.Module]:
     f = _fused_from_conv(m, backend)
-    return FusedConv(f) if f is not None else None
+    return FusedPlainConv(f) if f is not None else None
 
 
-def _as_fused(m: nn.Module, backend: str) -> Optional[FusedConv]:
-    if isinstance(m, FusedConv):
+def _as_fused(m: nn.Module, backend: str) -> Optional[FusedPlainConv]:
+    if isinstance(m, FusedPlainConv):
         return m
     return _swap_ultra_conv(m, backend) if type(m).__name__ in ("Conv", "DWConv") else None
 
@@ -187,14 +189,14 @@ def _swap_ultra_ablock(m: nn.Module, backend: str) -> Optional[nn.Module]:
     return FusedABlock(attn, mlp0, mlp1)
 
 
-def _fused(conv, norm, act, backend: str) -> Optional[FusedConv]:
+def _fused(conv, norm, act, backend: str) -> Optional[FusedPlainConv]:
     if not isinstance(conv, nn.Conv2d):
         return None
     bn = _as_batchnorm(norm)
     name = _act_name(act) if act is not None else "identity"
     if bn is None or name is None:
         return None
-    return FusedConv(FusedConvNormAct.from_modules(conv, bn, None, name, backend))
+    return FusedPlainConv(FusedConvNormAct.from_modules(conv, bn, None, name, backend))
 
 
 def _swap_hf_resnet_conv(m: nn.Module, backend: str) -> Optional[nn.Module]:
@@ -208,7 +210,7 @@ def _swap_hf_conv_norm(m: nn.Module, backend: str) -> Optional[nn.Module]:
 class FusedResidualBlock(nn.Module):
     """ResNet block ``relu(layers(x) + shortcut(x))`` with the add fused into the last conv."""
 
-    def __init__(self, layers: List[FusedConv], shortcut: nn.Module):
+    def __init__(self, layers: List[FusedPlainConv], shortcut: nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.shortcut = shortcut
@@ -266,13 +268,13 @@ def _swap_hf_repvgg(m: nn.Module, backend: str) -> Optional[nn.Module]:
     with torch.no_grad():
         fused.weight.copy_(conv.weight)
         fused.set_epilogue(0, torch.ones_like(b3), b3 + b1)
-    return FusedConv(fused)
+    return FusedPlainConv(fused)
 
 
 class FusedCSPRepLayer(nn.Module):
     """``conv3(bottlenecks(conv1(x)) + conv2(x))`` with the add fused into ``conv2``."""
 
-    def __init__(self, conv1: FusedConv, conv2: FusedConv, bottlenecks: nn.Module, conv3: nn.Module):
+    def __init__(self, conv1: FusedPlainConv, conv2: FusedPlainConv, bottlenecks: nn.Module, conv3: nn.Module):
         super().__init__()
         self.conv1, self.conv2, self.bottlenecks, self.conv3 = conv1, conv2, bottlenecks, conv3
 
@@ -369,21 +371,24 @@ _CARRIED_ATTRS = ("f", "i", "type", "np")
 
 
 def _walk(module: nn.Module, backend: str, report: OptimizeReport) -> None:
-    for name, child in list(module.named_children()):
+    def replace(child: nn.Module) -> Optional[nn.Module]:
         rule = _rule_for(child)
         new = rule(child, backend) if rule is not None else None
-        if new is not None:
-            for attr in _CARRIED_ATTRS:  # e.g. Ultralytics' graph wiring on top-level layers
-                if attr in child.__dict__:
-                    setattr(new, attr, child.__dict__[attr])
-            setattr(module, name, new)
-            key = f"{type(child).__module__.split('.', 1)[0]}.{type(child).__name__}"
-            report.swapped[key] = report.swapped.get(key, 0) + 1
-            continue
+        if new is None:
+            return None
+        for attr in _CARRIED_ATTRS:  # e.g. Ultralytics' graph wiring on top-level layers
+            if attr in child.__dict__:
+                setattr(new, attr, child.__dict__[attr])
+        key = f"{type(child).__module__.split('.', 1)[0]}.{type(child).__name__}"
+        report.swapped[key] = report.swapped.get(key, 0) + 1
+        return new
+
+    def visit(child: nn.Module) -> None:
         if not isinstance(child, _NEUTRAL) and any(True for _ in child.parameters(recurse=False)):
             key = type(child).__name__
             report.left_alone[key] = report.left_alone.get(key, 0) + 1
-        _walk(child, backend, report)
+
+    swap_modules(module, replace, visit)
 
 
 def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, return_report: bool = False,

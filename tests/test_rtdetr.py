@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 import anydepth  # noqa: E402
 from anydepth import checkpoint  # noqa: E402
 from anydepth.convert import from_transformers  # noqa: E402
-from anydepth.convert._transformers import build_peer, hf_config_for, randomize_  # noqa: E402
+from anydepth.convert._transformers import build_peer, hf_config_for  # noqa: E402
+from anydepth.convert._transformers import randomize_uniform_ as randomize_  # noqa: E402
 from anydepth.detection import resize_batch  # noqa: E402
 from anydepth.models.rtdetr import AnyDepthRTDETR, RepVGGBlock, RepVGGDeployed  # noqa: E402
 from anydepth.nn import SkipAwareBatchNorm2d, SkipAwareLayerNorm  # noqa: E402

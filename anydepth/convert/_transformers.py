@@ -270,9 +270,11 @@ def hf_config_for(model_name: str, num_classes: int = 80, **overrides):
 
 
 @torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_uniform_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every weight, bias, norm affine and BatchNorm statistic random non-trivial values
-    (scaled so activations stay in range), in place."""
+    (seeded uniform draws, scaled so activations stay in range), in place; any module tree, no
+    calibration pass (HF's RT-DETR peer and our conversion of it). Not
+    :func:`anydepth.testing.randomize_`, which calibrates BatchNorm statistics on a batch."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(t, lo, hi):
@@ -309,6 +311,6 @@ def build_peer(model_name: str, num_classes: int = 80, seed: int = 0, **config_o
     config = hf_config_for(model_name, num_classes, **config_overrides)
     torch.manual_seed(seed)
     hf = RTDetrForObjectDetection(config)
-    randomize_(hf, seed)
+    randomize_uniform_(hf, seed)
     hf.eval()
     return hf, from_transformers(hf)

@@ -55,13 +55,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
+from anydepth_kernels.modules import swap_modules
 from anydepth_kernels.cuda_graphs import keep_alive
 
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
-from ..nn import ConvNormAct, SkipAwareLayerNorm, SkippableStage, split_blocks
+from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, split_blocks
+from .rtdetr_denoising import build_denoising_queries
 
 __all__ = ["AnyDepthRTDETR", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
 
@@ -90,33 +92,16 @@ def decoder_base_layers(layers: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # conv blocks: eager form and deployed (folded) form share one call signature
 # ------------------------------------------------------------------------------------------------
-class ConvBN(ConvNormAct):
-    """Conv (no bias) + BatchNorm (skip-aware if ``skip_aware``) + activation, then an optional
-    residual add: ``act(bn(conv(x))) + residual`` (the epilogue of ``FusedConvNormAct``)."""
-
-    def forward(self, x: torch.Tensor, skip: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = super().forward(x, skip)
-        return y if residual is None else y + residual
-
-
-class FusedConvBN(nn.Module):
-    """Deployed :class:`ConvBN`: a :class:`FusedConvNormAct` whose epilogue is ``int(skip)``
-    (one epilogue when the BN was not skip-aware)."""
-
-    def __init__(self, fused: FusedConvNormAct):
-        super().__init__()
-        self.fused = fused
-
-    def forward(self, x: torch.Tensor, skip: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        e = int(skip) if self.fused.num_epilogues > 1 else 0
-        return self.fused(x, epilogue=e, residual=residual)
+#: RT-DETR's conv-BN(-act) blocks are the shared :class:`~anydepth.nn.ConvNormAct` (skip-aware
+#: BatchNorm, ``forward(x, skip, residual)``) and their folded form :class:`~anydepth.nn.FusedConv`;
+#: the old names stay as aliases.
+ConvBN = ConvNormAct
+FusedConvBN = FusedConv
 
 
 def _conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip_aware: bool = False,
-             eps: float = 1e-5) -> ConvBN:
-    return ConvBN(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+             eps: float = 1e-5) -> ConvNormAct:
+    return ConvNormAct(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
 
 
 class Blocks(nn.Module):
@@ -731,93 +716,6 @@ class RTDETRDecoder(nn.Module):
         }
 
 
-def _uniform(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """``torch.rand`` drawn from ``generator`` (on the generator's device) then moved to ``device``."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
-def build_denoising_queries(targets: Sequence[Dict[str, torch.Tensor]], num_classes: int, num_queries: int,
-                            num_denoising: int = 100, label_noise_ratio: float = 0.5,
-                            box_noise_scale: float = 1.0,
-                            generator: Optional[torch.Generator] = None) -> Optional[Dict[str, object]]:
-    """Contrastive denoising queries of RT-DETR (from DINO) for one batch.
-
-    ``targets``: one dict per image with ``labels`` int64 ``[n_i]`` and ``boxes`` ``[n_i, 4]``
-    normalised (cx, cy, w, h) (see :func:`anydepth.losses.rtdetr.normalize_targets`). With
-    ``M = max n_i`` the batch is padded to ``M`` objects and ``G = max(1, num_denoising // M)``
-    groups are built; group ``g`` occupies query positions ``[2Mg, 2M(g+1))``: ``M`` positive
-    copies of the GT objects, then ``M`` negative copies (padding slots get label
-    ``num_classes``, the padding index of the denoising embedding, and an all-zero box).
-
-    * label noise: each real copy's label is replaced by a uniformly random class with
-      probability ``label_noise_ratio / 2`` (the reference's convention);
-    * box noise, in corner form: each corner coordinate moves by ``s * u * box_noise_scale *
-      (w/2 or h/2)`` with a random sign ``s`` and ``u`` uniform in ``[0, 1)`` for positives,
-      ``[1, 2)`` for negatives, then is clipped to ``[0, 1]`` (a negative copy may come out with
-      x1 > x2: its extent becomes ~0 through the decoder's clamping inverse sigmoid).
-    * attention mask ``[Nd + Q, Nd + Q]`` (``Nd = 2MG``, ``Q = num_queries``), ``True`` = blocked:
-      the ``Q`` matching queries (after the ``Nd`` denoising queries) cannot see any denoising
-      query, and a denoising group cannot see another group (it does see the matching queries).
-
-    Returns ``None`` when no image has an object or ``num_denoising <= 0``, else a dict with
-    ``labels [B, Nd]``, ``boxes [B, Nd, 4]`` (noised, cxcywh), ``attn_mask`` and ``meta`` =
-    ``dict(num_groups=G, max_gt=M, num_denoising=Nd, num_queries=Q, positive_idx=[...],
-    gt_idx=[...])`` where ``positive_idx[i][k]`` is the denoising query (position in
-    ``[0, Nd)``) that must reconstruct GT object ``gt_idx[i][k]`` of image ``i`` (``n_i * G``
-    pairs, group-major).
-    """
-    if not isinstance(targets, (list, tuple)) or not targets:
-        raise ValueError("build_denoising_queries needs a non-empty list of per-image target dicts")
-    counts = [int(t["labels"].shape[0]) for t in targets]
-    m = max(counts)
-    if num_denoising <= 0 or m == 0:
-        return None
-    groups = max(1, num_denoising // m)
-    device = targets[0]["boxes"].device
-    dtype = targets[0]["boxes"].dtype if targets[0]["boxes"].is_floating_point() else torch.float32
-    b, nd = len(targets), 2 * m * groups
-    labels = torch.full((b, m), num_classes, dtype=torch.long, device=device)
-    boxes = torch.zeros(b, m, 4, dtype=dtype, device=device)
-    real = torch.zeros(b, m, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, counts)):
-        labels[i, :n] = t["labels"].to(device)
-        boxes[i, :n] = t["boxes"].to(device=device, dtype=dtype)
-        real[i, :n] = True
-    labels = labels.repeat(1, 2 * groups)
-    boxes = boxes.repeat(1, 2 * groups, 1)
-    real = real.repeat(1, 2 * groups)
-    negative = torch.zeros(2 * m, dtype=torch.bool, device=device)
-    negative[m:] = True
-    negative = negative.repeat(groups)  # [Nd]
-
-    if label_noise_ratio > 0:
-        flip = _uniform((b, nd), generator, device) < label_noise_ratio * 0.5
-        random_labels = (_uniform((b, nd), generator, device) * num_classes).long().clamp_(max=num_classes - 1)
-        labels = torch.where(flip & real, random_labels, labels)
-    if box_noise_scale > 0:
-        half = boxes[..., 2:].repeat(1, 1, 2) * (0.5 * box_noise_scale)
-        sign = torch.where(_uniform((b, nd, 4), generator, device) < 0.5, -1.0, 1.0).to(dtype)
-        magnitude = _uniform((b, nd, 4), generator, device).to(dtype) + negative[None, :, None].to(dtype)
-        cx, cy, w, h = boxes.unbind(-1)
-        corners = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
-        x1, y1, x2, y2 = (corners + sign * magnitude * half).clamp(0.0, 1.0).unbind(-1)
-        boxes = torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), -1)
-
-    size = nd + num_queries
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    group = torch.arange(nd, device=device) // (2 * m)
-    mask[:nd, :nd] = group[:, None] != group[None, :]  # a group sees only itself (and the matching queries)
-    mask[nd:, :nd] = True  # the matching queries see no denoising query
-    offsets = torch.arange(groups, device=device)[:, None] * (2 * m)
-    positive_idx = [(offsets + torch.arange(n, device=device)[None]).flatten() for n in counts]
-    gt_idx = [torch.arange(n, device=device).repeat(groups) for n in counts]
-    meta = {"num_groups": groups, "max_gt": m, "num_denoising": nd, "num_queries": num_queries,
-            "positive_idx": positive_idx, "gt_idx": gt_idx}
-    return {"labels": labels, "boxes": boxes, "attn_mask": mask, "meta": meta}
-
-
 # ------------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------------
@@ -951,18 +849,14 @@ class AnyDepthRTDETR(AnyDepthModel):
         :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where the BN is skip-aware); the
         running statistics are folded. Outputs equal the eager model's at every depth."""
 
-        def swap(module: nn.Module) -> None:
-            for name, child in module.named_children():
-                if isinstance(child, RepVGGBlock):
-                    setattr(module, name, child.reparameterize(backend))
-                elif isinstance(child, ConvBN):
-                    bns = (child.bn.bn, child.bn.bn_skip) if child.skip_aware else (child.bn, None)
-                    setattr(module, name, FusedConvBN(
-                        FusedConvNormAct.from_modules(child.conv, *bns, child.act, backend)))
-                else:
-                    swap(child)
+        def replace(child: nn.Module) -> Optional[nn.Module]:
+            if isinstance(child, RepVGGBlock):
+                return child.reparameterize(backend)
+            if isinstance(child, ConvNormAct):
+                return FusedConv.from_conv_norm_act(child, backend=backend)
+            return None
 
-        swap(self)
+        swap_modules(self, replace)
 
     def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
         """Deprecated alias of :meth:`to_inference` (warns once)."""

@@ -1,0 +1,182 @@
+"""The evaluation report: one :class:`EvalRow` per depth, :class:`EvalReport` with its table,
+JSON round trip and AP-vs-latency plot."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+
+@dataclass
+class EvalRow:
+    """One depth configuration: its label (``base``/``ladder<i>``/``full`` on the model's ladder,
+    the preset or number given otherwise, else the config code), config code, the switches it
+    skips, knob values, GFLOPs of one ``imgsz`` x ``imgsz`` image (``None`` when the model cannot
+    count them), network latency in ms at ``latency_batch`` (``None`` when not measured), the
+    COCO metrics (fractions, ``None`` = undefined), the number of detections scored and the
+    seconds spent in ``predict``."""
+
+    name: str
+    code: str
+    skipped: List[str] = field(default_factory=list)
+    num_switches: Optional[int] = None
+    knobs: Dict[str, int] = field(default_factory=dict)
+    gflops: Optional[float] = None
+    latency_ms: Optional[float] = None
+    metrics: Dict[str, Optional[float]] = field(default_factory=dict)
+    num_detections: int = 0
+    predict_s: float = 0.0
+
+    @property
+    def ap(self) -> Optional[float]:
+        return self.metrics.get("AP")
+
+    @property
+    def ap50(self) -> Optional[float]:
+        return self.metrics.get("AP50")
+
+
+TABLE_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+_SHORT = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
+
+
+@dataclass
+class EvalReport:
+    """Result of :func:`evaluate`: one :class:`EvalRow` per requested depth, in order, plus the
+    settings it was run with. Metrics are fractions in [0, 1]; the table and plot show percent."""
+
+    model: str
+    dataset: str
+    num_images: int
+    imgsz: int
+    batch_size: int
+    conf: float
+    max_det: int
+    device: str
+    latency_batch: Optional[int]
+    backend: str
+    rows: List[EvalRow]
+    machine: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def row(self, name: str) -> EvalRow:
+        """The row labelled ``name`` (``"full"``, ``"base"``, ...)."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+    def table(self) -> str:
+        """A Markdown table (readable as plain text): depth, code, switches skipped, GFLOPs,
+        latency and the COCO AP metrics in percent ('-' = not available / undefined)."""
+        head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})"]
+        head += [f"{_SHORT.get(m, m)} %" for m in TABLE_METRICS]
+        body = []
+        for r in self.rows:
+            skipped = f"{len(r.skipped)}/{r.num_switches}" if r.num_switches is not None else "-"
+            cells = [r.name, r.code, skipped,
+                     f"{r.gflops:.2f}" if r.gflops is not None else "-",
+                     f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-"]
+            cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in TABLE_METRICS]
+            body.append(cells)
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+
+        def line(cells):
+            return "| " + " | ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                                     for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+        sep = "|" + "|".join("-" * (w + 1) + (":" if i >= 3 else "-") for i, w in enumerate(widths)) + "|"
+        return "\n".join([line(head), sep, *(line(b) for b in body)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> dict:
+        """The report as a JSON-ready dict; also written to ``path`` when given."""
+        d = self.to_dict()
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(d, f, indent=1)
+        return d
+
+    @classmethod
+    def from_json(cls, source: Union[str, os.PathLike, Mapping]) -> "EvalReport":
+        """Read a report written by :meth:`to_json` (a path or the dict)."""
+        if isinstance(source, Mapping):
+            d = dict(source)
+        else:
+            with open(source) as f:
+                d = json.load(f)
+        names = {f.name for f in fields(cls)}
+        missing = {f.name for f in fields(cls) if f.name not in d and f.name not in ("machine", "notes")}
+        if missing:
+            raise ValueError(f"not an evaluation report: missing {sorted(missing)}")
+        row_names = {f.name for f in fields(EvalRow)}
+        rows = [EvalRow(**{k: v for k, v in r.items() if k in row_names}) for r in d["rows"]]
+        return cls(**{k: v for k, v in d.items() if k in names and k != "rows"}, rows=rows)
+
+    def plot_axis(self) -> Tuple[str, List[float]]:
+        """The x axis of :meth:`plot`: ``("latency", ms)`` when every row has a latency, else
+        ``("gflops", GFLOPs)`` when every row has GFLOPs, else ``("depth", [0, 1, ...])``."""
+        if self.rows and all(r.latency_ms is not None for r in self.rows):
+            return "latency", [r.latency_ms for r in self.rows]
+        if self.rows and all(r.gflops is not None for r in self.rows):
+            return "gflops", [r.gflops for r in self.rows]
+        return "depth", list(range(len(self.rows)))
+
+    def plot(self, path: Union[str, os.PathLike]) -> str:
+        """PNG of AP (and AP50) in percent against latency, or against GFLOPs when latency was not
+        measured (or against the depth order when neither is known). Returns ``path``."""
+        from .._optional import require
+
+        require("matplotlib", "EvalReport.plot").use("Agg")
+        import matplotlib.pyplot as plt
+
+        kind, xs = self.plot_axis()
+        xlabel = {"latency": f"latency (ms, batch {self.latency_batch}, {self.device})",
+                  "gflops": "GFLOPs (multiply-add = 2)", "depth": "depth configuration"}[kind]
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for key, style in (("AP", "o-"), ("AP50", "s--")):
+            pts = [(x, 100 * r.metrics[key]) for x, r in zip(xs, self.rows) if r.metrics.get(key) is not None]
+            if pts:
+                order = sorted(pts)
+                ax.plot([p[0] for p in order], [p[1] for p in order], style, label=f"{key} (one set of weights)")
+        for x, r in zip(xs, self.rows):
+            if r.metrics.get("AP") is not None:
+                ax.annotate(r.name, (x, 100 * r.metrics["AP"]), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7)
+        if kind == "depth":
+            ax.set_xticks(xs, [r.name for r in self.rows], fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("COCO AP, AP50 (%)")
+        ax.set_title(f"{self.model} @ {self.imgsz} on {self.dataset} ({self.num_images} images)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def save(self, out_dir: Union[str, os.PathLike], stem: str = "eval") -> Dict[str, Optional[str]]:
+        """Write ``<stem>.json``, ``<stem>.md`` (the table) and ``<stem>.png`` (the plot) in
+        ``out_dir``; returns their paths (``png`` is ``None`` without matplotlib)."""
+        if not stem or os.sep in stem:
+            raise ValueError(f"stem must be a file name without directories, got {stem!r}")
+        os.makedirs(out_dir, exist_ok=True)
+        base = os.path.join(os.fspath(out_dir), stem)
+        self.to_json(base + ".json")
+        with open(base + ".md", "w") as f:
+            f.write(f"{self.model} @ {self.imgsz} on {self.dataset}, {self.num_images} images, {self.device}\n\n")
+            f.write(self.table() + "\n")
+            for n in self.notes:
+                f.write(f"\n- {n}")
+            f.write("\n")
+        try:
+            png = self.plot(base + ".png")
+        except ImportError:
+            png = None
+        return {"json": base + ".json", "md": base + ".md", "png": png}
