@@ -11,9 +11,10 @@
 // Bilinear sampling with zero padding, exactly grid_sample(align_corners=False,
 // padding_mode="zeros"): pixel coordinate x = loc_x * W - 0.5, each of the four corners that
 // lies outside the map contributes 0. The Python layer (anydepth_kernels/ops/ms_deform_attn.py)
-// validates the level table against S on every eager call; these checks guard the kernels' own
-// assumptions (the CPU kernels also bound the table by S; the CUDA ones would need a device
-// sync to read it, so they rely on the Python layer).
+// validates the level table against S (a CPU table on every call, a device table once per
+// tensor version, nothing while a CUDA graph captures); these checks guard the kernels' own
+// assumptions, and the CPU and CUDA kernels also bound every level by S themselves (the points
+// of a level that does not fit give NaN and read nothing).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
