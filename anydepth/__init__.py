@@ -13,7 +13,6 @@ from .family import ModelFamily, families, family_of, register_family
 from .model import AnyDepthModel
 from .nn import ConvNormAct, SkipAwareBatchNorm2d, SkipAwareLayerNorm, SkippableStage, split_blocks
 from .registry import create_model, list_models, register_model
-from . import _swaps  # noqa: F401  (registers anydepth_kernels.optimize's rules for our models)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from anydepth_kernels import register_swap
+
 PREPROCESSING = ("letterbox", "resize")
 
 
@@ -135,8 +137,17 @@ def register_family(family: ModelFamily) -> ModelFamily:
                              f"{sorted(set(other.factories) & set(family.factories))}")
     for name, fn in family.factories.items():
         register_model(name)(fn)
+    # anydepth_kernels.optimize(model) turns a family's model into its own inference form
+    cls = family.model_class
+    register_swap(cls.__module__.split(".", 1)[0], cls.__name__, _inference_form,
+                  note="its own inference form (to_inference())")
     _FAMILIES[family.name] = family
     return family
+
+
+def _inference_form(model, backend: str):
+    """The ``optimize()`` rule of every family's model: its inference form, in place."""
+    return model.to_inference(backend=backend)
 
 
 def unregister_family(name: str) -> None:

@@ -321,7 +321,7 @@ def _benchmarks(c: Check, e2e_plan: str, kbench_plan: str) -> None:
         args = ["kbench", res, dt, fams] + (["--compile"] if comp else [])
         args += ["--tiny", "--device", "cpu"] if c.rehearse else []
         c.step(f"kernel benchmarks {dt}{' +torch.compile' if comp else ''} ({fams})", c.sub(*args), blog,
-               c.budget(150 if comp else 60, 5 + 30 * (len(kb) - i - 1), least=20), critical=not comp)
+               c.budget(150 if comp else 60, 5 + 30 * (len(kb) - i - 1), least=20))
 
 
 def _targets(c: Check) -> None:

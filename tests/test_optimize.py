@@ -37,7 +37,7 @@ def _added(before, after):
 
 @pytest.mark.parametrize("name", ["yolov12n-anydepth", "rtdetr-r18-anydepth"])
 def test_optimize_anydepth_swaps_what_its_inference_form_does(name):
-    """Our models register their rule from `anydepth` (anydepth/_swaps.py): optimize() gives the
+    """Each model family registers its rule from `anydepth` (register_family): optimize() gives the
     model's own inference form, in place, and reports the same module types as calling it."""
     m = anydepth.create_model(name, num_classes=3).eval()
     direct = copy.deepcopy(m).to_inference()
