@@ -48,9 +48,11 @@ $(VENV)/triton36/.installed: $(VENV)/.torch
 	$(PIP) install -q --no-deps --target $(VENV)/triton36 "$(TRITON36_SPEC)"
 	touch $@
 
-# lint (ruff: pycodestyle + pyflakes, config in pyproject.toml), then the whole suite
+# lint (ruff: pycodestyle + pyflakes; mypy: the types of anydepth_kernels; config in
+# pyproject.toml), then the whole suite
 lint: $(VENV)/.installed
 	$(PY) -m ruff check anydepth anydepth_kernels tests bench setup.py
+	$(PY) -m mypy
 
 test: lint $(VENV)/.installed $(VENV)/triton36/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ def machine_info(device: torch.device) -> Dict[str, str]:
     return info
 
 
-def _eager_block(case: ConvCase, device, dtype) -> nn.Module:
+def _eager_block(case: ConvCase, device, dtype) -> nn.Sequential:
     conv = nn.Conv2d(case.cin, case.cout, case.k, case.stride, case.k // 2, bias=False)
     bn = nn.BatchNorm2d(case.cout)
     g = torch.Generator().manual_seed(0)
@@ -161,7 +161,7 @@ def _max_rel_err(out, ref) -> float:
     return max(rel_err(a, b) for a, b in zip(out, ref))
 
 
-def measure(case: str, fns: Dict[str, Callable[[], object]], baseline: str, timed, rounds: int,
+def measure(case: str, fns: Mapping[str, Callable[..., object]], baseline: str, timed, rounds: int,
             reps: int, warmup: int) -> List[Result]:
     """Time every function of ``fns`` interleaved round by round (``reps`` calls each per round,
     after ``warmup`` calls), with the error of its output (a tensor or a sequence of tensors)
@@ -231,7 +231,9 @@ def run_conv_benchmarks(
         if progress:
             print(f"[{ci + 1}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
         eager = _eager_block(case, dev, dtype)
-        fused = FusedConvNormAct.from_modules(eager[0], eager[1], act=eager[2]).to(dev)
+        conv, bn, act = eager
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        fused = FusedConvNormAct.from_modules(conv, bn, act=act).to(dev)
         g = torch.Generator().manual_seed(ci)
         x = torch.randn(1, case.cin, case.hw, case.hw, generator=g).to(dev, dtype)
         oh = (case.hw + 2 * (case.k // 2) - case.k) // case.stride + 1
@@ -241,7 +243,7 @@ def run_conv_benchmarks(
             y = m(x)
             return y + res if res is not None else y
 
-        fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (nn modules)": eager_fn}
+        fns: Dict[str, Callable[..., object]] = {"eager (nn modules)": eager_fn}
         if compile_eager:
             fns["torch.compile(eager)"] = torch.compile(eager_fn)
         for name, why in backends.items():
@@ -308,6 +310,7 @@ def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float3
         xs = [torch.randn(1, c, hw, hw, generator=g).to(dev, dtype) for c in chans]
         conv = nn.Conv2d(cin, cout, 1, bias=False).to(dev, dtype)
         bn = nn.BatchNorm2d(cout).to(dev, dtype).eval()
+        assert bn.running_mean is not None and bn.running_var is not None
         with torch.no_grad():
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
@@ -318,7 +321,7 @@ def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float3
         def eager_fn(xs=xs, conv=conv, bn=bn, c=c):
             return torch.nn.functional.silu(bn(torch.nn.functional.conv2d(torch.cat(xs, 1), conv.weight[:, :c])))
 
-        fns: Dict[str, Callable[[], torch.Tensor]] = {"eager (cat+conv+bn+silu)": eager_fn}
+        fns: Dict[str, Callable[..., object]] = {"eager (cat+conv+bn+silu)": eager_fn}
         if compile_eager:
             fns["torch.compile(eager)"] = torch.compile(eager_fn)
         for b, why in backends.items():

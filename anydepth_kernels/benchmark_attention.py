@@ -76,19 +76,18 @@ def attention_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, Op
 
 def _case_calls(case: AttnCase, backends: Dict[str, Optional[str]], compiled_ref):
     """Name -> function of the case's inputs returning a tuple of output tensors."""
-    if case.kind == "area":
-        def ref_fn(qkv):
-            return reference.area_attention(qkv, case.heads, case.area)
+    def area_ref(qkv):
+        return reference.area_attention(qkv, case.heads, case.area)
 
-        def op(b):
+    def attention_ref(q, k, v):
+        return (reference.attention(q, k, v),)
+
+    def op(b):
+        if case.kind == "area":
             return lambda qkv: attn_ops.area_attention(qkv, case.heads, case.area, backend=b)
-    else:
-        def ref_fn(q, k, v):
-            return (reference.attention(q, k, v),)
+        return lambda q, k, v: (attn_ops.attention(q, k, v, backend=b),)
 
-        def op(b):
-            return lambda q, k, v: (attn_ops.attention(q, k, v, backend=b),)
-
+    ref_fn = area_ref if case.kind == "area" else attention_ref
     calls: Dict[str, Callable[..., Tuple[torch.Tensor, ...]]] = {BASELINE: ref_fn}
     if compiled_ref is not None:
         calls["torch.compile(reference)"] = compiled_ref(ref_fn)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Any, Hashable, Iterator, List
+from typing import Any, Hashable, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -138,7 +138,7 @@ class CUDAGraphRunner(nn.Module):
             raise TypeError(f"CUDAGraphRunner: depth must be hashable to key a graph, got {type(depth).__name__}")
         return depth
 
-    def _key(self, x: torch.Tensor, depth: Any) -> Hashable:
+    def _key(self, x: torch.Tensor, depth: Any) -> Tuple[Any, ...]:
         """The graph key: independent of inference mode and of autograd state."""
         return (self._depth_key(x, depth), tuple(x.shape), x.dtype, x.device, x.is_contiguous())
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .ops import conv_norm_act
+from .ops.conv_norm_act import conv_norm_act
 from .ops._checks import pair
 from .reference import ACTIVATIONS
 
@@ -93,6 +93,9 @@ class FusedConvNormAct(nn.Module):
 
     Build one from existing modules with :meth:`from_modules`.
     """
+
+    scale: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
-def _act_name(act: nn.Module) -> Optional[str]:
+def _act_name(act: Any) -> Optional[str]:
     if not isinstance(act, nn.Module) or type(act).__module__.split(".")[0] not in ("torch", "transformers"):
         return None
     if getattr(act, "inplace", False) and type(act).__name__ != "ReLU":
@@ -65,7 +65,7 @@ def _act_name(act: nn.Module) -> Optional[str]:
     return _ACT_NAMES.get(type(act).__name__)
 
 
-def _as_batchnorm(norm: nn.Module) -> Optional[nn.BatchNorm2d]:
+def _as_batchnorm(norm: Any) -> Optional[nn.BatchNorm2d]:
     """A BatchNorm2d, or an equivalent one for frozen-BN modules (HF's RTDetrFrozenBatchNorm2d)."""
     if isinstance(norm, nn.BatchNorm2d):
         return norm
@@ -79,7 +79,7 @@ def _as_batchnorm(norm: nn.Module) -> Optional[nn.BatchNorm2d]:
     return None
 
 
-def _fused_from_conv(m: nn.Module, backend: str) -> Optional[FusedConvNormAct]:
+def _fused_from_conv(m: Any, backend: str) -> Optional[FusedConvNormAct]:
     """An Ultralytics-style ``Conv`` (``.conv``, ``.bn`` or none after their own fuse, ``.act``)."""
     conv, act = getattr(m, "conv", None), getattr(m, "act", None)
     if not isinstance(conv, nn.Conv2d) or act is None:
@@ -153,32 +153,32 @@ class FusedABlock(nn.Module):
 Swap = Callable[[nn.Module, str], Optional[nn.Module]]
 
 
-def _swap_ultra_conv(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_ultra_conv(m: Any, backend: str) -> Optional[FusedPlainConv]:
     f = _fused_from_conv(m, backend)
     return FusedPlainConv(f) if f is not None else None
 
 
-def _as_fused(m: nn.Module, backend: str) -> Optional[FusedPlainConv]:
+def _as_fused(m: Any, backend: str) -> Optional[FusedPlainConv]:
     if isinstance(m, FusedPlainConv):
         return m
     return _swap_ultra_conv(m, backend) if type(m).__name__ in ("Conv", "DWConv") else None
 
 
-def _swap_ultra_bottleneck(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_ultra_bottleneck(m: Any, backend: str) -> Optional[nn.Module]:
     cv1, cv2 = _as_fused(m.cv1, backend), _as_fused(m.cv2, backend)
     if cv1 is None or cv2 is None:
         return None
     return FusedBottleneck(cv1, cv2, bool(getattr(m, "add", False)))
 
 
-def _swap_ultra_aattn(m: nn.Module, backend: str) -> Optional[nn.Module]:
-    parts = [_as_fused(getattr(m, n, None), backend) for n in ("qkv", "proj", "pe")]
-    if any(p is None for p in parts) or not hasattr(m, "num_heads"):
+def _swap_ultra_aattn(m: Any, backend: str) -> Optional[nn.Module]:
+    qkv, proj, pe = (_as_fused(getattr(m, n, None), backend) for n in ("qkv", "proj", "pe"))
+    if qkv is None or proj is None or pe is None or not hasattr(m, "num_heads"):
         return None
-    return FusedAreaAttention(*parts, m.num_heads, m.head_dim, int(getattr(m, "area", 1)))
+    return FusedAreaAttention(qkv, proj, pe, m.num_heads, m.head_dim, int(getattr(m, "area", 1)))
 
 
-def _swap_ultra_ablock(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_ultra_ablock(m: Any, backend: str) -> Optional[nn.Module]:
     mlp = getattr(m, "mlp", None)
     if not isinstance(mlp, nn.Sequential) or len(mlp) != 2:
         return None
@@ -199,11 +199,11 @@ def _fused(conv, norm, act, backend: str) -> Optional[FusedPlainConv]:
     return FusedPlainConv(FusedConvNormAct.from_modules(conv, bn, None, name, backend))
 
 
-def _swap_hf_resnet_conv(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_resnet_conv(m: Any, backend: str) -> Optional[FusedPlainConv]:
     return _fused(m.convolution, m.normalization, m.activation, backend)
 
 
-def _swap_hf_conv_norm(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_conv_norm(m: Any, backend: str) -> Optional[FusedPlainConv]:
     return _fused(m.conv, m.norm, m.activation, backend)
 
 
@@ -223,12 +223,13 @@ class FusedResidualBlock(nn.Module):
         return torch.relu_(self.layers[-1](h, r))
 
 
-def _swap_hf_resnet_block(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_resnet_block(m: Any, backend: str) -> Optional[nn.Module]:
     if type(getattr(m, "activation", None)).__name__ != "ReLU":
         return None
-    layers = [_swap_hf_resnet_conv(c, backend) if type(c).__name__ == "RTDetrResNetConvLayer" else None
-              for c in m.layer]
-    if any(c is None for c in layers) or layers[-1].fused.act != "identity":
+    maybe = [_swap_hf_resnet_conv(c, backend) if type(c).__name__ == "RTDetrResNetConvLayer" else None
+             for c in m.layer]
+    layers = [c for c in maybe if c is not None]
+    if not layers or len(layers) != len(maybe) or layers[-1].fused.act != "identity":
         return None
     shortcut = m.shortcut
     rule = _rule_for(shortcut)
@@ -240,11 +241,11 @@ def _swap_hf_resnet_block(m: nn.Module, backend: str) -> Optional[nn.Module]:
     return FusedResidualBlock(layers, shortcut)
 
 
-def _swap_hf_shortcut(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_shortcut(m: Any, backend: str) -> Optional[FusedPlainConv]:
     return _fused(m.convolution, m.normalization, None, backend)
 
 
-def _swap_hf_repvgg(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_repvgg(m: Any, backend: str) -> Optional[FusedPlainConv]:
     """conv3x3+BN + conv1x1+BN -> one 3x3 conv with bias (RepVGG reparameterisation), + act."""
     from .modules import fold_batchnorm
 
@@ -282,11 +283,12 @@ class FusedCSPRepLayer(nn.Module):
         return self.conv3(self.conv2(x, self.bottlenecks(self.conv1(x))))
 
 
-def _swap_hf_csp(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_csp(m: Any, backend: str) -> Optional[nn.Module]:
     conv1, conv2 = _swap_hf_conv_norm(m.conv1, backend), _swap_hf_conv_norm(m.conv2, backend)
-    blocks = [_swap_hf_repvgg(b, backend) if type(b).__name__ == "RTDetrRepVggBlock" else None for b in m.bottlenecks]
+    maybe = [_swap_hf_repvgg(b, backend) if type(b).__name__ == "RTDetrRepVggBlock" else None for b in m.bottlenecks]
+    blocks = [b for b in maybe if b is not None]
     conv3 = m.conv3 if isinstance(m.conv3, nn.Identity) else _swap_hf_conv_norm(m.conv3, backend)
-    if conv1 is None or conv2 is None or conv3 is None or any(b is None for b in blocks):
+    if conv1 is None or conv2 is None or conv3 is None or len(blocks) != len(maybe):
         return None
     return FusedCSPRepLayer(conv1, conv2, nn.Sequential(*blocks), conv3)
 
@@ -306,7 +308,7 @@ class MSDeformAttnKernel(nn.Module):
                               attention_weights, backend=self.backend)
 
 
-def _swap_hf_msda(m: nn.Module, backend: str) -> Optional[nn.Module]:
+def _swap_hf_msda(m: Any, backend: str) -> Optional[nn.Module]:
     return MSDeformAttnKernel(backend)
 
 
@@ -357,7 +359,7 @@ def _key(m: nn.Module) -> tuple:
     return type(m).__module__.split(".", 1)[0], type(m).__name__
 
 
-def _rule_for(m: nn.Module) -> Optional[Swap]:
+def _rule_for(m: Any) -> Optional[Swap]:
     return SWAPS.get(_key(m))
 
 
@@ -370,7 +372,7 @@ _NEUTRAL = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.SiLU, n
 _CARRIED_ATTRS = ("f", "i", "type", "np")
 
 
-def _walk(module: nn.Module, backend: str, report: OptimizeReport) -> None:
+def _walk(module: Any, backend: str, report: OptimizeReport) -> None:
     def replace(child: nn.Module) -> Optional[nn.Module]:
         rule = _rule_for(child)
         new = rule(child, backend) if rule is not None else None
@@ -433,7 +435,7 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
         report.notes.append("compiled lazily: the first call per (depth, input shape) compiles")
     else:
         key, rule = _key(model), _rule_for(model)
-        before = collections.Counter(type(m).__name__ for m in model.modules()) if rule is not None else None
+        before = collections.Counter(type(m).__name__ for m in model.modules())
         new = rule(model, backend) if rule is not None else None
         if new is not None:  # a rule for the model itself (e.g. its own inference form)
             model = new

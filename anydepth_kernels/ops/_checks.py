@@ -27,7 +27,7 @@ def pair(value: Union[int, Sequence[int]], name: str, op: str, minimum: int) -> 
         raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if min(value) < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_tensor(t, name: str, op: str, dim: Optional[int] = None) -> None:

@@ -219,9 +219,11 @@ def _resolve(t: torch.Tensor, backend: str) -> str:
     return _backends.resolve("ms_deform_attn", t, backend).backend
 
 
-def _prepare(value, tables, sampling_locations, attention_weights):
+def _prepare(value: torch.Tensor, tables: Tuple[torch.Tensor, torch.Tensor], sampling_locations: torch.Tensor,
+             attention_weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor]:
     """Contiguous operands for the kernels; ``tables`` from :func:`_check_levels`."""
-    return (value.contiguous(), *tables, sampling_locations.contiguous(),
+    return (value.contiguous(), tables[0], tables[1], sampling_locations.contiguous(),
             attention_weights.contiguous())
 
 
@@ -231,7 +233,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _reference_tables(spatial_shapes, tables):
+def _reference_tables(spatial_shapes: torch.Tensor,
+                      tables: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reference reads ``spatial_shapes`` on the host: give it the host table when there is
     one (reading the device copy would synchronise)."""
     return (spatial_shapes if not _checks.host_read_syncs(spatial_shapes) else tables[0]), tables[1]

@@ -38,7 +38,7 @@ compiled kernels); no CUDA device or driver is needed.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -59,10 +59,10 @@ from .ms_deform_attn import MSDA_BLOCK_DS, _msda_bwd_kernel, _msda_fwd_kernel, m
 class Variant(NamedTuple):
     """One compilation: kernel, a readable name, the argument types and the constexprs."""
 
-    kernel: object
+    kernel: Any  # a @triton.jit function
     name: str
     types: Dict[str, str]
-    constexprs: Dict[str, object]
+    constexprs: Mapping[str, object]
     num_warps: int
 
 
@@ -259,7 +259,7 @@ def _source(v: Variant) -> ASTSource:
         for i, name in enumerate(fn.arg_names)
         if signature[name].startswith("*")
     }
-    return ASTSource(fn, signature=signature, constexprs=v.constexprs, attrs=attrs)
+    return ASTSource(fn, signature=signature, constexprs=dict(v.constexprs), attrs=attrs)
 
 
 def compile_all_for(arch: int, families: Optional[Sequence[str]] = None,
