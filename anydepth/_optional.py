@@ -17,6 +17,9 @@ OPTIONAL = {
     "PIL": ("pillow", "data"),
     "tqdm": ("tqdm", "data"),
     "torchvision": ("torchvision", "vision"),
+    "yaml": ("PyYAML", "data"),
+    "ultralytics": ("ultralytics", "peers"),
+    "transformers": ("transformers", "peers"),
 }
 
 

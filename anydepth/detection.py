@@ -128,32 +128,30 @@ def resize_batch(images, size: Union[int, Tuple[int, int]], device=None,
     return batch.to(device=device, dtype=dtype), boxes
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes: [N, 4] x [M, 4] -> [N, M]."""
-    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
-    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-12)
-
-
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
     """Class-aware greedy NMS; indices kept, by decreasing score. Uses torchvision's kernel when
-    installed, else an exact pure-PyTorch version."""
+    installed (the ``vision`` extra), else :func:`greedy_nms` (same result; tested against it)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     try:
         from torchvision.ops import batched_nms as tv_nms
+    except ImportError:
+        return greedy_nms(boxes, scores, labels, iou)
+    return tv_nms(boxes.float(), scores.float(), labels, iou)
 
-        return tv_nms(boxes.float(), scores.float(), labels, iou)
-    except ImportError:  # pragma: no cover - torchvision is a dependency, but stay usable without
-        pass
+
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Class-aware greedy NMS in plain PyTorch (an all-pairs IoU matrix, then one pass in score
+    order): what :func:`batched_nms` runs without torchvision, e.g. on a machine with torch only."""
+    from .losses.boxes import bbox_iou
+
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
     offset = labels.to(boxes.dtype)[:, None] * (boxes.max() + 1)
     b = boxes + offset
     order = scores.argsort(descending=True)
     b = b[order]
-    ious = box_iou(b, b)
+    ious = bbox_iou(b[:, None, :].float(), b[None, :, :].float(), kind="iou", eps=0.0).nan_to_num_(0.0)
     keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
     for i in range(len(order)):
         if keep[i]:

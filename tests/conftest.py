@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from helpers import TRITON36_ARCHS, TRITON36_VERSION, AotTriton, rel_err, triton_interpreted
+
 # Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. This must be set
 # before triton is imported anywhere.
 try:
@@ -11,20 +13,6 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
-
-
-def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64 on the CPU (the project's accuracy measure); the two
-    tensors may live on different devices."""
-    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def triton_interpreted() -> bool:
-    """Triton kernels run on CPU tensors only through the interpreter; on a GPU machine the suite
-    runs them on CUDA (the ``gpu`` tests) and the interpreter cases run in a second process with
-    ``CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1`` (``make gpu-check`` does both)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_addoption(parser):
@@ -77,26 +65,6 @@ def rel():
     return rel_err
 
 
-#: The Triton of the GPU machines, beside the venv's own for the AOT-compile tests: ``make test``
-#: installs it (``make $(VENV)/triton36/.installed``: ``pip install --no-deps --target``, no second
-#: torch) into ``$(VENV)/triton36``, which the compile subprocesses put first on ``PYTHONPATH``.
-TRITON36_VERSION = "3.6."
-#: Triton 3.6 compiles for the GPU machines' architecture only (sm_90, H200), in two processes
-#: sharing the variants: sm_80 is covered by the venv's Triton, and this halves the added time.
-TRITON36_ARCHS = (90,)
-
-
-class AotTriton:
-    """The Triton an AOT-compile test uses: ``path`` (a folder put first on ``PYTHONPATH``, None
-    for the venv's own), the version prefix the subprocesses must import, the architectures."""
-
-    def __init__(self, label, path=None, version=None, archs=(80, 90)):
-        self.label, self.path, self.version, self.archs = label, path, version, tuple(archs)
-
-    def __repr__(self):
-        return f"AotTriton({self.label})"
-
-
 @pytest.fixture(params=["venv", "triton36"])
 def aot_triton(request):
     """Parametrizes the AOT-compile tests over the venv's Triton (3.8 with torch 2.14) and Triton
@@ -120,36 +88,3 @@ def aot_triton(request):
                     f"`make test` (or `make {venv}/triton36/.installed`) to install it, or set "
                     "ANYDEPTH_NO_TRITON36=1 to skip these cases.", pytrace=False)
     return AotTriton("3.6", folder, TRITON36_VERSION, TRITON36_ARCHS)
-
-
-def aot_compile(tmp_path, families=None, triton=None):
-    """Compile Triton kernel families for sm_80 and sm_90 (PTX and cubin) in subprocesses without
-    the interpreter, each with a fresh cache so every variant really goes through the compiler and
-    ptxas. ``triton``: an :class:`AotTriton` (the ``aot_triton`` fixture) choosing the Triton and
-    the architectures; None is the venv's for sm_80 and sm_90. A single architecture's variants are
-    split over two processes. Returns ``{arch: [kernel variant names]}``; fails on any compile error."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    triton = triton or AotTriton("venv")
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(triton.path or ""), str(repo), env.get("PYTHONPATH")]))
-    code = ("import json, sys, triton; from anydepth_kernels.triton_kernels.aot import compile_all_for; "
-            f"assert triton.__version__.startswith({triton.version or ''!r}), triton.__version__; "
-            "print(json.dumps(compile_all_for(int(sys.argv[1])"
-            f"{'' if families is None else ', ' + repr(list(families))}, shard=(int(sys.argv[2]), int(sys.argv[3])))))")
-    shards = max(1, 2 // len(triton.archs))
-    procs = {(arch, i): subprocess.Popen([sys.executable, "-c", code, str(arch), str(i), str(shards)],
-                                         env=dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}_{i}")),
-                                         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in triton.archs for i in range(shards)}
-    names = {arch: [] for arch in triton.archs}
-    for (arch, i), proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, \
-            f"sm_{arch} AOT compilation with Triton {triton.label} failed:\n{stderr[-6000:]}"
-        names[arch] += json.loads(stdout.strip().splitlines()[-1])
-    return names

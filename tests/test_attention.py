@@ -17,7 +17,7 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import reference
 from anydepth_kernels.ops import attention as attn_ops
-from conftest import aot_compile, rel_err
+from helpers import aot_compile, needs_cuda, rel_err
 
 CPU_BACKENDS = ["reference", "sdpa", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -411,7 +411,7 @@ GPU_CASES = [(4, 4, 100, 100, 32), (1, 8, 400, 400, 32), (2, 3, 77, 130, 64), (1
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "B{}H{}Nq{}Nk{}D{}".format(*s))
@@ -428,7 +428,7 @@ def test_gpu_backends(backend, dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_gpu_auto_tf32_and_area():
     q, k, v = make_qkv(1, 8, 400, 400, 32, seed=1, device="cuda")
     assert attn_ops.resolve_backend("t", q, 32, "auto") == "triton"

@@ -7,7 +7,7 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import reference
 
-from conftest import aot_compile, rel_err
+from helpers import aot_compile, needs_cuda, rel_err
 
 BACKENDS = ["reference", "cpp"]
 
@@ -213,7 +213,7 @@ def test_triton_aot_compile(tmp_path, aot_triton):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_triton_cuda():
     from anydepth_kernels.ops.concat_conv import _select
 

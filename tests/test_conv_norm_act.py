@@ -11,7 +11,7 @@ from torch import nn
 
 import anydepth_kernels as ak
 from anydepth_kernels import reference
-from conftest import rel_err
+from helpers import needs_cuda, rel_err
 
 CPU_BACKENDS = ["reference", "cpp", "triton"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -349,7 +349,7 @@ def test_module_bad_inputs():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_gpu_backends(backend, dtype):

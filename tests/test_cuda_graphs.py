@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from helpers import needs_cuda
+
 import anydepth
 import anydepth_kernels as ak
 from anydepth.testing import randomize_
@@ -27,7 +29,7 @@ def test_cpu_is_a_plain_call():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_one_graph_per_depth_on_cuda():
     m = _model("cuda")
     runner = ak.CUDAGraphRunner(m)
@@ -45,7 +47,7 @@ def test_one_graph_per_depth_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_rtdetr_graphs_per_depth_on_cuda():
     m = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3, num_queries=20).eval().cuda()
     runner = ak.CUDAGraphRunner(m)
@@ -63,7 +65,7 @@ def _close(a, b, tol=1e-4):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_uncloned_outputs_belong_to_their_graph_on_cuda():
     """clone_outputs=False: a graph's outputs change only when that same graph replays (each graph
     has its own memory pool, so another depth's replay cannot overwrite them)."""
@@ -85,7 +87,7 @@ def test_uncloned_outputs_belong_to_their_graph_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_inference_mode_capture_then_normal_mode_calls_on_cuda():
     m = _model("cuda")
     runner = ak.CUDAGraphRunner(m)
@@ -114,7 +116,7 @@ def test_inference_mode_capture_then_normal_mode_calls_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_rtdetr_graph_survives_shape_cache_eviction_on_cuda():
     """The graph keeps the cached constants it reads (level tables, anchors, position embedding):
     dropping them from the caches and refilling the caches and memory with other data changes
@@ -141,7 +143,7 @@ def test_rtdetr_graph_survives_shape_cache_eviction_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_rtdetr_shape_constants_capture_on_a_cache_miss_on_cuda():
     """A cache miss inside a capture builds the constants with device kernels (no host->device
     copy) and does not store them; replays fill them."""

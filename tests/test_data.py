@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from anydepth.data import (CocoDetection, YoloDetection, collate, open_dataset, parse_names_yaml, read_image,
+from anydepth.data import (CocoDetection, YoloDetection, collate, open_dataset, read_image,
                            synth)
 from anydepth.detection import letterbox_batch, resize_batch
+from anydepth.data.datasets import read_data_yaml_names
 
 N_SYNTH = 24
 SYNTH_SZ = 256
@@ -216,16 +217,28 @@ def test_yolo_class_names_sources(tmp_path, synth_dir):
         YoloDetection(d / "images", names={0: "a", 2: "b"})
 
 
-def test_tiny_yaml_names_parser():
-    assert parse_names_yaml("path: x\nnames: [cat, 'dog, big', \"bird\"]  # three\n") == ["cat", "dog, big", "bird"]
-    assert parse_names_yaml("names:\n  - cat\n  - dog # comment\n\nnc: 2\n") == ["cat", "dog"]
-    assert parse_names_yaml("train: a\nnames:\n  0: person\n  1: 'traffic light'\nval: b\n") == \
-        {"0": "person", "1": "traffic light"}
-    assert parse_names_yaml("names: {0: a, 1: b}") == {"0": "a", "1": "b"}
-    assert parse_names_yaml("names: [a,\n  b, c]") == ["a", "b", "c"]
-    assert parse_names_yaml("nc: 3\n") is None
-    with pytest.raises(ValueError, match="unterminated"):
-        parse_names_yaml("names: [a, b\n")
+@pytest.mark.parametrize("text, expected", [
+    ("path: x\nnames: [cat, 'dog, big', \"bird\"]  # three\n", ["cat", "dog, big", "bird"]),
+    ("names:\n  - cat\n  - dog # comment\n\nnc: 2\n", ["cat", "dog"]),
+    ("train: a\nnames:\n  0: person\n  1: 'traffic light'\nval: b\n", ["person", "traffic light"]),
+    ("names: {1: b, 0: a}", ["a", "b"]),
+    ("names: [a,\n  b, c]", ["a", "b", "c"]),
+])
+def test_data_yaml_names(tmp_path, text, expected):
+    (tmp_path / "data.yaml").write_text(text)
+    assert read_data_yaml_names(tmp_path / "data.yaml") == expected
+
+
+@pytest.mark.parametrize("text, match", [
+    ("nc: 3\n", "has no 'names' entry"),
+    ("names: [a, b\n", "is not valid YAML"),
+    ("names: {0: a, 2: b}", "names mapping keys must be 0..1"),
+    ("names: []", "empty list of class names"),
+])
+def test_data_yaml_names_errors(tmp_path, text, match):
+    (tmp_path / "data.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_data_yaml_names(tmp_path / "data.yaml")
 
 
 def test_data_yaml_without_pyyaml(tmp_path, monkeypatch, synth_dir):
@@ -234,8 +247,9 @@ def test_data_yaml_without_pyyaml(tmp_path, monkeypatch, synth_dir):
     root, _ = synth_dir
     d = _write_yolo_copy(root, tmp_path / "y")
     (d / "data.yaml").write_text("path: .\nnames: [c0, c1, c2, c3, c4]  # five\nnc: 5\n")
-    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now fails: the small parser is used
-    assert YoloDetection(d / "images").class_names == ["c0", "c1", "c2", "c3", "c4"]
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now fails
+    with pytest.raises(ImportError, match=r"reading a YOLO data.yaml needs PyYAML.*anydepth\[data\]"):
+        YoloDetection(d / "images")
 
 
 def test_yolo_split_layout(tmp_path, synth_dir):

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import anydepth_kernels as ak
 from anydepth import (AnyDepthModel, ConvNormAct, DepthConfig, DepthSpace, KnobSpec,
                       SkipAwareBatchNorm2d, SkipAwareLayerNorm, SkippableStage, split_blocks)
-from conftest import rel_err
+from helpers import rel_err
 
 SPACE = DepthSpace(["backbone.s1", "backbone.s2", "neck"], {"decoder_layers": KnobSpec(1, 6, 4)})
 

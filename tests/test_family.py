@@ -13,10 +13,7 @@ from anydepth.family import (ModelFamily, TrainDefaults, families, family_of, re
 from anydepth.losses import build_criterion
 from anydepth.testing import randomize_
 from anydepth.train.trainer import model_family
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from helpers import rel_err
 
 
 def test_registered_families_are_complete():

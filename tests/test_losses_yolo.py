@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import anydepth
-from anydepth.detection import box_iou
+from anydepth.detection import batched_nms, greedy_nms
 from anydepth.losses import (bbox_iou, box_cxcywh_to_xyxy, box_iou_pairwise, box_xyxy_to_cxcywh,
                              build_criterion, generalized_box_iou)
 from anydepth.losses.yolo import (TaskAlignedAssigner, YOLOCriterion, bernoulli_kl, distribution_focal_loss,
@@ -92,9 +92,47 @@ def test_generalized_box_iou_matrix():
     g = generalized_box_iou(a, b)
     torch.testing.assert_close(g, expected, rtol=0, atol=1e-6)
     # GIoU <= IoU, equal where the enclosing box is the union
-    assert (g <= box_iou(a, b) + 1e-6).all()
+    assert (g <= bbox_iou(a[:, None], b[None], kind="iou") + 1e-6).all()
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         generalized_box_iou(a[None], b)
+
+
+def _random_xyxy(n, g, scale=10.0):
+    xy = torch.rand(n, 2, generator=g) * scale
+    wh = torch.rand(n, 2, generator=g) * scale / 2 + 0.01
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (7, 3), (40, 25)])
+def test_box_math_matches_torchvision(n, m):
+    """torchvision.ops is the oracle for our box math. We keep our own: the CIoU term must follow
+    Ultralytics' formula (eps placement) bit for bit, every division is guarded by eps for degenerate
+    boxes, and torchvision stays optional (the vision extra)."""
+    tv = pytest.importorskip("torchvision.ops")
+    g = torch.Generator().manual_seed(n * 100 + m)
+    a, b = _random_xyxy(n, g), _random_xyxy(m, g)
+    torch.testing.assert_close(bbox_iou(a[:, None], b[None], kind="iou", eps=0.0), tv.box_iou(a, b))
+    torch.testing.assert_close(generalized_box_iou(a, b, eps=0.0), tv.generalized_box_iou(a, b))
+    torch.testing.assert_close(box_xyxy_to_cxcywh(a), tv.box_convert(a, "xyxy", "cxcywh"))
+    c = tv.box_convert(a, "xyxy", "cxcywh")
+    torch.testing.assert_close(box_cxcywh_to_xyxy(c), tv.box_convert(c, "cxcywh", "xyxy"))
+    k = min(n, m)
+    ciou_loss = tv.complete_box_iou_loss(a[:k], b[:k], reduction="none", eps=1e-7)
+    torch.testing.assert_close(1 - bbox_iou(a[:k], b[:k], kind="ciou"), ciou_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, iou", [(1, 0.5), (30, 0.5), (200, 0.3), (200, 0.7)])
+def test_greedy_nms_matches_torchvision(n, iou):
+    """The NMS used without torchvision keeps exactly what torchvision's kernel keeps."""
+    tv = pytest.importorskip("torchvision.ops")
+    g = torch.Generator().manual_seed(n)
+    boxes = _random_xyxy(n, g, scale=20.0)
+    scores = torch.rand(n, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    expected = tv.batched_nms(boxes, scores, labels, iou)
+    assert torch.equal(greedy_nms(boxes, scores, labels, iou), expected)
+    assert torch.equal(batched_nms(boxes, scores, labels, iou), expected)
+    assert greedy_nms(boxes[:0], scores[:0], labels[:0], iou).shape == (0,)
 
 
 # -- DFL / KL -------------------------------------------------------------------------------------

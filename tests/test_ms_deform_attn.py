@@ -19,7 +19,7 @@ import torch
 import anydepth_kernels as ak
 from anydepth_kernels import _ext, reference
 from anydepth_kernels.ops import ms_deform_attn as msda_ops
-from conftest import aot_compile, rel_err
+from helpers import aot_compile, needs_cuda, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["reference", "cpp", "triton"]
@@ -427,7 +427,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: f"M{s[2]}L{len(s[3])}D{s[5]}")
@@ -446,7 +446,7 @@ def test_gpu_backends(backend, dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_non_finite_and_borders(backend):
     vals = _special_locations()
@@ -467,7 +467,7 @@ def test_gpu_non_finite_and_borders(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_gpu_auto_picks_cuda_and_compiles():
     value, ss, starts, loc, attn = make_inputs(1, 8, 2, [(5, 4)], 2, 8, seed=1, device="cuda")
     assert msda_ops._resolve(value, "auto") == "cuda"
@@ -483,7 +483,7 @@ def test_cpp_every_instruction_set():
     code = (
         "import sys, torch; sys.path.insert(0, 'tests');"
         "from test_ms_deform_attn import make_inputs, ref_grads, run_backend;"
-        "from conftest import aot_compile, rel_err;"
+        "from helpers import aot_compile, rel_err;"
         "args = make_inputs(2, 13, 3, [(6, 7), (1, 5), (3, 1)], 3, 19, seed=8);"
         "grad = torch.randn(2, 13, 57);"
         "ref, rg = ref_grads(*args, grad); out, g = run_backend('cpp', *args, grad);"
@@ -749,7 +749,7 @@ def test_host_tables_for_a_device_value_are_copied_once(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("tables_on", ["cuda", "cpu"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_cuda_graph_capture_and_no_sync(backend, tables_on):

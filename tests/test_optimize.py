@@ -1,6 +1,5 @@
 """optimize(model): swaps into our models and Ultralytics models, outputs unchanged."""
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import anydepth
 import anydepth_kernels as ak
 from anydepth.testing import randomize_
 
-from conftest import rel_err
+from helpers import needs_transformers, needs_ultralytics, rel_err
 
 
 def test_optimize_anydepth_yolov12_every_depth():
@@ -89,11 +88,6 @@ def test_optimize_leaves_unknown_modules_and_reports(capsys):
         ak.optimize("not a model")
 
 
-# Only the peer tests need the peers: a machine without Ultralytics (the GPU machines) runs the rest.
-needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
-                                       reason="the Ultralytics peer is in the test extras")
-needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                        reason="the HF peer is in the test extras")
 
 
 @needs_ultralytics

@@ -109,14 +109,18 @@ def test_kernel_sources_do_not_name_the_model_package():
 
 
 def test_anydepth_registers_its_rules():
-    import anydepth  # noqa: F401
+    # a family registers its rule when its module is imported (any model of it exists by then)
+    import anydepth.models.rtdetr  # noqa: F401
+    import anydepth.models.yolov12  # noqa: F401
     from anydepth_kernels.optimize import SWAPS
 
     assert {("anydepth", "AnyDepthYOLOv12"), ("anydepth", "AnyDepthRTDETR")} <= set(SWAPS)
 
 
 @pytest.mark.parametrize("module, extra", [("scipy.optimize", "train"), ("pycocotools.coco", "eval"),
-                                           ("matplotlib", "plot"), ("PIL.Image", "data")])
+                                           ("matplotlib", "plot"), ("PIL.Image", "data"), ("yaml", "data"),
+                                           ("ultralytics.nn.tasks", "peers"), ("transformers", "peers"),
+                                           ("torchvision", "vision")])
 def test_missing_optional_dependency_names_its_extra(monkeypatch, module, extra):
     from anydepth._optional import require
 
@@ -141,3 +145,19 @@ def test_hungarian_matcher_without_scipy_says_which_extra(monkeypatch):
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
     with pytest.raises(ImportError, match=re.escape('anydepth[train]')):
         HungarianMatcher()(torch.zeros(1, 3, 2), torch.rand(1, 3, 4), targets)
+
+
+def test_peer_converters_without_their_package_say_which_extra(monkeypatch, tmp_path):
+    from anydepth.convert import _transformers, _ultralytics
+    from anydepth.models import rtdetr
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "ultralytics.nn.tasks", None)
+    with pytest.raises(ImportError, match=re.escape('anydepth[peers]')):
+        _transformers.hf_config_for("rtdetr-r18-anydepth")
+    with pytest.raises(ImportError, match=re.escape('anydepth[peers]')):
+        _transformers.build_peer("rtdetr-r18-anydepth")
+    with pytest.raises(ImportError, match=re.escape('anydepth[peers]')):
+        _ultralytics.build_peer("yolov12n-anydepth")
+    with pytest.raises(ImportError, match=r"a directory: a HuggingFace model\?.*anydepth\[peers\]"):
+        rtdetr._import_transformers(str(tmp_path))

@@ -22,7 +22,7 @@ from anydepth.nn import SkipAwareBatchNorm2d, SkipAwareLayerNorm  # noqa: E402
 from anydepth.registry import create_model, list_models  # noqa: E402
 from anydepth_kernels import reference  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from helpers import rel_err  # noqa: E402
 
 TOL = 1e-5
 

@@ -39,7 +39,7 @@ if not torch.cuda.is_available() and not tk._INTERPRETED:
         "before that import (e.g. at the top of conftest.py)"
     )
 
-from conftest import aot_compile, rel_err  # noqa: E402
+from helpers import aot_compile, needs_cuda, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -240,7 +240,7 @@ def test_aot_compile(tmp_path, aot_triton):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda():
     for shape in CONV1X1_SHAPES + [(4, 256, 256, 40, 40, 1)]:
         for act in ACTIVATIONS:

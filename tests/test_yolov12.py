@@ -1,7 +1,6 @@
 """AnyDepth-YOLOv12: shapes, switches, skipped paths, fidelity against Ultralytics, checkpoints,
 predict, bad inputs."""
 import copy
-import importlib.util
 import random
 
 import numpy as np
@@ -13,7 +12,7 @@ from anydepth import checkpoint
 from anydepth.testing import randomize_
 from anydepth.models.yolov12 import SCALES, SWITCHES, AnyDepthYOLOv12, essential_blocks
 
-from conftest import rel_err
+from helpers import needs_ultralytics, rel_err
 
 SWITCH_NAMES = [name for name, _ in SWITCHES]
 
@@ -198,8 +197,6 @@ def test_checkpoint_round_trip(model_n, tmp_path):
 # runs the rest of this file.
 from anydepth.convert._ultralytics import build_peer, from_ultralytics  # noqa: E402
 
-needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
-                                       reason="the Ultralytics peer is in the test extras")
 
 # bigger scales on smaller images: the check is the arithmetic, not the receptive field
 FIDELITY = {"n": (160, 128), "s": (128, 96), "m": (96, 96), "l": (96, 64), "x": (64, 64)}

@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .._optional import require
 from ..models.rtdetr import VARIANTS, AnyDepthRTDETR
 
 __all__ = ["from_transformers", "build_peer", "hf_config_for"]
@@ -183,9 +184,7 @@ def _state_and_config(model_or_state_dict, config):
     if config is None:
         raise ValueError("from_transformers: a state dict needs its RTDetrConfig (config=...)")
     if isinstance(config, Mapping):
-        from transformers import RTDetrConfig
-
-        config = RTDetrConfig(**config)
+        config = require("transformers", "from_transformers").RTDetrConfig(**config)
     if getattr(config, "model_type", None) != "rt_detr":
         raise ValueError(f"expected an RTDetrConfig (model_type 'rt_detr'), got {type(config).__name__}")
     return state, config
@@ -247,7 +246,8 @@ def from_transformers(model_or_state_dict, config=None, num_classes: Optional[in
 def hf_config_for(model_name: str, num_classes: int = 80, **overrides):
     """An offline ``RTDetrConfig`` of the official variant ``model_name`` (``"rtdetr-r50-anydepth"``
     or ``"r50"``); ``overrides`` are extra ``RTDetrConfig`` fields."""
-    from transformers import RTDetrConfig, RTDetrResNetConfig
+    transformers = require("transformers", "an RT-DETR configuration of HuggingFace transformers")
+    RTDetrConfig, RTDetrResNetConfig = transformers.RTDetrConfig, transformers.RTDetrResNetConfig
 
     variant = model_name.removeprefix("rtdetr-").removesuffix("-anydepth")
     if variant not in VARIANTS:
@@ -306,7 +306,7 @@ def build_peer(model_name: str, num_classes: int = 80, seed: int = 0, **config_o
     variant, built offline with random non-trivial weights and BatchNorm statistics (seeded), and
     our conversion of it. ``config_overrides`` are extra ``RTDetrConfig`` fields (e.g.
     ``num_queries``)."""
-    from transformers import RTDetrForObjectDetection
+    RTDetrForObjectDetection = require("transformers", "building the HF RT-DETR peer").RTDetrForObjectDetection
 
     config = hf_config_for(model_name, num_classes, **config_overrides)
     torch.manual_seed(seed)

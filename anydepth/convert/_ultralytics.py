@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .._optional import require
 from ..models.yolov12 import SCALES, AnyDepthYOLOv12
 from ..testing import randomize_
 
@@ -125,7 +126,7 @@ def from_ultralytics(model_or_checkpoint, shallow_out: str = "slice") -> AnyDept
 def build_peer(model_name: str = "yolov12s-anydepth", num_classes: int = 80, seed: int = 0):
     """An Ultralytics YOLO12 ``DetectionModel`` with random non-trivial weights and BN statistics
     (built offline from its YAML), and our model converted from it: ``(peer, ours)``, both eval."""
-    from ultralytics.nn.tasks import DetectionModel
+    DetectionModel = require("ultralytics.nn.tasks", "building the Ultralytics YOLO12 peer").DetectionModel
 
     m = re.fullmatch(r"yolov12([nsmlx])-anydepth", model_name)
     if m is None:

@@ -8,8 +8,8 @@
 See :mod:`anydepth.data.datasets` for the sample format and augmentation.
 """
 from . import synth
-from .datasets import (CocoDetection, DetectionDataset, YoloDetection, collate, open_dataset, parse_names_yaml,
+from .datasets import (CocoDetection, DetectionDataset, YoloDetection, collate, open_dataset,
                        read_image)
 
-__all__ = ["CocoDetection", "DetectionDataset", "YoloDetection", "collate", "open_dataset", "parse_names_yaml",
+__all__ = ["CocoDetection", "DetectionDataset", "YoloDetection", "collate", "open_dataset",
            "read_image", "synth"]

@@ -358,93 +358,6 @@ class CocoDetection(DetectionDataset):
 # ----------------------------------------------------------------------------------------------
 # YOLO
 # ----------------------------------------------------------------------------------------------
-def _strip_quotes(s: str) -> str:
-    s = s.strip()
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
-        return s[1:-1]
-    return s
-
-
-def _drop_comment(line: str) -> str:
-    out, quote = [], None
-    for k, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (k == 0 or line[k - 1].isspace()):
-            break
-        out.append(ch)
-    return "".join(out).rstrip()
-
-
-def _split_flow(body: str) -> List[str]:
-    """Split the inside of a YAML flow list on commas outside quotes."""
-    items, cur, quote = [], [], None
-    for ch in body:
-        if quote:
-            cur.append(ch)
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-            cur.append(ch)
-        elif ch == ",":
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur))
-    return [_strip_quotes(x) for x in items if x.strip()]
-
-
-def parse_names_yaml(text: str, where: str = "data.yaml"):
-    """The ``names`` entry of a YOLO ``data.yaml`` (a small parser, used when PyYAML is absent):
-    a flow list ``names: [a, b]``, a block list (``- a`` lines) or a block mapping (``0: a``
-    lines). Returns a list or a dict, or ``None`` when there is no ``names`` key."""
-    lines = [_drop_comment(l) for l in text.splitlines()]
-    for k, line in enumerate(lines):
-        if not line.startswith("names:"):
-            continue
-        rest = line[len("names:"):].strip()
-        if rest.startswith("["):
-            body = rest
-            j = k
-            while not body.rstrip().endswith("]"):
-                j += 1
-                if j >= len(lines):
-                    raise ValueError(f"{where}: unterminated 'names: [' list")
-                body += " " + lines[j].strip()
-            return _split_flow(body.strip()[1:-1])
-        if rest.startswith("{"):
-            out = {}
-            for item in _split_flow(rest.strip("{} ")):
-                key, _, val = item.partition(":")
-                out[_strip_quotes(key)] = _strip_quotes(val)
-            return out
-        if rest:
-            raise ValueError(f"{where}: cannot read 'names: {rest}' (expected a list or a mapping)")
-        items_list, items_map = [], {}
-        for sub in lines[k + 1:]:
-            if not sub.strip():
-                continue
-            if not sub[0].isspace():
-                break
-            s = sub.strip()
-            if s.startswith("- ") or s == "-":
-                items_list.append(_strip_quotes(s[1:]))
-            elif ":" in s:
-                key, _, val = s.partition(":")
-                items_map[_strip_quotes(key)] = _strip_quotes(val)
-            else:
-                raise ValueError(f"{where}: cannot read the 'names' entry {s!r}")
-        if items_list and items_map:
-            raise ValueError(f"{where}: 'names' mixes list items and mapping entries")
-        return items_list or items_map
-    return None
-
-
 def _names_from(names, where: str) -> List[str]:
     """Class names from a list, or from a mapping ``{0: name, 1: name, ...}`` (keys must be 0..n-1)."""
     if isinstance(names, dict):
@@ -466,16 +379,12 @@ def read_data_yaml_names(path: PathLike) -> List[str]:
     """Class names from the ``names`` entry of a YOLO ``data.yaml``."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
+    yaml = require("yaml", "reading a YOLO data.yaml")
     try:
-        import yaml
-    except ImportError:
-        names = parse_names_yaml(text, str(path))
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from e
-        names = data.get("names") if isinstance(data, dict) else None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    names = data.get("names") if isinstance(data, dict) else None
     if names is None:
         raise ValueError(f"{path} has no 'names' entry")
     return _names_from(names, str(path))

@@ -58,6 +58,7 @@ from anydepth_kernels import FusedConvNormAct, fold_batchnorm, ms_deform_attn
 from anydepth_kernels.modules import swap_modules
 from anydepth_kernels.cuda_graphs import keep_alive
 
+from .._optional import require
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, lazy, register_family
@@ -918,11 +919,8 @@ def _factory(variant: str):
 
 
 def _import_transformers(path: str) -> AnyDepthRTDETR:
-    try:
-        from transformers import RTDetrForObjectDetection
-    except ImportError as e:
-        raise ImportError(f"{path!r} is a directory (a HuggingFace model?) but transformers is not "
-                          "installed: pip install 'anydepth[peers]'") from e
+    RTDetrForObjectDetection = require(
+        "transformers", f"loading {path!r} (a directory: a HuggingFace model?)").RTDetrForObjectDetection
     from ..convert import from_transformers
 
     return from_transformers(RTDetrForObjectDetection.from_pretrained(path)).eval()
