@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from anydepth_kernels.benchmark import _timer, machine_info
+from anydepth_kernels.benchmark import machine_info, timer
 
 from .registry import create_model
 
@@ -193,7 +193,7 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     if peer_model is not None:
         peer_model = peer_model.to(dev, dtype).eval()
         fns["peer"] = lambda: peer_call(peer_model, x)
-    timer = _timer(dev)
+    timed = timer(dev)
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         for k, fn in fns.items():
@@ -201,7 +201,7 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
                 fn()
         for r in range(rounds):
             for k, fn in fns.items():
-                times[k].append(timer(fn))
+                times[k].append(timed(fn))
             log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}ms" for k, v in times.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
 
@@ -236,10 +236,10 @@ def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int =
     g = torch.Generator().manual_seed(0)
     a = torch.rand(n, n, generator=g).to(device, dtype)
     b = torch.rand(n, n, generator=g).to(device, dtype)
-    timer = _timer(torch.device(device))
+    timed = timer(torch.device(device))
     with torch.inference_mode():
         torch.matmul(a, b)
-        ms = statistics.median(timer(lambda: torch.matmul(a, b)) for _ in range(repeats))
+        ms = statistics.median(timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
     return 2 * n**3 / (ms / 1e3) / 1e9
 
 

@@ -730,11 +730,11 @@ def _attention_precision(B, kw):
         rep.results += B.measure("P4 area attn fwd", {
             "triton ieee": lambda: area_attention(qkv, 4, 4, backend="triton"),
             "triton tf32": lambda: area_attention(qkv, 4, 4, backend="triton", input_precision="tf32"),
-            "sdpa": lambda: area_attention(qkv, 4, 4, backend="sdpa")}, "triton ieee", B._timer(d), **kw)
+            "sdpa": lambda: area_attention(qkv, 4, 4, backend="sdpa")}, "triton ieee", B.timer(d), **kw)
         rep.results += B.measure("AIFI [1,8,400,32] fwd", {
             "triton ieee": lambda: attention(q, k, v, backend="triton"),
             "triton tf32": lambda: attention(q, k, v, backend="triton", input_precision="tf32"),
-            "sdpa": lambda: attention(q, k, v, backend="sdpa")}, "triton ieee", B._timer(d), **kw)
+            "sdpa": lambda: attention(q, k, v, backend="sdpa")}, "triton ieee", B.timer(d), **kw)
     return rep
 
 

@@ -132,7 +132,10 @@ def _eager_block(case: ConvCase, device, dtype) -> nn.Sequential:
     return nn.Sequential(conv, bn, nn.SiLU()).eval().to(device=device, dtype=dtype)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that runs ``fn()`` once and returns its wall time in milliseconds on ``device``
+    (CUDA events around the call on a GPU, ``time.perf_counter`` with the call finished on the CPU).
+    The one timer of every benchmark here and in :mod:`anydepth.benchmark`."""
     if device.type == "cuda":
         def timed(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -226,7 +229,7 @@ def run_conv_benchmarks(
     for name, why in backends.items():
         if why is not None:
             report.skipped[name] = why
-    timed = _timer(dev)
+    timed = timer(dev)
     for ci, case in enumerate(cases):
         if progress:
             print(f"[{ci + 1}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
@@ -301,7 +304,7 @@ def run_concat_benchmarks(device: str = "cpu", dtype: torch.dtype = torch.float3
     for name, why in backends.items():
         if why is not None:
             report.skipped[name] = why
-    timed = _timer(dev)
+    timed = timer(dev)
     for ci, (name, chans, cout, hw, cin_total) in enumerate(cases):
         if progress:
             print(f"[{ci + 1}/{len(cases)}] {name}", file=sys.stderr, flush=True)

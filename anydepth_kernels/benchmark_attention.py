@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .benchmark import Report, _timer, bench_backends, machine_info, measure
+from .benchmark import Report, bench_backends, machine_info, measure, timer
 from .ops import attention as attn_ops
 
 #: Name of the baseline row of every case.
@@ -125,7 +125,7 @@ def run_attention_benchmarks(
     for name, why in backends.items():
         if why is not None:
             report.skipped[name] = why
-    timed = _timer(dev)
+    timed = timer(dev)
     compiled_ref = torch.compile if compile_reference else None
 
     for ci, case in enumerate(cases):

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .benchmark import Report, _timer, bench_backends, machine_info, measure
+from .benchmark import Report, bench_backends, machine_info, measure, timer
 from .ops import ms_deform_attn as msda_ops
 
 #: Name of the baseline row of every case.
@@ -97,7 +97,7 @@ def run_ms_deform_benchmarks(
     for name, why in backends.items():
         if why is not None:
             report.skipped[name] = why
-    timed = _timer(dev)
+    timed = timer(dev)
     compiled_ref = torch.compile(reference.ms_deform_attn) if compile_reference else None
 
     for ci, case in enumerate(cases):

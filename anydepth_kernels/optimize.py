@@ -23,6 +23,7 @@ inference model.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -393,6 +394,28 @@ def _walk(module: Any, backend: str, report: OptimizeReport) -> None:
     swap_modules(module, replace, visit)
 
 
+#: Dynamo's recompile limit while an ``optimize(compile=True)`` model runs: one graph per (depth
+#: configuration, input shape), so a whole ladder (up to 2^5 + 1 configurations) stays compiled.
+RECOMPILE_LIMIT = 64
+
+
+def _with_recompile_limit(fn: Callable, limit: int) -> Callable:
+    """``fn`` called with Dynamo's recompile limit at least ``limit`` (the limit is read when a
+    call compiles, so a patch around the call is enough; other compiled code keeps the global)."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if getattr(torch._dynamo.config, name) >= limit:
+            return fn(*args, **kwargs)
+        with torch._dynamo.config.patch(**{name: limit}):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, return_report: bool = False,
              compile: bool = False):
     """Return ``model`` with fused modules in place (modified in place; eval mode).
@@ -403,8 +426,9 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
     ``torch.compile`` (Inductor with weight freezing: norms folded into the convolutions,
     pre-packed oneDNN weights and fused pointwise tails on the CPU). It compiles once per
     (depth configuration, input shape) on first use (tens of seconds each on a small CPU) and
-    needs ``torch.no_grad()`` / ``torch.inference_mode()`` for the frozen graph; it raises
-    Dynamo's recompile limit to 64 so that a whole depth ladder stays compiled. The swapped
+    needs ``torch.no_grad()`` / ``torch.inference_mode()`` for the frozen graph; its calls run
+    with Dynamo's recompile limit raised to ``RECOMPILE_LIMIT`` (64) so that a whole depth ladder
+    stays compiled (the process-wide setting is left as it is). The swapped
     kernels are opaque to Inductor, so the two are alternatives: on this project's 2-core CPU
     compiling measured the faster of the two (see the README), on CUDA the swaps plus CUDA
     graphs are the path we ship.
@@ -420,17 +444,13 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
         report.notes.append("model switched to eval mode (norms are folded with their running statistics)")
     model.eval()
     if compile:
-        import torch._dynamo
-
         if any(isinstance(m, FusedConvNormAct) for m in model.modules()):
             report.notes.append("the model is already in its fused form: Inductor compiles around the "
                                 "opaque fused ops and gains less than from the eager form")
-        limit = getattr(torch._dynamo.config, "recompile_limit", None)
-        if limit is not None and limit < 64:
-            torch._dynamo.config.recompile_limit = 64
-        elif limit is None and torch._dynamo.config.cache_size_limit < 64:  # older torch name
-            torch._dynamo.config.cache_size_limit = 64
         model.compile(options={"freezing": True})
+        compiled_call = model._compiled_call_impl  # what Module.__call__ runs once compiled
+        assert compiled_call is not None
+        model._compiled_call_impl = _with_recompile_limit(compiled_call, RECOMPILE_LIMIT)
         report.swapped["torch.compile(inductor, freezing)"] = 1
         report.notes.append("compiled lazily: the first call per (depth, input shape) compiles")
     else:

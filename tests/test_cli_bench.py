@@ -44,5 +44,5 @@ def test_model_report_end_to_end(tmp_path):
 
 def test_gemm_rate_counts_flops_of_the_product(monkeypatch):
     # a fixed 2 ms per product: 2 n^3 FLOPs / 2 ms
-    monkeypatch.setattr(benchmark, "_timer", lambda device: (lambda fn: (fn(), 2.0)[1]))
+    monkeypatch.setattr(benchmark, "timer", lambda device: (lambda fn: (fn(), 2.0)[1]))
     assert benchmark.gemm_rate("cpu", n=64, repeats=3) == pytest.approx(2 * 64**3 / 2e-3 / 1e9)

@@ -147,6 +147,7 @@ def test_optimize_compile_yolov12_full_and_base():
     model = anydepth.create_model("yolov12n-anydepth", num_classes=5).eval()
     randomize_(model, seed=3, calibrate_shape=(2, 3, 96, 96))
     model.eval()
+    limit_before = torch._dynamo.config.recompile_limit
     compiled, report = ak.optimize(copy.deepcopy(model), compile=True, return_report=True)
     assert "torch.compile(inductor, freezing)" in report.swapped
     x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
@@ -162,6 +163,19 @@ def test_optimize_compile_yolov12_full_and_base():
         assert rel_err(a.boxes, b.boxes) < 1e-4
     with pytest.raises(TypeError, match="compile"):
         ak.optimize(model, compile="yes")
+    # the ladder's recompile limit holds inside the compiled model's calls only
+    assert torch._dynamo.config.recompile_limit == limit_before
+
+
+def test_recompile_limit_is_raised_only_inside_the_call():
+    import torch._dynamo
+    from anydepth_kernels.optimize import RECOMPILE_LIMIT, _with_recompile_limit
+
+    before = torch._dynamo.config.recompile_limit
+    seen = []
+    wrapped = _with_recompile_limit(lambda x: seen.append(torch._dynamo.config.recompile_limit) or x, RECOMPILE_LIMIT)
+    assert wrapped(3) == 3
+    assert seen == [max(before, RECOMPILE_LIMIT)] and torch._dynamo.config.recompile_limit == before
 
 
 def test_optimize_compile_rtdetr_matches_up_to_query_order():

@@ -91,12 +91,12 @@ def _to_coco_results(preds, image_ids: Sequence, category_of) -> List[dict]:
 
 
 def _latency_ms(model, depth, shape, device, reps: int, warmup: int) -> float:
-    from anydepth_kernels.benchmark import _timer
+    from anydepth_kernels.benchmark import timer
 
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    timed = _timer(device)
+    timed = timer(device)
     with torch.inference_mode():
         for _ in range(warmup):
             model(x, depth=depth)
