@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from anydepth_kernels import register_swap
+from anydepth_kernels import register_swap, unregister_swap
 
 PREPROCESSING = ("letterbox", "resize")
 
@@ -151,12 +151,15 @@ def _inference_form(model, backend: str):
 
 
 def unregister_family(name: str) -> None:
-    """Remove a family and its model names (tests register toy families and take them back)."""
+    """Remove a family, its model names and its optimize() rule (tests register toy families and
+    take them back)."""
     from .registry import _REGISTRY
 
     fam = _FAMILIES.pop(name)
     for n in fam.factories:
         _REGISTRY.pop(n, None)
+    cls = fam.model_class
+    unregister_swap(cls.__module__.split(".", 1)[0], cls.__name__)
 
 
 def families() -> List[ModelFamily]:

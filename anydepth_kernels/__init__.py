@@ -11,7 +11,7 @@ from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.concat_conv import concat_conv1x1
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.attention import area_attention, attention
-from .optimize import OptimizeReport, optimize, register_swap
+from .optimize import OptimizeReport, optimize, register_swap, unregister_swap
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,6 @@ __all__ = [
     "optimize",
     "OptimizeReport",
     "register_swap",
+    "unregister_swap",
     "scale_bias_act",
 ]

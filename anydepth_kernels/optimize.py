@@ -356,6 +356,12 @@ def register_swap(package: str, class_name: str, rule: Swap, note: Optional[str]
         _NOTES[(package, class_name)] = str(note)
 
 
+def unregister_swap(package: str, class_name: str) -> None:
+    """Forget the rule of ``(package, class_name)`` (a no-op when there is none)."""
+    SWAPS.pop((package, class_name), None)
+    _NOTES.pop((package, class_name), None)
+
+
 def _key(m: nn.Module) -> tuple:
     return type(m).__module__.split(".", 1)[0], type(m).__name__
 

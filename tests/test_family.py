@@ -14,6 +14,7 @@ from anydepth.losses import build_criterion
 from anydepth.testing import randomize_
 from anydepth.train.trainer import model_family
 from helpers import rel_err
+from anydepth_kernels.optimize import SWAPS
 
 
 def test_registered_families_are_complete():
@@ -72,6 +73,8 @@ def toy_family():
         train=TrainDefaults(lr=0.5, weight_decay=0.0, clip_grad=1.0)))
     yield fam
     unregister_family("toy")
+    assert "toy-anydepth" not in anydepth.list_models()
+    assert (_ToyModel.__module__.split(".", 1)[0], "_ToyModel") not in SWAPS
 
 
 def test_toy_family_plugs_in(toy_family):
