@@ -2,7 +2,8 @@
 
 Images given to ``model.predict`` may be a single image or a list of images, each an
 ``HxWx3`` uint8 ``numpy`` array / tensor (RGB, as decoded by PIL or ``cv2`` + BGR->RGB), or a
-``3xHxW`` float tensor in [0, 1]. Results are :class:`Detections`, one per image, in the pixel
+``3xHxW`` float tensor in [0, 1]; grayscale (``HxW``) and RGBA (``HxWx4``, alpha dropped) images
+and 16-bit (uint16) arrays are converted. Results are :class:`Detections`, one per image, in the pixel
 coordinates of the original image.
 """
 from __future__ import annotations
@@ -53,22 +54,44 @@ ImageLike = Union[np.ndarray, torch.Tensor]
 
 
 def _to_chw_float(img: ImageLike, index: int) -> torch.Tensor:
+    """One image as a 3xHxW float32 tensor in [0, 1]. Integer images are channels-last: HxW or HxWx1
+    (grayscale, repeated to RGB), HxWx3 (RGB), HxWx4 (RGBA: the alpha channel is dropped, as PIL's
+    ``convert("RGB")`` and OpenCV's ``imread`` do); uint8 is divided by 255, uint16 (16-bit files)
+    by 65535. Float images are channels-first in [0, 1]: 3xHxW, 1xHxW or HxW, 4xHxW."""
     if isinstance(img, np.ndarray):
-        img = torch.from_numpy(np.ascontiguousarray(img))
+        if img.dtype == np.uint16:  # torch has no uint16 arithmetic on every build: widen first
+            img = img.astype(np.int32)
+            img = torch.from_numpy(np.ascontiguousarray(img)).float().div_(65535.0)
+            if img.dim() == 3:
+                if img.shape[-1] not in (1, 3, 4):
+                    raise ValueError(f"image {index}: a uint16 image must be HxWx3 RGB (or HxW / HxWx1 "
+                                     f"grayscale, HxWx4 RGBA), got shape {tuple(img.shape)}")
+                img = img.permute(2, 0, 1)
+        else:
+            img = torch.from_numpy(np.ascontiguousarray(img))
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"image {index}: expected a numpy array or a torch tensor, got {type(img).__name__}")
+    if img.dim() == 2:  # grayscale HxW
+        img = img[None] if img.is_floating_point() else img[..., None]
     if img.dim() != 3:
-        raise ValueError(f"image {index}: expected HxWx3 (uint8) or 3xHxW (float), got shape {tuple(img.shape)}")
+        raise ValueError(f"image {index}: expected HxWx3 (uint8) or 3xHxW (float), or a grayscale/RGBA variant, "
+                         f"got shape {tuple(img.shape)}")
     if img.dtype == torch.uint8:
-        if img.shape[-1] != 3:
-            raise ValueError(f"image {index}: a uint8 image must be HxWx3 RGB, got shape {tuple(img.shape)}")
+        if img.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"image {index}: a uint8 image must be HxWx3 RGB (or HxW / HxWx1 grayscale, HxWx4 "
+                             f"RGBA), got shape {tuple(img.shape)}")
         img = img.permute(2, 0, 1).float().div_(255.0)
     elif img.is_floating_point():
-        if img.shape[0] != 3:
-            raise ValueError(f"image {index}: a float image must be 3xHxW in [0, 1], got shape {tuple(img.shape)}")
+        if img.shape[0] not in (1, 3, 4):
+            raise ValueError(f"image {index}: a float image must be 3xHxW in [0, 1] (or 1xHxW / HxW grayscale, "
+                             f"4xHxW RGBA), got shape {tuple(img.shape)}")
         img = img.float()
     else:
-        raise TypeError(f"image {index}: dtype {img.dtype} is neither uint8 nor floating point")
+        raise TypeError(f"image {index}: dtype {img.dtype} is neither uint8, uint16 nor floating point")
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    elif img.shape[0] == 4:
+        img = img[:3]
     if img.shape[1] < 1 or img.shape[2] < 1:
         raise ValueError(f"image {index}: empty image of shape {tuple(img.shape)}")
     if not torch.isfinite(img).all():

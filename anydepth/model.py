@@ -173,3 +173,23 @@ class AnyDepthModel(nn.Module):
         ordered.remove(space.base())
         ordered.remove(space.full())
         return [space.base(), *ordered, space.full()]
+
+    # -- depth under a latency budget (anydepth.budget) ----------------------------------------------
+    def profile_depths(self, imgsz: int = 640, batch: int = 1, device=None, form: str = "eager", **options):
+        """Measured latency (median, p90) of every ladder configuration on ``device`` in ``form``
+        (``eager``, ``fused``, ``compiled``, ``cuda-graph``): a :class:`~anydepth.budget.DepthProfile`,
+        saved beside ``weights=`` or at ``path=`` when given. Options: see
+        :func:`anydepth.budget.profile_depths`."""
+        from .budget import profile_depths
+
+        return profile_depths(self, imgsz=imgsz, batch=batch, device=device, form=form, **options)
+
+    def select_depth(self, budget_ms: float, profile, accuracy=None, **options) -> DepthConfig:
+        """The most accurate configuration whose profiled latency fits ``budget_ms`` (accuracy from an
+        evaluation report's AP per configuration when given, else FLOPs); see
+        :func:`anydepth.budget.select_depth`. ``profile``: a DepthProfile or the path of its JSON."""
+        from .budget import DepthProfile, select_depth
+
+        if not isinstance(profile, DepthProfile):
+            profile = DepthProfile.load(profile)
+        return select_depth(self, budget_ms, profile, accuracy=accuracy, **options)

@@ -165,7 +165,7 @@ def test_predict_arbitrary_sizes(model_n):
     with pytest.raises(ValueError, match="multiples of 32"):
         model_n.predict(imgs[0], imgsz=100)
     with pytest.raises(ValueError, match="HxWx3"):
-        model_n.predict(np.zeros((10, 10), np.uint8))
+        model_n.predict(np.zeros((10, 10, 5), np.uint8))  # grayscale and RGBA are converted, 5 channels not
     with pytest.raises(ValueError, match="NaN"):
         model_n.predict(torch.full((3, 10, 10), float("nan")))
     with pytest.raises(ValueError, match="empty"):
