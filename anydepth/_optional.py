@@ -18,6 +18,7 @@ OPTIONAL = {
     "tqdm": ("tqdm", "data"),
     "torchvision": ("torchvision", "vision"),
     "yaml": ("PyYAML", "data"),
+    "av": ("av", "video"),
     "ultralytics": ("ultralytics", "peers"),
     "transformers": ("transformers", "peers"),
 }

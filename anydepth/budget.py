@@ -123,7 +123,7 @@ class DepthProfile:
 
     def table(self) -> str:
         """A Markdown table: label, code, GFLOPs, median and p90 ms."""
-        lines = [f"| depth | code | GFLOPs | median ms | p90 ms |", "|---|---|---:|---:|---:|"]
+        lines = ["| depth | code | GFLOPs | median ms | p90 ms |", "|---|---|---:|---:|---:|"]
         for e in self.entries:
             g = f"{e.gflops:.3f}" if e.gflops is not None else "-"
             lines.append(f"| {e.name} | {e.code} | {g} | {e.median_ms:.2f} | {e.p90_ms:.2f} |")
@@ -660,3 +660,117 @@ def parse_depth(model, text: str) -> Union[str, float, DepthConfig]:
             raise ValueError(f"depth {text!r}: {part!r} is not a knob value (knobs: {list(space.knob_specs)}, "
                              f"written as e.g. -{next(iter(space.knob_specs), 'knob')}4)")
     return space.make({s: c == "T" for s, c in zip(space.switches, letters)}, knobs)
+
+
+# -- a real-load demonstration (`anydepth budget-demo`) --------------------------------------------
+def _burn(stop) -> None:  # a busy loop in a child process: one core's worth of load
+    while not stop.is_set():
+        for _ in range(20000):
+            pass
+
+
+def _phase_stats(times: Sequence[float], labels: Sequence[str], target_ms: float, settle: int) -> Dict[str, Any]:
+    settled = list(times[settle:]) or list(times)
+    counts: Dict[str, int] = {}
+    for lab in labels[settle:] or labels:
+        counts[lab] = counts.get(lab, 0) + 1
+    switches = sum(1 for a, b in zip(labels, labels[1:]) if a != b)
+    return {"frames": len(times), "settled_from": settle, "median_ms": statistics.median(settled),
+            "p95_ms": _percentile(settled, 0.95), "over_target": sum(t > target_ms for t in settled) / len(settled),
+            "depths": counts, "switches": switches}
+
+
+def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = None, frames: int = 240,
+                    burners: int = 2, compare_fixed: bool = True, progress: bool = False, settle: int = 15,
+                    seed: int = 0, **controller_options) -> Dict[str, Any]:
+    """Stream one synthetic ``imgsz`` frame through a :class:`DepthController` for ``frames``
+    frames: the first third without load, the middle third with ``burners`` busy-looping
+    processes competing for the CPU, the last third without them again; with ``compare_fixed``,
+    the same again at the fixed depth :func:`select_depth` picks for ``target_ms`` from the
+    profile. Returns per-phase statistics (median and p95 frame time after ``settle`` frames,
+    share of frames over the target, depths used, switches) and a printable ``text``. Measured
+    wall-clock times: the numbers depend on the machine and on what else runs on it."""
+    import multiprocessing
+
+    if frames < 30:
+        raise ValueError(f"demo_under_load: frames must be >= 30, got {frames}")
+    profile.check(model)
+    if target_ms is None:
+        target_ms = round(1.2 * profile.entries[len(profile.entries) // 2].median_ms, 1)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    rng = torch.Generator().manual_seed(seed)
+    frame = (torch.rand(profile.imgsz, profile.imgsz, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    label = {e.config: e.name for e in profile.entries}
+    third = frames // 3
+    phases = [("no load", third), (f"{burners} burner process(es)", third), ("no load again", frames - 2 * third)]
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    model.eval()
+
+    def run(step: Callable[[], Tuple[float, DepthConfig]], what: str) -> List[Dict[str, Any]]:
+        out = []
+        for name, n in phases:
+            procs, stop = [], None
+            if "burner" in name:
+                stop = ctx.Event()
+                procs = [ctx.Process(target=_burn, args=(stop,), daemon=True) for _ in range(burners)]
+                for p in procs:
+                    p.start()
+            times, labels = [], []
+            try:
+                for _ in range(n):
+                    ms, config = step()
+                    times.append(ms)
+                    labels.append(label.get(config, config.code))
+            finally:
+                if stop is not None:
+                    stop.set()
+                    for p in procs:
+                        p.join(5)
+            stats = _phase_stats(times, labels, target_ms, min(settle, n // 2))
+            stats["phase"] = name
+            out.append(stats)
+            log(f"budget-demo: {what}, {name}: median {stats['median_ms']:.1f} ms, p95 {stats['p95_ms']:.1f} ms, "
+                f"depths {stats['depths']}")
+        return out
+
+    controller = DepthController(model, target_ms, profile, **controller_options)
+    with torch.inference_mode():
+        model.predict(frame, depth="base", imgsz=profile.imgsz)  # first-call costs out of the stream
+
+        def controlled():
+            _, config = controller(frame)
+            return controller.history[-1].frame_ms, config
+
+        result: Dict[str, Any] = {"target_ms": target_ms, "imgsz": profile.imgsz, "frames": frames,
+                                  "burners": burners, "threads": torch.get_num_threads(),
+                                  "machine": profile.machine.get("cpu", profile.device_name),
+                                  "controller": run(controlled, "controller"),
+                                  "controller_switches": controller.switches}
+        fixed = None
+        if compare_fixed:
+            try:
+                fixed = select_depth(model, target_ms, profile)
+            except BudgetError:
+                fixed = profile.fastest().config
+
+            def at_fixed():
+                t0 = time.perf_counter()
+                model.predict(frame, depth=fixed, imgsz=profile.imgsz)
+                return (time.perf_counter() - t0) * 1e3, fixed
+
+            result["fixed_depth"] = label.get(fixed, fixed.code)
+            result["fixed"] = run(at_fixed, f"fixed depth {result['fixed_depth']}")
+    lines = [f"{profile.model} at {profile.imgsz}x{profile.imgsz} on {result['machine']}, {result['threads']} "
+             f"torch threads; target {target_ms:g} ms per frame; phases of {third} frames; statistics after the "
+             f"first {settle} frames of each phase",
+             "| run | phase | median ms | p95 ms | frames over target | depths used | switches |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    runs = [("controller", result["controller"])] + ([(f"fixed {result['fixed_depth']}", result["fixed"])]
+                                                     if fixed is not None else [])
+    for what, stats in runs:
+        for s in stats:
+            depths = ", ".join(f"{k} {v}" for k, v in sorted(s["depths"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {what} | {s['phase']} | {s['median_ms']:.1f} | {s['p95_ms']:.1f} | "
+                         f"{100 * s['over_target']:.0f}% | {depths} | {s['switches']} |")
+    result["text"] = "\n".join(lines)
+    return result

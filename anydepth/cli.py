@@ -8,6 +8,10 @@
   anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
   anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
   anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
+  anydepth profile --weights CKPT [--imgsz 640]  latency of every depth on this device, JSON beside the weights
+  anydepth predict --weights CKPT --source SRC --save DIR [--depth D | --budget-ms 40]
+                                                annotated images/videos + COCO-style JSON
+  anydepth budget-demo [--model NAME]           the depth controller under a real CPU load, measured
 """
 from __future__ import annotations
 
@@ -275,6 +279,200 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+# -- depth under a latency budget: profile, predict, budget-demo (anydepth.budget, anydepth.predict) --------
+def _budget_model(args, what: str):
+    """The model of ``--weights`` (a checkpoint, or peer weights) or ``--model`` (random weights)."""
+    import anydepth
+
+    if args.weights is None and args.model is None:
+        raise ValueError(f"anydepth {what}: give --weights (a checkpoint) or --model (random weights)")
+    if args.weights is not None:
+        return _load_for_eval(args)
+    known = anydepth.list_models()
+    if args.model not in known:
+        raise ValueError(f"anydepth {what}: unknown model {args.model!r}; registered: {known}")
+    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    torch.manual_seed(0)
+    return anydepth.create_model(args.model, **kwargs).eval()
+
+
+def _budget_device(text: str) -> str:
+    return text if text != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _profile_path(args, model, imgsz: int, device: str, form: str) -> str:
+    import os
+
+    from anydepth.budget import default_profile_path
+
+    dtype = next(model.parameters()).dtype
+    base = args.weights if args.weights is not None else os.path.join(args.profile_dir, model.model_name)
+    return default_profile_path(base, imgsz, getattr(args, "batch", 1), device, form, dtype)
+
+
+def _cmd_profile(args) -> int:
+    try:
+        model = _budget_model(args, "profile")
+    except (ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _budget_device(args.device)
+    path = args.out or _profile_path(args, model, args.imgsz, device, args.form)
+    try:
+        profile = model.profile_depths(imgsz=args.imgsz, batch=args.batch, device=device, form=args.form,
+                                       rounds=args.rounds, reps=args.reps, warmup=args.warmup, path=path,
+                                       progress=not args.quiet)
+    except ValueError as e:
+        print(f"anydepth profile: {e}", file=sys.stderr)
+        return 2
+    print(f"{profile.describe()}, {torch.get_num_threads()} threads, median and p90 of "
+          f"{profile.rounds} interleaved rounds x {profile.reps} calls")
+    print(profile.table())
+    print(f"written: {profile.path}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import os
+
+    from anydepth.budget import DepthProfile, parse_depth
+    from anydepth.predict import read_names, run_predict
+
+    if args.depth is not None and args.budget_ms is not None:
+        print("anydepth predict: give --depth or --budget-ms, not both", file=sys.stderr)
+        return 2
+    try:
+        model = _budget_model(args, "predict")
+        names = read_names(args.names)
+        depth = parse_depth(model, args.depth) if args.depth is not None else None
+    except (ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    device = _budget_device(args.device)
+    model = model.to(device)
+    if args.form == "fused":
+        model.to_inference()
+    profile = None
+    imgsz = args.imgsz
+    if args.budget_ms is not None:
+        try:
+            if args.profile is not None:
+                profile = DepthProfile.load(args.profile, model=model, device=device, form=args.form)
+                if imgsz is None:
+                    imgsz = profile.imgsz
+                profile.check(imgsz=imgsz)
+            else:
+                imgsz = imgsz or 640
+                path = _profile_path(args, model, imgsz, device, args.form)
+                if os.path.isfile(path):
+                    profile = DepthProfile.load(path, model=model, imgsz=imgsz, device=device, form=args.form)
+                    print(f"anydepth predict: depth profile {path}", file=sys.stderr)
+                else:
+                    print(f"anydepth predict: no depth profile for this device yet: measuring one ({path})",
+                          file=sys.stderr)
+                    profile = model.profile_depths(imgsz=imgsz, device=device, form=args.form, rounds=5,
+                                                   path=path, progress=not args.quiet)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"anydepth predict: {e}", file=sys.stderr)
+            return 2
+    try:
+        summary = run_predict(model, args.source, args.save, depth=depth, budget_ms=args.budget_ms, profile=profile,
+                              imgsz=imgsz, conf=args.conf, names=names, progress=not args.quiet,
+                              info={"weights": args.weights, "form": args.form, "device": device})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"anydepth predict: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("images", "frames", "detections", "json")}
+                     | {"errors": len(summary["errors"])}))
+    return 1 if summary["errors"] and not summary["images"] and not summary["frames"] else 0
+
+
+def _cmd_budget_demo(args) -> int:
+    from anydepth.budget import DepthProfile, demo_under_load
+
+    try:
+        model = _budget_model(args, "budget-demo")
+    except (ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        profile = DepthProfile.load(args.profile, model=model, imgsz=args.imgsz, form="eager")
+    else:
+        profile = model.profile_depths(imgsz=args.imgsz, rounds=args.rounds, progress=not args.quiet)
+    print(profile.table())
+    result = demo_under_load(model, profile, target_ms=args.target_ms, frames=args.frames, burners=args.burners,
+                             compare_fixed=not args.no_fixed, progress=not args.quiet)
+    print(result["text"])
+    if args.out:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "text"}, f, indent=1)
+        print(f"written: {args.out}")
+    return 0
+
+
+def _add_budget_commands(sub) -> None:
+    def model_args(p):
+        p.add_argument("--weights", default=None, help="anydepth checkpoint (or Ultralytics .pt / HF directory)")
+        p.add_argument("--model", default=None, help="registered model name (random weights without --weights)")
+        p.add_argument("--num-classes", type=int, default=None, help="classes of a --model without weights")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+        p.add_argument("--profile-dir", default="runs/profiles",
+                       help="where profiles of a --model without --weights are kept")
+
+    pr = sub.add_parser("profile", help="measure the latency of every depth on this device (JSON beside the weights)")
+    model_args(pr)
+    pr.add_argument("--imgsz", type=int, default=640)
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--form", default="eager", choices=["eager", "fused", "compiled", "cuda-graph"])
+    pr.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    pr.add_argument("--reps", type=int, default=2, help="timed calls per configuration per round")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    pr.add_argument("--out", default=None, help="profile path (default: beside the weights)")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_cmd_profile)
+
+    pp = sub.add_parser("predict", help="detect in images / a folder / a video; annotated copies + COCO-style JSON")
+    model_args(pp)
+    pp.add_argument("--source", required=True, help="image file, directory of images/videos, or video file")
+    pp.add_argument("--save", required=True, help="output directory")
+    pp.add_argument("--depth", default=None, help="base, full, a number in [0, 1] (ladder position) or a config "
+                                                  "code such as TTFFFFFF (default: full)")
+    pp.add_argument("--budget-ms", type=float, default=None,
+                    help="per-frame latency target: the depth controller picks the depth of every image/frame")
+    pp.add_argument("--profile", default=None, help="depth profile JSON (default: the one beside the weights, "
+                                                    "measured now if there is none)")
+    pp.add_argument("--form", default="eager", choices=["eager", "fused"], help="run the model eager or fused")
+    pp.add_argument("--imgsz", type=int, default=None, help="network input size (default 640, or the profile's)")
+    pp.add_argument("--conf", type=float, default=0.25)
+    pp.add_argument("--names", default=None, help="class names: a comma list or a file (one a line, or JSON list)")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.set_defaults(func=_cmd_predict)
+
+    bd = sub.add_parser("budget-demo", help="the depth controller under a real CPU load (burner processes), measured")
+    model_args(bd)
+    bd.set_defaults(model="yolov12n-anydepth")
+    bd.add_argument("--imgsz", type=int, default=320)
+    bd.add_argument("--target-ms", type=float, default=None,
+                    help="frame-time target (default: 1.2 x the profiled median of the ladder's middle)")
+    bd.add_argument("--frames", type=int, default=240, help="frames: a third without load, a third loaded, a third not")
+    bd.add_argument("--burners", type=int, default=2, help="busy-looping processes during the loaded third")
+    bd.add_argument("--rounds", type=int, default=5, help="profile rounds")
+    bd.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    bd.add_argument("--profile", default=None, help="an eager depth profile JSON to use instead of measuring")
+    bd.add_argument("--no-fixed", action="store_true", help="skip the fixed-depth comparison run")
+    bd.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    bd.add_argument("--quiet", action="store_true")
+    bd.set_defaults(func=_cmd_budget_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anydepth", description="Any-depth object detection")
     sub = p.add_subparsers(dest="command", required=True)
@@ -343,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     dm.add_argument("demo_args", nargs=argparse.REMAINDER)
     dm.set_defaults(func=lambda a: __import__("anydepth.demo", fromlist=["main"]).main(a.demo_args))
+    _add_budget_commands(sub)
     return p
 
 
