@@ -6,6 +6,7 @@
 The fused kernels live in :mod:`anydepth_kernels`.
 """
 from . import checkpoint
+from .budget import BudgetError, DepthController, DepthProfile, load_profile
 from .checkpoint import load, save
 from .depth import DepthConfig, DepthSpace, KnobSpec
 from .detection import Detections
@@ -18,8 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyDepthModel",
+    "BudgetError",
     "ConvNormAct",
     "DepthConfig",
+    "DepthController",
+    "DepthProfile",
     "DepthSpace",
     "Detections",
     "KnobSpec",
@@ -33,6 +37,7 @@ __all__ = [
     "family_of",
     "list_models",
     "load",
+    "load_profile",
     "register_family",
     "register_model",
     "save",

@@ -68,7 +68,8 @@ def _to_chw_float(img: ImageLike, index: int) -> torch.Tensor:
                                      f"grayscale, HxWx4 RGBA), got shape {tuple(img.shape)}")
                 img = img.permute(2, 0, 1)
         else:
-            img = torch.from_numpy(np.ascontiguousarray(img))
+            arr = np.ascontiguousarray(img)
+            img = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # e.g. np.asarray(PIL image)
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"image {index}: expected a numpy array or a torch tensor, got {type(img).__name__}")
     if img.dim() == 2:  # grayscale HxW

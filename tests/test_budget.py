@@ -51,7 +51,8 @@ def measured(model, tmp_path_factory):
 def simulated(profile: DepthProfile, latencies=LATENCIES) -> DepthProfile:
     """The measured profile with chosen latencies (p90 = 1.1 x median)."""
     assert len(profile.entries) == len(latencies)
-    entries = [dataclasses.replace(e, median_ms=float(ms), p90_ms=1.1 * ms) for e, ms in zip(profile.entries, latencies)]
+    entries = [dataclasses.replace(e, median_ms=float(ms), p90_ms=1.1 * ms)
+               for e, ms in zip(profile.entries, latencies)]
     return dataclasses.replace(profile, entries=entries)
 
 
