@@ -663,10 +663,14 @@ def parse_depth(model, text: str) -> Union[str, float, DepthConfig]:
 
 
 # -- a real-load demonstration (`anydepth budget-demo`) --------------------------------------------
-def _burn(stop) -> None:  # a busy loop in a child process: one core's worth of load
+def _burn(stop, duty: float = 1.0) -> None:
+    """A busy loop in a child process: ``duty`` of one core (busy ``duty`` of every 20 ms)."""
     while not stop.is_set():
-        for _ in range(20000):
+        end = time.perf_counter() + 0.02 * duty
+        while time.perf_counter() < end:
             pass
+        if duty < 1.0:
+            time.sleep(0.02 * (1.0 - duty))
 
 
 def _phase_stats(times: Sequence[float], labels: Sequence[str], target_ms: float, settle: int) -> Dict[str, Any]:
@@ -682,11 +686,11 @@ def _phase_stats(times: Sequence[float], labels: Sequence[str], target_ms: float
 
 def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = None, frames: int = 240,
                     burners: int = 2, compare_fixed: bool = True, progress: bool = False, settle: int = 15,
-                    seed: int = 0, **controller_options) -> Dict[str, Any]:
+                    seed: int = 0, duty: float = 1.0, **controller_options) -> Dict[str, Any]:
     """Stream one synthetic ``imgsz`` frame through a :class:`DepthController` for ``frames``
     frames: the first third without load, the middle third with ``burners`` busy-looping
-    processes competing for the CPU, the last third without them again; with ``compare_fixed``,
-    the same again at the fixed depth :func:`select_depth` picks for ``target_ms`` from the
+    processes competing for the CPU (each busy ``duty`` of the time), the last third without
+    them again; with ``compare_fixed``, the same again at the fixed depth :func:`select_depth` picks for ``target_ms`` from the
     profile. Returns per-phase statistics (median and p95 frame time after ``settle`` frames,
     share of frames over the target, depths used, switches) and a printable ``text``. Measured
     wall-clock times: the numbers depend on the machine and on what else runs on it."""
@@ -694,6 +698,8 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
 
     if frames < 30:
         raise ValueError(f"demo_under_load: frames must be >= 30, got {frames}")
+    if not 0.0 < duty <= 1.0:
+        raise ValueError(f"demo_under_load: duty must be in (0, 1], got {duty}")
     profile.check(model)
     if target_ms is None:
         target_ms = round(1.2 * profile.entries[len(profile.entries) // 2].median_ms, 1)
@@ -702,7 +708,8 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
     frame = (torch.rand(profile.imgsz, profile.imgsz, 3, generator=rng) * 255).to(torch.uint8).numpy()
     label = {e.config: e.name for e in profile.entries}
     third = frames // 3
-    phases = [("no load", third), (f"{burners} burner process(es)", third), ("no load again", frames - 2 * third)]
+    burn = f"{burners} burner process(es)" + (f" at {duty:.0%}" if duty < 1 else "")
+    phases = [("no load", third), (burn, third), ("no load again", frames - 2 * third)]
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     model.eval()
 
@@ -712,7 +719,7 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
             procs, stop = [], None
             if "burner" in name:
                 stop = ctx.Event()
-                procs = [ctx.Process(target=_burn, args=(stop,), daemon=True) for _ in range(burners)]
+                procs = [ctx.Process(target=_burn, args=(stop, duty), daemon=True) for _ in range(burners)]
                 for p in procs:
                     p.start()
             times, labels = [], []

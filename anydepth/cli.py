@@ -405,7 +405,7 @@ def _cmd_budget_demo(args) -> int:
         profile = model.profile_depths(imgsz=args.imgsz, rounds=args.rounds, progress=not args.quiet)
     print(profile.table())
     result = demo_under_load(model, profile, target_ms=args.target_ms, frames=args.frames, burners=args.burners,
-                             compare_fixed=not args.no_fixed, progress=not args.quiet)
+                             compare_fixed=not args.no_fixed, progress=not args.quiet, duty=args.duty)
     print(result["text"])
     if args.out:
         import os
@@ -464,7 +464,8 @@ def _add_budget_commands(sub) -> None:
                     help="frame-time target (default: 1.2 x the profiled median of the ladder's middle)")
     bd.add_argument("--frames", type=int, default=240, help="frames: a third without load, a third loaded, a third not")
     bd.add_argument("--burners", type=int, default=2, help="busy-looping processes during the loaded third")
-    bd.add_argument("--rounds", type=int, default=5, help="profile rounds")
+    bd.add_argument("--duty", type=float, default=1.0, help="share of the time each burner is busy (0-1]")
+    bd.add_argument("--rounds", type=int, default=10, help="profile rounds")
     bd.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     bd.add_argument("--profile", default=None, help="an eager depth profile JSON to use instead of measuring")
     bd.add_argument("--no-fixed", action="store_true", help="skip the fixed-depth comparison run")
