@@ -691,9 +691,10 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
     frames: the first third without load, the middle third with ``burners`` busy-looping
     processes competing for the CPU (each busy ``duty`` of the time), the last third without
     them again; with ``compare_fixed``, the same again at the fixed depth :func:`select_depth`
-    picks for ``target_ms`` from the profile. Returns per-phase statistics (median and p95 frame time after ``settle`` frames,
-    share of frames over the target, depths used, switches) and a printable ``text``. Measured
-    wall-clock times: the numbers depend on the machine and on what else runs on it."""
+    picks for ``target_ms`` from the profile. Returns per-phase statistics (median and p95 frame
+    time after ``settle`` frames, share of frames over the target, depths used, switches) and a
+    printable ``text``. Measured wall-clock times: the numbers depend on the machine and on what
+    else runs on it."""
     import multiprocessing
 
     if frames < 30:
