@@ -498,18 +498,18 @@ class DepthController:
     The controller keeps an *allowance* ``a`` in profile milliseconds and runs the most accurate
     candidate with ``L_i <= a``. Per frame, with ``y`` the measured time of candidate ``i``:
 
-    * load ratio ``r = median of the last `window` values of y / L_i`` (a median, so a single
-      slow frame does not move it); filtered frame time ``y_f = r * L_i``;
+    * load ratio ``r = median of the last `window` values of y / L_i`` (a median, so single
+      slow frames do not move it); filtered frame time ``y_f = r * L_i``;
     * PI update in velocity form on the relative error ``e = (target - y_f) / target`` (clipped
       to [-1, 1]): ``a *= exp(kp * (e - e_prev) + ki * e)``;
     * anti-windup: ``a`` stays within ``[L_0 / (1 + h), (target / r) * (1 + h)]`` (``target / r``
       is the allowance at which the current load would exactly fill the target, so the integral
       cannot climb to a candidate predicted not to fit: no limit cycle between neighbours), and
       within ``L_last * (1 + h)``;
-    * switching: down as soon as ``a < L_i`` (to the most accurate candidate with ``L_j <= a``);
-      up only when ``a >= L_j * (1 + h)`` for a deeper ``j`` **and** ``dwell`` frames have
-      passed since the last switch (hysteresis ``h`` and the dwell time keep it from toggling
-      between neighbours on noise).
+    * switching, with hysteresis ``h``: down as soon as ``a < L_i / (1 + h/2)`` (to the most
+      accurate candidate with ``L_j <= a``, at least one step); up only when ``a >= L_j * (1 + h)``
+      for a deeper ``j`` **and** ``dwell`` frames have passed since the last switch (the band and
+      the dwell time keep it from toggling between neighbours on noise).
 
     ``clock``: seconds, monotonic (default ``time.perf_counter``); inject a simulated clock to
     test deterministically. ``history`` keeps the last ``keep`` :class:`ControllerStep` records;
@@ -517,7 +517,7 @@ class DepthController:
     """
 
     def __init__(self, model, target_ms: float, profile: DepthProfile, *, accuracy: AccuracyLike = None,
-                 kp: float = 0.5, ki: float = 0.2, hysteresis: float = 0.1, dwell: int = 10, window: int = 3,
+                 kp: float = 0.5, ki: float = 0.1, hysteresis: float = 0.1, dwell: int = 10, window: int = 5,
                  stat: str = "median", clock: Callable[[], float] = time.perf_counter, keep: int = 10000,
                  **predict_kwargs):
         if not isinstance(profile, DepthProfile):
@@ -538,6 +538,7 @@ class DepthController:
             profile.check(model)
         self.model, self.profile, self.target_ms = model, profile, float(target_ms)
         self.kp, self.ki, self.h, self.dwell, self.window = float(kp), float(ki), float(hysteresis), dwell, window
+        self.down_band = 1.0 + self.h / 2  # down when the allowance is below L_i / (1 + h/2)
         self.clock, self.keep, self.predict_kwargs = clock, keep, predict_kwargs
         # Pareto candidates: by latency, each more accurate than every faster one
         ranked = ranked_entries(profile, accuracy)
@@ -599,8 +600,8 @@ class DepthController:
         self._e_prev = e
         self._since_switch += 1
         target = self._fitting(self.allowance)
-        if target < ran:  # over budget: down at once
-            new = target
+        if self.allowance * self.down_band < self.latencies[ran]:  # over budget: down at once
+            new = min(target, ran - 1) if ran > 0 else 0
         elif target > ran and self._since_switch >= self.dwell:
             up = [j for j in range(ran + 1, len(self.latencies)) if self.latencies[j] * (1 + self.h) <= self.allowance]
             new = up[-1] if up else ran
