@@ -21,8 +21,10 @@
   and a dwell time on the way up (see its docstring).
 
 Profiles time the network forward alone (``model(x, depth=...)`` on a ``[batch, 3, imgsz, imgsz]``
-batch); ``predict`` adds letterboxing and NMS. The controller measures whole frames, so it corrects
-for that overhead and for load that the profile did not see.
+batch); ``predict`` adds letterboxing and NMS, which the profile measures once as ``overhead_ms``
+(``predict`` of one ``imgsz`` image at base depth minus the forward, same rounds). The controller
+counts a frame as ``latency + overhead`` and measures whole frames, so it also corrects for load
+that the profile did not see.
 """
 from __future__ import annotations
 
@@ -98,6 +100,7 @@ class DepthProfile:
     reps: int
     warmup: int
     entries: List[ProfileEntry]
+    overhead_ms: float = 0.0  # predict()'s pre/post-processing of one image (letterbox, NMS)
     machine: Dict[str, str] = field(default_factory=dict)
     created: str = ""
     path: Optional[str] = None  # where it was saved / loaded from (not serialised)
@@ -128,6 +131,10 @@ class DepthProfile:
             g = f"{e.gflops:.3f}" if e.gflops is not None else "-"
             lines.append(f"| {e.name} | {e.code} | {g} | {e.median_ms:.2f} | {e.p90_ms:.2f} |")
         return "\n".join(lines)
+
+    def frame_ms(self, depth: Union[DepthConfig, str], stat: str = "median") -> float:
+        """Expected time of one ``predict`` frame: the configuration's latency + ``overhead_ms``."""
+        return self.latency(depth, stat) + self.overhead_ms
 
     def describe(self) -> str:
         return (f"{self.model} at {self.imgsz}x{self.imgsz}, batch {self.batch}, {self.form} form, {self.dtype}, "
@@ -207,11 +214,14 @@ class DepthProfile:
                 batch=int(d["batch"]), device=str(d["device"]), device_name=str(d["device_name"]),
                 torch=str(d["torch"]), form=str(d["form"]), dtype=str(d["dtype"]), rounds=int(d["rounds"]),
                 reps=int(d["reps"]), warmup=int(d["warmup"]), entries=entries,
+                overhead_ms=float(d.get("overhead_ms", 0.0)),
                 machine={str(k): str(v) for k, v in dict(d.get("machine", {})).items()},
                 created=str(d.get("created", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{where} is malformed: {what}") from e
+        if not math.isfinite(prof.overhead_ms) or prof.overhead_ms < 0:
+            raise ValueError(f"{where} is malformed: overhead_ms {prof.overhead_ms!r}")
         if prof.form not in FORMS:
             raise ValueError(f"{where} is malformed: unknown form {prof.form!r}")
         return prof
@@ -312,12 +322,14 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
                    form: str = "eager", rounds: int = 10, reps: int = 2, warmup: int = 2,
                    dtype: Optional[torch.dtype] = None, weights: Optional[PathLike] = None,
                    path: Optional[PathLike] = None, progress: Union[bool, Callable[[str], None]] = False,
-                   seed: int = 0) -> DepthProfile:
+                   seed: int = 0, overhead: bool = True) -> DepthProfile:
     """Measure every configuration of ``model``'s ladder (see the module docstring); returns the
     :class:`DepthProfile`, also written to ``path``, or beside ``weights``
     (:func:`default_profile_path`) when given. ``device``: default the model's; ``dtype``: default
     its parameters'. ``progress``: True prints one line per step to stderr (or pass a callable
-    taking the line). The model's own train/eval mode, device and weights are left unchanged."""
+    taking the line). ``overhead``: also measure ``predict``'s pre/post-processing
+    (``overhead_ms``; one extra ``predict`` and forward at base depth per round). The model's own
+    train/eval mode, device and weights are left unchanged."""
     space = getattr(model, "depth_space", None)
     if space is None or not callable(getattr(model, "depth_configs", None)):
         raise TypeError(f"profile_depths needs an any-depth model, got {type(model).__name__}")
@@ -356,10 +368,15 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
                                                           for c in ladder}
         except Exception:  # a model whose forward flop_counter cannot trace: latency still counts
             gflops = {c: None for c in ladder}
-        call, _keep = _form_callable(model, form, dev, dtype)
+        call, module = _form_callable(model, form, dev, dtype)
         x = torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
         timed = timer(dev)
         times: Dict[DepthConfig, List[float]] = {c: [] for c in ladder}
+        # predict()'s own cost: one imgsz image at base depth, against the same module's forward
+        image = (torch.rand(imgsz, imgsz, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+        can_predict = overhead and callable(getattr(module, "predict", None))
+        x1 = x[:1]
+        pre_post: List[float] = []
         with torch.inference_mode():
             for i, c in enumerate(ladder):
                 t0 = time.perf_counter()
@@ -367,10 +384,15 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
                     call(x, c)
                 log(f"profile: warm-up {labels[i]} ({c.code}) {(time.perf_counter() - t0):.1f} s "
                     f"[{i + 1}/{len(ladder)}]")
+            if can_predict:
+                module.predict(image, depth=ladder[0], imgsz=imgsz)
             for r in range(rounds):
                 for c in ladder:
                     for _ in range(reps):
                         times[c].append(timed(lambda: call(x, c)))
+                if can_predict:
+                    pre_post.append(timed(lambda: module.predict(image, depth=ladder[0], imgsz=imgsz))
+                                    - timed(lambda: module(x1, depth=ladder[0])))
                 log(f"profile: round {r + 1}/{rounds}: " + ", ".join(
                     f"{lab} {statistics.median(times[c][-reps:]):.1f}" for lab, c in zip(labels, ladder)) + " ms")
     finally:
@@ -382,6 +404,7 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
         switches=list(space.switches), knobs=_knob_table(space), imgsz=imgsz, batch=batch, device=str(dev),
         device_name=device_name(dev), torch=torch.__version__, form=form, dtype=str(dtype).replace("torch.", ""),
         rounds=rounds, reps=reps, warmup=warmup, entries=entries, machine=machine_info(dev),
+        overhead_ms=max(0.0, statistics.median(pre_post)) if pre_post else 0.0,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if path is None and weights is not None:
         path = default_profile_path(weights, imgsz, batch, dev, form, dtype)
@@ -448,11 +471,13 @@ def ranked_entries(profile: DepthProfile, accuracy: AccuracyLike = None, metric:
 
 
 def select_depth(model, budget_ms: float, profile: DepthProfile, accuracy: AccuracyLike = None,
-                 stat: str = "median", metric: str = "AP") -> DepthConfig:
+                 stat: str = "median", metric: str = "AP", overhead: bool = False) -> DepthConfig:
     """The most accurate configuration whose profiled latency (``stat``: ``median`` or ``p90``)
     is at most ``budget_ms``. Accuracy: ``accuracy`` (an evaluation report, its JSON path or a
     mapping code -> AP; configurations it lacks are not candidates), else FLOPs (more = more
-    accurate). ``model`` may be None (no check); otherwise the profile must be this model's.
+    accurate). ``overhead``: count ``predict``'s pre/post-processing too (the profile's
+    ``overhead_ms``: a budget for whole ``predict`` calls of one image). ``model`` may be None
+    (no check); otherwise the profile must be this model's.
     Raises :class:`BudgetError` (a ``ValueError``) naming the fastest configuration and its
     latency when none fits."""
     if not isinstance(profile, DepthProfile):
@@ -464,11 +489,13 @@ def select_depth(model, budget_ms: float, profile: DepthProfile, accuracy: Accur
     _check_stat(stat)
     if model is not None:
         profile.check(model)
-    fits = [e for e in ranked_entries(profile, accuracy, metric) if e.latency(stat) <= budget_ms]
+    extra = profile.overhead_ms if overhead else 0.0
+    fits = [e for e in ranked_entries(profile, accuracy, metric) if e.latency(stat) + extra <= budget_ms]
     if not fits:
         fastest = profile.fastest(stat)
-        raise BudgetError(f"no configuration fits {budget_ms:g} ms ({stat} latency, {profile.describe()}): the "
-                          f"fastest is {fastest.name} ({fastest.code}) at {fastest.latency(stat):.2f} ms")
+        what = f"{stat} latency + {extra:.2f} ms predict overhead" if overhead else f"{stat} latency"
+        raise BudgetError(f"no configuration fits {budget_ms:g} ms ({what}, {profile.describe()}): the "
+                          f"fastest is {fastest.name} ({fastest.code}) at {fastest.latency(stat) + extra:.2f} ms")
     return fits[-1].config
 
 
@@ -494,8 +521,9 @@ class DepthController:
     (e.g. a pipeline's), and is what the tests drive with simulated times.
 
     The candidates are the profile's configurations that are more accurate than every faster one
-    (``accuracy`` as in :func:`select_depth`, else FLOPs), ordered by profiled latency ``L_i``.
-    The controller keeps an *allowance* ``a`` in profile milliseconds and runs the most accurate
+    (``accuracy`` as in :func:`select_depth`, else FLOPs), ordered by their profiled frame cost
+    ``L_i`` = latency + the profile's ``overhead_ms`` (``predict``'s letterbox and NMS). The
+    controller keeps an *allowance* ``a`` in profile milliseconds and runs the most accurate
     candidate with ``L_i <= a``. Per frame, with ``y`` the measured time of candidate ``i``:
 
     * load ratio ``r = median of the last `window` values of y / L_i`` (a median, so single
@@ -507,7 +535,7 @@ class DepthController:
       cannot climb to a candidate predicted not to fit: no limit cycle between neighbours), and
       within ``L_last * (1 + h)``;
     * switching, with hysteresis ``h``: down as soon as ``a < L_i / (1 + h/2)`` (to the most
-      accurate candidate with ``L_j <= a``, at least one step); up only when ``a >= L_j * (1 + h)``
+      accurate candidate with ``L_j <= min(a, target / r)``, at least one step); up only when ``a >= L_j * (1 + h)``
       for a deeper ``j`` **and** ``dwell`` frames have passed since the last switch (the band and
       the dwell time keep it from toggling between neighbours on noise).
 
@@ -551,7 +579,8 @@ class DepthController:
                     self.candidates[-1] = e  # as fast and more accurate
                 else:
                     self.candidates.append(e)
-        self.latencies = [max(e.latency(stat), 1e-6) for e in self.candidates]
+        # what a frame of each candidate costs by the profile: network latency + predict()'s overhead
+        self.latencies = [max(e.latency(stat) + profile.overhead_ms, 1e-6) for e in self.candidates]
         self.reset()
 
     def reset(self) -> None:
@@ -600,8 +629,8 @@ class DepthController:
         self._e_prev = e
         self._since_switch += 1
         target = self._fitting(self.allowance)
-        if self.allowance * self.down_band < self.latencies[ran]:  # over budget: down at once
-            new = min(target, ran - 1) if ran > 0 else 0
+        if self.allowance * self.down_band < self.latencies[ran]:  # over budget: down at once, to what fits
+            new = min(self._fitting(min(self.allowance, self.target_ms / ratio)), ran - 1) if ran > 0 else 0
         elif target > ran and self._since_switch >= self.dwell:
             up = [j for j in range(ran + 1, len(self.latencies)) if self.latencies[j] * (1 + self.h) <= self.allowance]
             new = up[-1] if up else ran

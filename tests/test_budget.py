@@ -53,7 +53,7 @@ def simulated(profile: DepthProfile, latencies=LATENCIES) -> DepthProfile:
     assert len(profile.entries) == len(latencies)
     entries = [dataclasses.replace(e, median_ms=float(ms), p90_ms=1.1 * ms)
                for e, ms in zip(profile.entries, latencies)]
-    return dataclasses.replace(profile, entries=entries)
+    return dataclasses.replace(profile, entries=entries, overhead_ms=0.0)
 
 
 # -- profiles ---------------------------------------------------------------------------------------
@@ -70,6 +70,7 @@ def test_profile_measures_every_ladder_configuration_and_saves_beside_the_weight
     assert (profile.model, profile.imgsz, profile.batch, profile.form, profile.device) == \
         ("yolov12n-anydepth", IMGSZ, 1, "eager", "cpu")
     assert profile.torch == torch.__version__ and profile.model_kwargs == {"num_classes": 3}
+    assert profile.overhead_ms >= 0 and profile.frame_ms("base") == profile.latency("base") + profile.overhead_ms
     assert profile.path == default_profile_path(weights, IMGSZ, 1, "cpu", "eager")
     assert profile.path.startswith(str(weights.parent)) and "profile-eager-64-b1" in profile.path
     assert not model.training  # the model's mode is restored
@@ -140,6 +141,10 @@ def test_select_depth_by_flops_and_nothing_fits(model, measured):
     assert select_depth(model, 14, profile) == model.depth_space.base()
     assert select_depth(model, 40, profile, stat="p90").code == codes[5]   # p90 = 1.1 x: 37.4 fits, 41.8 not
     assert model.select_depth(30, profile).code == codes[4]
+    with_overhead = dataclasses.replace(profile, overhead_ms=5.0)              # predict() adds 5 ms a frame
+    assert select_depth(model, 40, with_overhead, overhead=True).code == codes[5]   # 34 + 5 fits, 38 + 5 not
+    with pytest.raises(BudgetError, match=r"5.00 ms predict overhead.* at 19.00 ms"):
+        select_depth(model, 15, with_overhead, overhead=True)
     with pytest.raises(BudgetError, match=r"no configuration fits 10 ms .* fastest is base \(TTTTTTTT\) at 14.00 ms"):
         model.select_depth(10, profile)
     with pytest.raises(ValueError, match="budget_ms must be a positive number"):
@@ -238,6 +243,25 @@ def test_controller_on_a_dense_noisy_ladder_does_not_chatter(model, measured):
     assert all(used[k + 1] != used[k - 1] for k in switches if k + 1 < len(used))
     for lo, hi in ((15, 100), (115, 200), (215, 300)):
         assert p95(times[lo:hi]) <= 1.2 * 115.0  # the noise alone is +-15%
+
+
+def test_controller_counts_the_predict_overhead(model, measured):
+    """Frames cost latency + overhead (10 ms here, the profile knows it): the load ratio is taken over
+    that sum, so after a 1.5x load the deepest configuration whose whole frame fits comes back."""
+    profile = dataclasses.replace(simulated(measured[0]), overhead_ms=10.0)
+    ctl = DepthController(model, 50.0, profile)
+    codes = [e.code for e in profile.entries]
+    rng = random.Random(1)
+    used, times = [], []
+    for k in range(300):
+        config = ctl.config
+        ms = profile.frame_ms(config) * (1.5 if 100 <= k < 200 else 1.0) * (1 + 0.04 * rng.uniform(-1, 1))
+        used.append(config.code)
+        times.append(ms)
+        ctl.update(ms)
+    assert set(used[15:100]) == set(used[230:]) == {codes[6]}   # 38 + 10 = 48 fits 50, 42 + 10 does not
+    assert set(used[115:200]) == {codes[2]}                      # 1.5 x (22 + 10) = 48
+    assert abs(p95(times[115:200]) - 50.0) <= 0.15 * 50.0 and ctl.switches <= 6
 
 
 def test_controller_ignores_single_slow_frames_and_recovers_from_overload(model, measured):

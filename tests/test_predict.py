@@ -71,8 +71,8 @@ def video(tmp_path_factory):
 
 def simulated_profile(model, ms=(14, 18, 22, 26, 30, 34, 38, 42, 46)):
     profile = model.profile_depths(imgsz=IMGSZ, rounds=1, reps=1, warmup=0)
-    return dataclasses.replace(profile, entries=[dataclasses.replace(e, median_ms=float(m), p90_ms=float(m))
-                                                 for e, m in zip(profile.entries, ms)])
+    return dataclasses.replace(profile, overhead_ms=0.0, entries=[
+        dataclasses.replace(e, median_ms=float(m), p90_ms=float(m)) for e, m in zip(profile.entries, ms)])
 
 
 def test_images_as_users_have_them(folder):
