@@ -733,7 +733,7 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
         raise ValueError(f"demo_under_load: duty must be in (0, 1], got {duty}")
     profile.check(model)
     if target_ms is None:
-        target_ms = round(1.2 * profile.entries[len(profile.entries) // 2].median_ms, 1)
+        target_ms = round(1.2 * profile.frame_ms(profile.entries[len(profile.entries) // 2].config), 1)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     rng = torch.Generator().manual_seed(seed)
     frame = (torch.rand(profile.imgsz, profile.imgsz, 3, generator=rng) * 255).to(torch.uint8).numpy()
@@ -780,6 +780,7 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
             return controller.history[-1].frame_ms, config
 
         result: Dict[str, Any] = {"target_ms": target_ms, "imgsz": profile.imgsz, "frames": frames,
+                                  "profile": profile.to_json(), "duty": duty,
                                   "burners": burners, "threads": torch.get_num_threads(),
                                   "machine": profile.machine.get("cpu", profile.device_name),
                                   "controller": run(controlled, "controller"),
@@ -799,8 +800,9 @@ def demo_under_load(model, profile: DepthProfile, target_ms: Optional[float] = N
             result["fixed_depth"] = label.get(fixed, fixed.code)
             result["fixed"] = run(at_fixed, f"fixed depth {result['fixed_depth']}")
     lines = [f"{profile.model} at {profile.imgsz}x{profile.imgsz} on {result['machine']}, {result['threads']} "
-             f"torch threads; target {target_ms:g} ms per frame; phases of {third} frames; statistics after the "
-             f"first {settle} frames of each phase",
+             f"torch threads; target {target_ms:g} ms per frame (profiled predict() overhead "
+             f"{profile.overhead_ms:.1f} ms); phases of {third} frames; statistics after the first {settle} frames "
+             "of each phase",
              "| run | phase | median ms | p95 ms | frames over target | depths used | switches |",
              "|---|---|---:|---:|---:|---|---:|"]
     runs = [("controller", result["controller"])] + ([(f"fixed {result['fixed_depth']}", result["fixed"])]

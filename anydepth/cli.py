@@ -330,6 +330,7 @@ def _cmd_profile(args) -> int:
     print(f"{profile.describe()}, {torch.get_num_threads()} threads, median and p90 of "
           f"{profile.rounds} interleaved rounds x {profile.reps} calls")
     print(profile.table())
+    print(f"predict() overhead (letterbox + NMS of one {args.imgsz}x{args.imgsz} image): {profile.overhead_ms:.2f} ms")
     print(f"written: {profile.path}")
     return 0
 
