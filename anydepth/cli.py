@@ -462,7 +462,7 @@ def _add_budget_commands(sub) -> None:
     bd.set_defaults(model="yolov12n-anydepth")
     bd.add_argument("--imgsz", type=int, default=320)
     bd.add_argument("--target-ms", type=float, default=None,
-                    help="frame-time target (default: 1.2 x the profiled median of the ladder's middle)")
+                    help="frame-time target (default: 1.1 x full depth's profiled frame cost)")
     bd.add_argument("--frames", type=int, default=240, help="frames: a third without load, a third loaded, a third not")
     bd.add_argument("--burners", type=int, default=2, help="busy-looping processes during the loaded third")
     bd.add_argument("--duty", type=float, default=1.0, help="share of the time each burner is busy (0-1]")
