@@ -28,6 +28,7 @@ that the profile did not see.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import json
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -593,7 +594,7 @@ class DepthController:
         self._since_switch = 0
         self.frames = 0
         self.switches = 0
-        self.history: List[ControllerStep] = []
+        self.history: Deque[ControllerStep] = collections.deque(maxlen=self.keep)
 
     @property
     def config(self) -> DepthConfig:
@@ -644,7 +645,6 @@ class DepthController:
         self.frames += 1
         self.history.append(ControllerStep(self.frames - 1, self.candidates[ran].config, float(frame_ms),
                                            self.allowance, self.config))
-        del self.history[:-self.keep]
         return self.config
 
     def __call__(self, frame) -> Tuple[Any, DepthConfig]:
