@@ -351,6 +351,8 @@ def _cmd_predict(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _budget_device(args.device)
     model = model.to(device)
     if args.form == "fused":
@@ -453,6 +455,7 @@ def _add_budget_commands(sub) -> None:
     pp.add_argument("--form", default="eager", choices=["eager", "fused"], help="run the model eager or fused")
     pp.add_argument("--imgsz", type=int, default=None, help="network input size (default 640, or the profile's)")
     pp.add_argument("--conf", type=float, default=0.25)
+    pp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     pp.add_argument("--names", default=None, help="class names: a comma list or a file (one a line, or JSON list)")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.set_defaults(func=_cmd_predict)

@@ -259,6 +259,7 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
         raise ValueError("budget_ms needs a DepthProfile of this model (model.profile_depths / load_profile)")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0:
         raise ValueError(f"conf must be in [0, 1], got {conf!r}")
+    log_is_default = log is None
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     items, ignored = list_sources(source)
     if imgsz is None:
@@ -308,7 +309,10 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
     def fail(path: str, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
         rec.errors.append({"file": path, "error": msg})
-        log(f"predict: skipped {path}: {msg}")
+        if bar is not None and log_is_default:
+            bar.write(f"predict: skipped {path}: {msg}", file=sys.stderr)  # above the progress bar
+        else:
+            log(f"predict: skipped {path}: {msg}")
 
     used_names = set()
 
