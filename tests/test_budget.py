@@ -324,3 +324,21 @@ def test_controller_checks_its_arguments(model, measured):
     assert [e.name for e in ctl.candidates] == ["base", "ladder1", "ladder2", "ladder4", "ladder5", "ladder7", "full"]
     assert ctl.config.code == profile.entries[5].code  # 34 ms: ladder6 (38 ms) is less accurate
     assert isinstance(ctl.candidates[0], ProfileEntry) and statistics.mean(ctl.latencies) > 0
+
+
+def test_budget_demo_runs_and_reports_every_phase(model, measured):
+    """The real-load demonstration's plumbing (phases, burner processes, both runs, the table);
+    its numbers are measured wall-clock times and are not asserted."""
+    from anydepth.budget import demo_under_load
+
+    profile = measured[0]
+    result = demo_under_load(model, profile, frames=30, burners=1, duty=0.2, settle=5)
+    assert result["target_ms"] == round(1.1 * profile.frame_ms("full"), 1)
+    for run in ("controller", "fixed"):
+        assert [s["frames"] for s in result[run]] == [10, 10, 10]
+        assert result[run][1]["phase"] == "1 burner process(es) at 20%"
+        labels = {e.name for e in profile.entries}
+        assert all(set(s["depths"]) <= labels and s["p95_ms"] >= s["median_ms"] > 0 for s in result[run])
+    assert result["text"].count("\n| controller |") == 3 and result["text"].count("\n| fixed ") == 3
+    with pytest.raises(ValueError, match="duty"):
+        demo_under_load(model, profile, frames=30, duty=0)
