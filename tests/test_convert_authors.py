@@ -203,3 +203,16 @@ def test_infer_yolo_config_reads_scale_from_shapes(yolo_case):
     name, _, sd = yolo_case
     scale, mult, nc = infer_yolo_config(sd)
     assert (scale, list(mult), nc) == (*YOLO_FIXTURES[name], 3)
+
+
+def test_yolo_official_inference_form_matches_eager(yolo_case):
+    """to_inference() (fused convs; concat-free output convs) keeps the official split's outputs."""
+    name, fx, sd = yolo_case
+    eager = converted(name, sd)
+    names = [n for n, _ in SWITCHES]
+    for concat_free in (True, False):
+        fused = copy.deepcopy(eager).to_inference(concat_free=concat_free)
+        with torch.no_grad():
+            for key in ("F" * 8, "T" * 8, "TFTFTFTF", "FTFTFTFT"):
+                depth = {n: c == "T" for n, c in zip(names, key)}
+                assert rel_err(fused(fx["input"], depth=depth), eager(fx["input"], depth=depth)) <= TOL
