@@ -41,12 +41,15 @@ an optional ``conv_skip``, stored either as a bare ``Conv2d`` followed by ``bn_s
 inferred from the tensors' shapes, so any depth/width/max-channel multipliers load.
 
 Their ``.pt`` files pickle whole model objects of their fork, which ``torch.load(weights_only=True)``
-refuses. Extract the weights once where their code is installed::
+refuses. :func:`from_authors_yolo` then reads them with :func:`read_pickled_checkpoint`, a
+restricted unpickler: every class the pickle names becomes an inert stand-in and only torch's
+tensor rebuilders run (the ones ``weights_only=True`` runs), so no code from the file executes.
+Or extract the weights once where their code is installed::
 
     python -c "import torch; c = torch.load('yolo-ad.pt', weights_only=False); \\
     torch.save((c.get('ema') or c['model']).float().state_dict(), 'yolo-ad_sd.pt')"
 
-and pass ``yolo-ad_sd.pt`` (or the state dict itself); we never unpickle code.
+and pass ``yolo-ad_sd.pt`` (or the state dict itself).
 """
 from __future__ import annotations
 
@@ -66,7 +69,107 @@ EXTRACT_HINT = (
     "then pass OUT.pt (or that state dict).")
 
 
-def _state_dict(obj, what: str) -> Dict[str, torch.Tensor]:
+# ------------------------------------------------------------------- restricted unpickling
+class _Inert:
+    """What every class or function a pickle names becomes (except the tensor rebuilders): it
+    records its arguments and state and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+    def __call__(self, *args, **kwargs):
+        return _Inert(*args)
+
+
+def _inert_class(module: str, name: str):
+    return type(name, (_Inert,), {"__module__": f"inert.{module}"})
+
+
+#: the only callables a restricted load may run: those torch's own weights_only loader runs to
+#: rebuild tensors, plus OrderedDict and set (nn.Module keeps its non-persistent buffer names in one)
+_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+}
+
+
+def _restricted_pickle_module():
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            module = {"__builtin__": "builtins"}.get(module, module)  # protocol-2 names
+            if (module, name) in _ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and (name.endswith("Storage") or name in ("Size", "device")):
+                return super().find_class(module, name)  # storage types (dtype tags), shapes, devices
+            return _inert_class(module, name)
+
+    mod = types.ModuleType("anydepth_restricted_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    mod.__name__ = "anydepth_restricted_pickle"
+    return mod
+
+
+def _module_state(obj, prefix: str, out: Dict[str, torch.Tensor], depth: int = 0) -> None:
+    """state_dict() of an inert copy of a pickled ``nn.Module`` tree (parameters, persistent buffers)."""
+    if depth > 64:
+        raise ValueError("module tree nested more than 64 levels deep")
+    d = getattr(obj, "__dict__", {})
+    skip = set(d.get("_non_persistent_buffers_set") or ())
+    for group in ("_parameters", "_buffers"):
+        for k, v in (d.get(group) or {}).items():
+            if isinstance(v, torch.Tensor) and not (group == "_buffers" and k in skip):
+                out[prefix + k] = v.detach()
+    for k, child in (d.get("_modules") or {}).items():
+        if child is not None:
+            _module_state(child, f"{prefix}{k}.", out, depth + 1)
+
+
+def read_pickled_checkpoint(path) -> Dict[str, torch.Tensor]:
+    """The state dict of a model pickled whole in a ``.pt`` file (an Ultralytics-style checkpoint:
+    ``{"model": ..., "ema": ...}``), read WITHOUT running code from the file.
+
+    A restricted unpickler: every class or function the pickle names becomes an inert stand-in
+    that only stores what it is given, except the tensor rebuild functions that
+    ``torch.load(weights_only=True)`` itself runs; the tensors of the pickled module tree are then
+    collected by attribute name (``_parameters``, ``_buffers``, ``_modules``), as
+    ``state_dict()`` would name them. ``ema`` is preferred over ``model``; half tensors become
+    float32.
+    """
+    path = os.fspath(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(ckpt, Mapping):
+        obj = ckpt.get("ema") if isinstance(ckpt.get("ema"), _Inert) else ckpt.get("model")
+    else:
+        obj = ckpt
+    if not isinstance(obj, _Inert) or "_modules" not in obj.__dict__:
+        raise ValueError(f"{path!r} holds no pickled model under 'ema' or 'model'")
+    out: Dict[str, torch.Tensor] = {}
+    _module_state(obj, "", out)
+    if not out:
+        raise ValueError(f"{path!r}: the pickled model holds no tensors")
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def _state_dict(obj, what: str, restricted_unpickle: bool = True) -> Dict[str, torch.Tensor]:
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
         if not os.path.isfile(path):
@@ -74,8 +177,14 @@ def _state_dict(obj, what: str) -> Dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path!r} does not load with torch.load(weights_only=True) "
-                             f"({type(e).__name__}). {EXTRACT_HINT}") from e
+            if not restricted_unpickle:
+                raise ValueError(f"{path!r} does not load with torch.load(weights_only=True) "
+                                 f"({type(e).__name__}). {EXTRACT_HINT}") from e
+            try:
+                return read_pickled_checkpoint(path)
+            except ValueError as e2:
+                raise ValueError(f"{path!r} does not load with torch.load(weights_only=True) "
+                                 f"({type(e).__name__}), nor as a pickled model ({e2}). {EXTRACT_HINT}") from e
     if isinstance(obj, torch.nn.Module):
         return {k: v.detach() for k, v in obj.state_dict().items()}
     if isinstance(obj, Mapping):
@@ -152,17 +261,19 @@ def _qkv_index(channels: int, head_dim: int = 32) -> torch.Tensor:
     return (j * channels + h * head_dim + d).reshape(-1)
 
 
-def from_authors_yolo(state_dict_or_path) -> AnyDepthYOLOv12:
+def from_authors_yolo(state_dict_or_path, restricted_unpickle: bool = True) -> AnyDepthYOLOv12:
     """An authors' AnyDepth-YOLOv12 checkpoint -> ``yolov12{n,s,m,l,x}-anydepth`` built with
     ``split="official"``, giving their outputs at every one of the 256 depth configurations.
 
     Accepts their model's ``state_dict()`` (keys ``model.{i}...``), a ``weights_only``-loadable
-    file holding it (see the module docstring for the one-line extraction from their ``.pt``), or
+    file holding it, their released ``.pt`` itself (it pickles model objects: read by
+    :func:`read_pickled_checkpoint`, a restricted unpickler that runs no code from the file;
+    ``restricted_unpickle=False`` refuses such files and names the one-line extraction instead), or
     their model object. Scale, multipliers and class count are read from tensor shapes. Every
     weight is used exactly once (a missing, extra or mis-shaped tensor raises ``ValueError``
     naming it). Returned in eval mode.
     """
-    sd = _state_dict(state_dict_or_path, "an authors' AnyDepth-YOLOv12 checkpoint")
+    sd = _state_dict(state_dict_or_path, "an authors' AnyDepth-YOLOv12 checkpoint", restricted_unpickle)
     scale, mult, nc = infer_yolo_config(sd)
     model = AnyDepthYOLOv12(scale, nc, split="official", multipliers=mult)
     target = model.state_dict()

@@ -645,14 +645,19 @@ def _factory(scale: str):
 
 
 def _import_ultralytics(path: str) -> AnyDepthYOLOv12:
-    """An Ultralytics YOLO12 state-dict file, or an authors' any-depth one (it has shallow-path
-    norms ``bn_skip``: :func:`anydepth.convert.from_authors_yolo`, ``split="official"``)."""
+    """An Ultralytics YOLO12 state-dict file, or an authors' any-depth one, state dict or their
+    pickled ``.pt`` (it has shallow-path norms ``bn_skip``: :func:`anydepth.convert.from_authors_yolo`,
+    ``split="official"``)."""
     from ..convert import from_authors_yolo, from_ultralytics
+    from ..convert._authors import read_pickled_checkpoint
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - from_ultralytics says what is wrong with the file
-        sd = None
+    except Exception:  # noqa: BLE001 - a pickled model (their released .pt), read without running code
+        try:
+            sd = read_pickled_checkpoint(path)
+        except ValueError:  # from_ultralytics says what is wrong with the file
+            sd = None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if isinstance(sd, dict) and any(isinstance(k, str) and ".bn_skip." in k for k in sd):
