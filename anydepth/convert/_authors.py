@@ -130,13 +130,21 @@ def _module_state(obj, prefix: str, out: Dict[str, torch.Tensor], depth: int = 0
     if depth > 64:
         raise ValueError("module tree nested more than 64 levels deep")
     d = getattr(obj, "__dict__", {})
-    skip = set(d.get("_non_persistent_buffers_set") or ())
+    if not isinstance(d, Mapping):
+        return
+    names = d.get("_non_persistent_buffers_set")
+    skip = set(names) if isinstance(names, (set, frozenset)) else set()
+
+    def items(group):
+        g = d.get(group)
+        return [(k, v) for k, v in g.items() if isinstance(k, str)] if isinstance(g, Mapping) else []
+
     for group in ("_parameters", "_buffers"):
-        for k, v in (d.get(group) or {}).items():
+        for k, v in items(group):
             if isinstance(v, torch.Tensor) and not (group == "_buffers" and k in skip):
                 out[prefix + k] = v.detach()
-    for k, child in (d.get("_modules") or {}).items():
-        if child is not None:
+    for k, child in items("_modules"):
+        if isinstance(child, _Inert):
             _module_state(child, f"{prefix}{k}.", out, depth + 1)
 
 
