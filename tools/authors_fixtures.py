@@ -26,10 +26,6 @@ publicly and are reconstructed here from how their code uses them (documented in
   ``DetectionModelAnyDepth._predict_once`` rule (a standalone ``SwitchableConv`` takes the skip
   flag of the next switchable module).
 
-RT-DETR (``--rtdetr DIR``): ``DIR`` is upstream ``lyuwenyu/RT-DETR``'s ``rtdetr_pytorch`` with the
-authors' ``src/nn/backbone/presnet.py`` and ``src/zoo/rtdetr/{rtdetr,hybrid_encoder}.py`` laid over
-it (when present).
-
 Usage::
 
     python tools/authors_fixtures.py --yolo /tmp/authors/y12 --out tests/fixtures
@@ -246,15 +242,9 @@ def yolo_fixture(folder, scale, mult, nc, seed, imgsz):
                              "layer 17", "layer 20"]}
 
 
-# -------------------------------------------------------------------------------------- RT-DETR
-def rtdetr_fixture(folder, depth, seed, imgsz):
-    raise SystemExit("RT-DETR fixtures are not made by this version of the tool")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--yolo", help="folder holding authors_blocks.py (their block classes)")
-    ap.add_argument("--rtdetr", help="their RT-DETR laid over upstream rtdetr_pytorch")
     ap.add_argument("--out", default="tests/fixtures")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -270,8 +260,6 @@ def main(argv=None):
             n = sum(v.numel() for v in fx["state_dict"].values())
             print(f"{path}: {n} stored + {len(fx['drawn'])} redrawn tensors, {len(fx['outputs'])} depths, "
                   f"{os.path.getsize(path) / 1e6:.2f} MB")
-    if args.rtdetr:
-        rtdetr_fixture(args.rtdetr, 18, 0, 64)
 
 
 if __name__ == "__main__":
