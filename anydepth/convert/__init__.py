@@ -4,6 +4,9 @@
   dict) to ``yolov12{n,s,m,l,x}-anydepth``.
 * :func:`from_transformers` — a HuggingFace ``RTDetrForObjectDetection`` (or its state dict and
   config) to ``rtdetr-r{18,34,50,101}-anydepth``.
+* :func:`from_authors_yolo` — the authors' released AnyDepth-YOLOv12 checkpoints (their
+  Ultralytics fork, arXiv 2605.09407) to ``yolov12{n,s,m,l,x}-anydepth`` with ``split="official"``:
+  their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
 
 Both peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
@@ -18,10 +21,16 @@ def from_ultralytics(model_or_checkpoint, **kwargs):
     return impl(model_or_checkpoint, **kwargs)
 
 
+def from_authors_yolo(state_dict_or_path, **kwargs):
+    from ._authors import from_authors_yolo as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
 def from_transformers(model_or_state_dict, **kwargs):
     from ._transformers import from_transformers as impl
 
     return impl(model_or_state_dict, **kwargs)
 
 
-__all__ = ["from_transformers", "from_ultralytics"]
+__all__ = ["from_authors_yolo", "from_transformers", "from_ultralytics"]

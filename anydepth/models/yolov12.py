@@ -63,10 +63,26 @@ SWITCHES: Tuple[Tuple[str, int], ...] = (
 
 SHALLOW_OUT = ("slice", "separate")
 
+#: ``"paper"``: the papers' split rule everywhere (our default). ``"official"``: the split (and
+#: the block details) of the authors' released any-depth YOLOv12 code, so that their checkpoints
+#: load exactly (:func:`anydepth.convert.from_authors_yolo`); see :class:`AnyDepthYOLOv12`.
+SPLITS = ("paper", "official")
+
+#: stride-2 convs that are skip-aware under ``split="official"`` -> the switch whose flag they take
+#: (their ``SwitchableConv`` layers take the flag of the next switchable module)
+OFFICIAL_DOWNSAMPLE = {3: "backbone.p3", 5: "backbone.p4", 7: "backbone.p5", 15: "neck.p4_down",
+                       18: "neck.p5_down"}
+
 
 def essential_blocks(n: int) -> int:
     """Inner blocks a CSP module keeps on its shallow path: ``min(n - 1, (n + 1) // 2)``."""
     return min(n - 1, (n + 1) // 2)
+
+
+def official_essential_blocks(n: int) -> int:
+    """The authors' ``SkippableA2C2f`` rule: ``(n + 1) // 2`` blocks for ``n >= 2``, else all ``n``
+    (a one-block A2C2f is not skippable in their code: its shallow path only switches norms)."""
+    return (n + 1) // 2 if n >= 2 else n
 
 
 def _width(c: int, width: float, max_channels: int) -> int:
@@ -107,21 +123,30 @@ class Bottleneck(nn.Module):
 
 
 class C3k(nn.Module):
-    """CSP block with 3 convs and a chain of ``n`` bottlenecks of kernel ``k``."""
+    """CSP block with 3 convs and a chain of ``n`` bottlenecks of kernel ``k``.
+
+    ``inner_essential`` (``split="official"``, the authors' ``SkippableC3k``): with ``skip`` only
+    the first that many bottlenecks of the chain run (they and the three convs use their
+    shallow-path norms; the rest are plain). ``None``: every bottleneck always runs.
+    """
 
     def __init__(self, c1: int, c2: int, n: int = 2, shortcut: bool = True, g: int = 1, e: float = 0.5,
-                 k: int = 3, skip_aware: bool = False):
+                 k: int = 3, skip_aware: bool = False, inner_essential: Optional[int] = None):
         super().__init__()
         c_ = int(c2 * e)
         self.skip_aware = skip_aware
+        self.inner_essential = inner_essential
+        ne = n if inner_essential is None else inner_essential
         self.cv1 = _Conv(c1, c_, 1, 1, skip_aware=skip_aware)
         self.cv2 = _Conv(c1, c_, 1, 1, skip_aware=skip_aware)
         self.cv3 = _Conv(2 * c_, c2, 1, skip_aware=skip_aware)
-        self.m = nn.ModuleList(Bottleneck(c_, c_, shortcut, g, (k, k), 1.0, skip_aware) for _ in range(n))
+        self.m = nn.ModuleList(Bottleneck(c_, c_, shortcut, g, (k, k), 1.0, skip_aware and i < ne)
+                               for i in range(n))
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
         a = self.cv1(x, skip)
-        for b in self.m:
+        blocks = self.m[: self.inner_essential] if skip and self.inner_essential is not None else self.m
+        for b in blocks:
             a = b(a, skip)
         return self.cv3(torch.cat((a, self.cv2(x, skip)), 1), skip)
 
@@ -131,7 +156,7 @@ class AAttn(nn.Module):
     plus a 7x7 depthwise positional conv on the values and a 1x1 projection. The attention itself
     is ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, dim: int, num_heads: int, area: int = 1, skip_aware: bool = False):
+    def __init__(self, dim: int, num_heads: int, area: int = 1, skip_aware: bool = False, pe_kernel: int = 7):
         super().__init__()
         self.area = area
         self.num_heads = num_heads
@@ -140,7 +165,7 @@ class AAttn(nn.Module):
         self.skip_aware = skip_aware
         self.qkv = _Conv(dim, all_head_dim * 3, 1, act=False, skip_aware=skip_aware)
         self.proj = _Conv(all_head_dim, dim, 1, act=False, skip_aware=skip_aware)
-        self.pe = _Conv(all_head_dim, all_head_dim, 7, 1, g=all_head_dim, act=False, skip_aware=skip_aware)
+        self.pe = _Conv(all_head_dim, all_head_dim, pe_kernel, 1, g=all_head_dim, act=False, skip_aware=skip_aware)
         self.use_kernel = False  # set by AnyDepthYOLOv12.to_inference(): anydepth_kernels.area_attention
 
     def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -169,11 +194,11 @@ class ABlock(nn.Module):
     """Area-attention block: ``x + attn(x)``, then ``x + mlp(x)`` (two 1x1 convs)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 1.2, area: int = 1,
-                 skip_aware: bool = False):
+                 skip_aware: bool = False, pe_kernel: int = 7):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.skip_aware = skip_aware
-        self.attn = AAttn(dim, num_heads, area, skip_aware)
+        self.attn = AAttn(dim, num_heads, area, skip_aware, pe_kernel)
         self.mlp = nn.ModuleList([_Conv(dim, hidden, 1, skip_aware=skip_aware),
                                   _Conv(hidden, dim, 1, act=False, skip_aware=skip_aware)])
 
@@ -185,8 +210,8 @@ class ABlock(nn.Module):
 class ABlockPair(nn.ModuleList):
     """The inner block of an attention A2C2f: two ABlocks in a chain."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, area: int, skip_aware: bool):
-        super().__init__([ABlock(dim, num_heads, mlp_ratio, area, skip_aware) for _ in range(2)])
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, area: int, skip_aware: bool, pe_kernel: int = 7):
+        super().__init__([ABlock(dim, num_heads, mlp_ratio, area, skip_aware, pe_kernel) for _ in range(2)])
         self.skip_aware = skip_aware
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
@@ -208,7 +233,7 @@ class SwitchableCSP(nn.Module):
     """
 
     def __init__(self, kind: str, c1: int, c2: int, blocks: Sequence[nn.Module], hidden: int, pieces: int,
-                 gamma: bool = False, shallow_out: str = "slice"):
+                 gamma: bool = False, shallow_out: str = "slice", n_essential: Optional[int] = None):
         super().__init__()
         if shallow_out not in SHALLOW_OUT:
             raise ValueError(f"shallow_out must be one of {SHALLOW_OUT}, got {shallow_out!r}")
@@ -216,7 +241,7 @@ class SwitchableCSP(nn.Module):
         self.c = hidden
         self.pieces = pieces
         n = len(blocks)
-        self.n_essential = essential_blocks(n)
+        self.n_essential = essential_blocks(n) if n_essential is None else n_essential
         self.cv1 = _Conv(c1, pieces * hidden, 1, skip_aware=True)
         self.m = nn.ModuleList(blocks)
         self.cv2 = _Conv((pieces + n) * hidden, c2, 1, skip_aware=True)
@@ -233,8 +258,8 @@ class SwitchableCSP(nn.Module):
         return (self.pieces + self.n_essential) * self.c
 
     def _out_conv(self, y: torch.Tensor, skip: bool) -> torch.Tensor:
-        if not skip:
-            return self.cv2(y, False)
+        if not skip or (self.conv_skip is None and self.n_essential == len(self.m)):
+            return self.cv2(y, skip)  # full depth, or a shallow path that keeps every block
         if self.conv_skip is not None:
             return self.conv_skip(y)
         if self.cv2_skip is not None:  # fused form: the slice folded once
@@ -264,8 +289,14 @@ class SwitchableCSP(nn.Module):
 
 
 def c3k2(c1: int, c2: int, n: int, c3k: bool, e: float = 0.5, shortcut: bool = True,
-         shallow_out: str = "slice") -> SwitchableCSP:
+         shallow_out: str = "slice", split: str = "paper") -> SwitchableCSP:
+    """C3k2. ``split="official"`` (the authors' ``SwitchableC3k2``): every inner block runs at every
+    depth with its shallow-path norms; a C3k block skips the second bottleneck of its chain."""
     c = int(c2 * e)
+    if split == "official":
+        blocks = [C3k(c, c, 2, shortcut, skip_aware=True, inner_essential=1) if c3k else
+                  Bottleneck(c, c, shortcut, skip_aware=True) for _ in range(n)]
+        return SwitchableCSP("C3k2", c1, c2, blocks, c, 2, n_essential=n)
     ne = essential_blocks(n)
     blocks = [C3k(c, c, 2, shortcut, skip_aware=i < ne) if c3k else
               Bottleneck(c, c, shortcut, skip_aware=i < ne) for i in range(n)]
@@ -273,14 +304,19 @@ def c3k2(c1: int, c2: int, n: int, c3k: bool, e: float = 0.5, shortcut: bool = T
 
 
 def a2c2f(c1: int, c2: int, n: int, a2: bool, area: int, residual: bool = False, mlp_ratio: float = 2.0,
-          e: float = 0.5, shallow_out: str = "slice") -> SwitchableCSP:
+          e: float = 0.5, shallow_out: str = "slice", split: str = "paper", pe_kernel: int = 7) -> SwitchableCSP:
+    """A2C2f. ``split="official"`` (the authors' ``SkippableA2C2f``): ``official_essential_blocks(n)``
+    essential blocks, and a separate shallow output conv for ``n >= 4`` (a slice otherwise)."""
     c = int(c2 * e)
     if c % 32:
         raise ValueError(f"A2C2f hidden channels must be a multiple of 32, got {c}")
-    ne = essential_blocks(n)
-    blocks = [ABlockPair(c, c // 32, mlp_ratio, area, i < ne) if a2 else
+    ne = official_essential_blocks(n) if split == "official" else essential_blocks(n)
+    if split == "official":
+        shallow_out = "separate" if n >= 4 else "slice"
+    blocks = [ABlockPair(c, c // 32, mlp_ratio, area, i < ne, pe_kernel) if a2 else
               C3k(c, c, 2, True, skip_aware=i < ne) for i in range(n)]
-    return SwitchableCSP("A2C2f", c1, c2, blocks, c, 1, gamma=a2 and residual, shallow_out=shallow_out)
+    return SwitchableCSP("A2C2f", c1, c2, blocks, c, 1, gamma=a2 and residual, shallow_out=shallow_out,
+                         n_essential=ne)
 
 
 class _DWConv(_Conv):
@@ -364,38 +400,77 @@ class AnyDepthYOLOv12(AnyDepthModel):
     ``[B, 4 + num_classes, anchors]`` (Ultralytics' raw layout); training mode returns a dict of
     raw head outputs (``boxes``, ``scores``, ``feats``). :meth:`predict` takes images and returns
     :class:`~anydepth.detection.Detections`.
+
+    ``split``: ``"paper"`` (default): every CSP module keeps ``min(n - 1, (n + 1) // 2)`` blocks on
+    its shallow path, block details as Ultralytics' ``yolo12.yaml``. ``"official"``: what the
+    authors' released code (their Ultralytics fork) builds, so that their checkpoints load exactly
+    (:func:`anydepth.convert.from_authors_yolo`; same 8 switches, in the order of their ``skip``
+    list):
+
+    * C3k2 (``backbone.p2``, ``backbone.p3``, ``neck.p5_down``): no block is dropped; every block
+      runs with its shallow-path norms, and a C3k block (m/l/x, and ``neck.p5_down`` always) skips
+      the second bottleneck of its chain (their ``SwitchableC3k2`` / ``SkippableC3k``);
+    * A2C2f: ``(n + 1) // 2`` essential blocks for ``n >= 2``; a one-block A2C2f keeps its block
+      (only the norms switch: not skippable in their code); 4-block modules have a separate shallow
+      output conv, others read ``cv2``'s first input channels (their ``SkippableA2C2f``);
+    * the stride-2 convs 3, 5, 7, 15, 18 are skip-aware and take the flag of the module they feed;
+    * block details of their YOLOv12 v1.0 base: area attention with a 5x5 positional conv, the
+      ``gamma`` residual on every attention A2C2f, MLP ratio 1.5 for l/x (2.0 otherwise).
+
+    ``multipliers``: ``(depth, width, max_channels)`` overriding the scale's (the scale letter still
+    picks the block kinds: C3k inner blocks for m/l/x, MLP ratio and residual for l/x).
     """
 
-    def __init__(self, scale: str = "s", num_classes: int = 80, shallow_out: str = "slice"):
+    def __init__(self, scale: str = "s", num_classes: int = 80, shallow_out: Optional[str] = None,
+                 split: str = "paper", multipliers: Optional[Sequence[float]] = None):
         super().__init__()
         if scale not in SCALES:
             raise ValueError(f"unknown YOLOv12 scale {scale!r}; valid scales: {list(SCALES)}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "official" and shallow_out is not None:
+            raise ValueError('shallow_out is fixed by split="official" (separate for 4-block modules, '
+                             "a slice otherwise); leave it unset")
+        shallow_out = "slice" if shallow_out is None else shallow_out
+        if shallow_out not in SHALLOW_OUT:
+            raise ValueError(f"shallow_out must be one of {SHALLOW_OUT}, got {shallow_out!r}")
         self.scale = scale
+        self.split = split
         self.num_classes = num_classes
         self.depth_space = DepthSpace([name for name, _ in SWITCHES])
         self._switch_layers = dict(SWITCHES)
-        d, wm, mc = SCALES[scale]
+        if multipliers is None:
+            d, wm, mc = SCALES[scale]
+        else:
+            if len(multipliers) != 3 or min(multipliers) <= 0:
+                raise ValueError(f"multipliers must be (depth, width, max_channels) > 0, got {multipliers!r}")
+            d, wm, mc = float(multipliers[0]), float(multipliers[1]), int(multipliers[2])
+        self.multipliers = (d, wm, mc)
         W = lambda c: _width(c, wm, mc)  # noqa: E731
         R = lambda n: _repeats(n, d)  # noqa: E731
         big = scale in ("m", "l", "x")  # C3k2 uses C3k inner blocks
-        res, mlp = (True, 1.2) if scale in ("l", "x") else (False, 2.0)
+        if split == "official":  # their parse_model: residual A2C2f everywhere, MLP 1.5 for l/x
+            res, mlp, pe_k = True, (1.5 if scale in ("l", "x") else 2.0), 5
+        else:
+            res, mlp, pe_k = (True, 1.2, 7) if scale in ("l", "x") else (False, 2.0, 7)
         so = shallow_out
+        sa = split == "official"  # the stride-2 convs before switchable modules are skip-aware
         L: List[Optional[nn.Module]] = [None] * 22
         L[0] = _Conv(3, W(64), 3, 2)
         L[1] = _Conv(W(64), W(128), 3, 2)
-        L[2] = c3k2(W(128), W(256), R(2), big, e=0.25, shallow_out=so)
-        L[3] = _Conv(W(256), W(256), 3, 2)
-        L[4] = c3k2(W(256), W(512), R(2), big, e=0.25, shallow_out=so)
-        L[5] = _Conv(W(512), W(512), 3, 2)
-        L[6] = a2c2f(W(512), W(512), R(4), True, 4, res, mlp, shallow_out=so)
-        L[7] = _Conv(W(512), W(1024), 3, 2)
-        L[8] = a2c2f(W(1024), W(1024), R(4), True, 1, res, mlp, shallow_out=so)
-        L[11] = a2c2f(W(1024) + W(512), W(512), R(2), False, -1, shallow_out=so)
-        L[14] = a2c2f(W(512) + W(512), W(256), R(2), False, -1, shallow_out=so)
-        L[15] = _Conv(W(256), W(256), 3, 2)
-        L[17] = a2c2f(W(256) + W(512), W(512), R(2), False, -1, shallow_out=so)
-        L[18] = _Conv(W(512), W(512), 3, 2)
-        L[20] = c3k2(W(512) + W(1024), W(1024), R(2), True, shallow_out=so)
+        L[2] = c3k2(W(128), W(256), R(2), big, e=0.25, shallow_out=so, split=split)
+        L[3] = _Conv(W(256), W(256), 3, 2, skip_aware=sa)
+        L[4] = c3k2(W(256), W(512), R(2), big, e=0.25, shallow_out=so, split=split)
+        L[5] = _Conv(W(512), W(512), 3, 2, skip_aware=sa)
+        L[6] = a2c2f(W(512), W(512), R(4), True, 4, res, mlp, shallow_out=so, split=split, pe_kernel=pe_k)
+        L[7] = _Conv(W(512), W(1024), 3, 2, skip_aware=sa)
+        L[8] = a2c2f(W(1024), W(1024), R(4), True, 1, res, mlp, shallow_out=so, split=split, pe_kernel=pe_k)
+        L[11] = a2c2f(W(1024) + W(512), W(512), R(2), False, -1, shallow_out=so, split=split)
+        L[14] = a2c2f(W(512) + W(512), W(256), R(2), False, -1, shallow_out=so, split=split)
+        L[15] = _Conv(W(256), W(256), 3, 2, skip_aware=sa)
+        L[17] = a2c2f(W(256) + W(512), W(512), R(2), False, -1, shallow_out=so, split=split)
+        L[18] = _Conv(W(512), W(512), 3, 2, skip_aware=sa)
+        L[20] = c3k2(W(512) + W(1024), W(1024), R(2), True, shallow_out=so, split=split)
         L[21] = Detect(num_classes, (W(256), W(512), W(1024)))
         self.layers = nn.ModuleList([m if m is not None else nn.Identity() for m in L])
         self._init_weights()
@@ -449,7 +524,8 @@ class AnyDepthYOLOv12(AnyDepthModel):
         # the slice and cv2's shallow norm set (skip-aware norms count the set that ran via hooks)
         extra = 0
         for name, csp in self.switchable_modules.items():
-            if config.is_skipped(name) and csp.conv_skip is None and csp.cv2_skip is None:
+            if (config.is_skipped(name) and csp.conv_skip is None and csp.cv2_skip is None
+                    and csp.n_essential < len(csp.m)):  # else cv2 itself runs (counted by hooks)
                 if csp.concat_free:  # reads cv2's weight prefix and its second epilogue
                     extra += csp.cv2.fused.weight[:, : csp.shallow_in_channels].numel() + 2 * csp.cv2.out_channels
                     continue
@@ -464,15 +540,17 @@ class AnyDepthYOLOv12(AnyDepthModel):
         L = self.layers
         x = L[1](L[0](x))
         x = L[2](x, s["backbone.p2"])
-        p3 = L[4](L[3](x), s["backbone.p3"])
-        p4 = L[6](L[5](p3), s["backbone.p4"])
-        p5 = L[8](L[7](p4), s["backbone.p5"])
+        # the stride-2 convs take the flag of the module they feed (used when skip-aware:
+        # split="official"; a plain conv ignores it)
+        p3 = L[4](L[3](x, s["backbone.p3"]), s["backbone.p3"])
+        p4 = L[6](L[5](p3, s["backbone.p4"]), s["backbone.p4"])
+        p5 = L[8](L[7](p4, s["backbone.p5"]), s["backbone.p5"])
         up = F.interpolate(p5, scale_factor=2.0, mode="nearest")
         n4 = L[11](torch.cat((up, p4), 1), s["neck.p4_up"])
         up = F.interpolate(n4, scale_factor=2.0, mode="nearest")
         o3 = L[14](torch.cat((up, p3), 1), s["neck.p3_up"])
-        o4 = L[17](torch.cat((L[15](o3), n4), 1), s["neck.p4_down"])
-        o5 = L[20](torch.cat((L[18](o4), p5), 1), s["neck.p5_down"])
+        o4 = L[17](torch.cat((L[15](o3, s["neck.p4_down"]), n4), 1), s["neck.p4_down"])
+        o5 = L[20](torch.cat((L[18](o4, s["neck.p5_down"]), p5), 1), s["neck.p5_down"])
         return [o3, o4, o5]
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
@@ -553,18 +631,37 @@ class AnyDepthYOLOv12(AnyDepthModel):
 
 
 def _factory(scale: str):
-    def build(num_classes: int = 80, shallow_out: str = "slice") -> AnyDepthYOLOv12:
-        """YOLOv12-{scale} any-depth. ``shallow_out``: ``"slice"`` (shallow path reads a slice of
-        each output conv) or ``"separate"`` (its own shallow output conv)."""
-        return AnyDepthYOLOv12(scale, num_classes, shallow_out)
+    def build(num_classes: int = 80, shallow_out: Optional[str] = None, split: str = "paper",
+              multipliers: Optional[Sequence[float]] = None) -> AnyDepthYOLOv12:
+        """YOLOv12-{scale} any-depth. ``shallow_out``: ``"slice"`` (default: shallow path reads a
+        slice of each output conv) or ``"separate"`` (its own shallow output conv). ``split``:
+        ``"paper"`` (default) or ``"official"`` (the authors' released code, see
+        :class:`AnyDepthYOLOv12`). ``multipliers``: ``(depth, width, max_channels)`` instead of the
+        scale's own (checkpoints trained with another YAML)."""
+        return AnyDepthYOLOv12(scale, num_classes, shallow_out, split, multipliers)
 
     build.__name__ = f"yolov12{scale}_anydepth"
     return build
 
 
 def _import_ultralytics(path: str) -> AnyDepthYOLOv12:
-    from ..convert import from_ultralytics
+    """An Ultralytics YOLO12 state-dict file, or an authors' any-depth one, state dict or their
+    pickled ``.pt`` (it has shallow-path norms ``bn_skip``: :func:`anydepth.convert.from_authors_yolo`,
+    ``split="official"``)."""
+    from ..convert import from_authors_yolo, from_ultralytics
+    from ..convert._authors import read_pickled_checkpoint
 
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled model (their released .pt), read without running code
+        try:
+            sd = read_pickled_checkpoint(path)
+        except ValueError:  # from_ultralytics says what is wrong with the file
+            sd = None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if isinstance(sd, dict) and any(isinstance(k, str) and ".bn_skip." in k for k in sd):
+        return from_authors_yolo(sd).eval()
     return from_ultralytics(path).eval()
 
 
@@ -577,7 +674,9 @@ FAMILY = register_family(ModelFamily(
     criterion=lazy("anydepth.losses.yolo:YOLOCriterion"),
     # AdamW 2e-3 as Ultralytics' automatic optimizer picks for small runs, weight decay 5e-4, clip 10
     train=TrainDefaults(lr=2e-3, weight_decay=5e-4, clip_grad=10.0),
-    converters={"ultralytics": lazy("anydepth.convert:from_ultralytics")},
-    weight_import=WeightImport("an Ultralytics YOLO12 checkpoint", is_file, _import_ultralytics),
+    converters={"ultralytics": lazy("anydepth.convert:from_ultralytics"),
+                "authors": lazy("anydepth.convert:from_authors_yolo")},
+    weight_import=WeightImport("an Ultralytics YOLO12 checkpoint (or the authors' any-depth one)", is_file,
+                               _import_ultralytics),
     peer=Peer("ultralytics", lazy("anydepth.convert._ultralytics:build_peer"), lambda m, x: m(x)),
 ))
