@@ -51,7 +51,7 @@ $(VENV)/triton36/.installed: $(VENV)/.torch
 # lint (ruff: pycodestyle + pyflakes; mypy: the types of anydepth_kernels; config in
 # pyproject.toml), then the whole suite
 lint: $(VENV)/.installed
-	$(PY) -m ruff check anydepth anydepth_kernels tests bench setup.py
+	$(PY) -m ruff check anydepth anydepth_kernels tests bench tools setup.py
 	$(PY) -m mypy
 
 test: lint $(VENV)/.installed $(VENV)/triton36/.installed

@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import anydepth
 from anydepth.convert import from_authors_yolo
