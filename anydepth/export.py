@@ -595,19 +595,26 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
 
     check_onnx = check and msda == "decompose"
     if format == "onnx":
-        say(f"tracing {name}: every depth in one graph")
-        ep = exported_program(model, None, imgsz, batch, dynamic_batch, msda)
         depth_names = ["skip", *space.knob_specs]
-        args = (example, *_depth_tensors(space, space.full()))
-        say("translating to ONNX")
-        multi_model = _onnx_model(ep, args, ["images", *depth_names], output_names, opset, msda)
         meta = {"model": name, "switches": list(space.switches),
                 "knobs": {k: [s.low, s.high] for k, s in space.knob_specs.items()},
                 "ladder": [c.code for c in ladder], "output_names": output_names, "msda": msda,
-                "imgsz": list(example.shape[2:])}
+                "imgsz": list(example.shape[2:]), "dynamic_batch": dynamic_batch}
+        multi_model = None
+        if multi:  # one trace of every depth; the per-depth graphs are its specialisations
+            say(f"tracing {name}: every depth in one graph")
+            ep = exported_program(model, None, imgsz, batch, dynamic_batch, msda)
+            say("translating to ONNX")
+            args = (example, *_depth_tensors(space, space.full()))
+            multi_model = _onnx_model(ep, args, ["images", *depth_names], output_names, opset, msda)
         for config in configs:
-            say(f"per-depth graph {config.code}")
-            single = _specialise(multi_model, space, config)
+            if multi_model is not None:
+                say(f"per-depth graph {config.code} (specialised)")
+                single = _specialise(multi_model, space, config)
+            else:
+                say(f"tracing {name} at {config.code}")
+                ep = exported_program(model, config, imgsz, batch, dynamic_batch, msda)
+                single = _optimize(_onnx_model(ep, (example,), ["images"], output_names, opset, msda), _FOLD_ALL)
             _set_metadata(single, {**meta, "depth": config.code})
             path = out / f"{name}-{config.code}.onnx"
             _save_onnx(single, path)
@@ -616,7 +623,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
                 sess = ort_session(path)
                 f.max_rel_err[config.code] = _rel_err(sess.run(None, {"images": example.numpy()}), reference(config))
             result.files.append(f)
-        if multi:
+        if multi_model is not None:
             say("multi-depth graph")
             _optimize(multi_model, _MULTI_FOLD_LIMIT)
             _set_metadata(multi_model, {**meta, "depth": "multi", "depth_inputs": depth_names})

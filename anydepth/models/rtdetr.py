@@ -677,10 +677,10 @@ class RTDETRDecoder(nn.Module):
         return {"logits": logits, "pred_boxes": boxes}
 
     def _layer(self, i: int, x, ref, memory, shapes, starts):
-        """Decoder layer ``i`` at inference: ``(x, ref, logits, boxes)`` after it."""
+        """Decoder layer ``i`` at inference: ``(x, ref, logits)`` after it (``ref``: its boxes)."""
         x = self.layers[i](x, self.query_pos_head(ref), ref, memory, shapes, starts)
-        boxes = torch.sigmoid(self.bbox_embed[i](x) + _inverse_sigmoid(ref))
-        return x, boxes, self.class_embed[i](x), boxes
+        ref = torch.sigmoid(self.bbox_embed[i](x) + _inverse_sigmoid(ref))
+        return x, ref, self.class_embed[i](x)
 
     def _forward_gated(self, x, ref, memory, shapes, starts, num_layers: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The decoder with a tensor layer count, for export: layer 0 always runs, layer ``i > 0``
@@ -689,14 +689,14 @@ class RTDETRDecoder(nn.Module):
         with ``int(num_layers)``."""
         state = self._layer(0, x, ref, memory, shapes, starts)
         for i in range(1, len(self.layers)):
-            def run(x, ref, logits, boxes, memory, i=i):
+            def run(x, ref, logits, memory, i=i):
                 return self._layer(i, x, ref, memory, shapes, starts)
 
-            def keep(x, ref, logits, boxes, memory):
-                return x.clone(), ref.clone(), logits.clone(), boxes.clone()
+            def keep(x, ref, logits, memory):
+                return x.clone(), ref.clone(), logits.clone()
 
-            state = torch.cond(num_layers > i, run, keep, (*state, memory))
-        return {"logits": state[2], "pred_boxes": state[3]}
+            state = tuple(torch.cond(num_layers > i, run, keep, (*state, memory)))
+        return {"logits": state[2], "pred_boxes": state[1]}
 
     def forward_train(self, feats: Sequence[torch.Tensor], num_layers: int,
                       denoising: Optional[Dict[str, object]] = None) -> Dict[str, object]:
