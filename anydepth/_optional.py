@@ -17,6 +17,10 @@ OPTIONAL = {
     "PIL": ("pillow", "data"),
     "tqdm": ("tqdm", "data"),
     "torchvision": ("torchvision", "vision"),
+    "onnx": ("onnx", "export"),
+    "onnxscript": ("onnxscript", "export"),
+    "onnx_ir": ("onnxscript", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
 }
 
 
