@@ -94,7 +94,7 @@ def _bench_model(args, name, dtype) -> None:
     report = benchmark.run_model_benchmark(
         name, imgsz=args.imgsz, batch=args.batch, device=args.device, dtype=dtype,
         rounds=args.rounds, warmup=args.warmup, peer=not args.no_peer, compile=args.compile,
-        progress=not args.quiet,
+        progress=not args.quiet, onnx=args.onnx, aoti=args.aoti,
     )
     m = report.machine
     where = m.get("gpu") or m["cpu"]
@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="also time torch.compile: of the eager reference (--kernels) and "
                         "anydepth_kernels.optimize(model, compile=True) at full and base depth (--model)")
+    b.add_argument("--onnx", action="store_true",
+                   help="with --model: also every depth in onnxruntime, from its per-depth file and from the "
+                        "multi-depth file (anydepth export; needs the export extra)")
+    b.add_argument("--aoti", action="store_true", help="with --model: also full and base as AOTInductor packages")
     b.add_argument("--out", default="bench/results", help="directory for the JSON report")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_cmd_bench)
