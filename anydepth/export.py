@@ -307,8 +307,9 @@ def exported_program(model: AnyDepthModel, depth: Optional[DepthLike] = None, im
                      decompose: bool = True) -> "torch.export.ExportedProgram":
     """The traced inference form: at one ``depth``, or every depth (``depth=None``: the depth
     inputs and ``torch.cond`` of the multi-depth graph). With ``decompose`` our fused ops are
-    replaced by standard ops (:data:`DECOMPOSITIONS`)."""
-    example = _example(model, imgsz, batch)
+    replaced by standard ops (:data:`DECOMPOSITIONS`). A dynamic batch is traced with batch >= 2
+    (the tracer fixes a size-1 axis)."""
+    example = _example(model, imgsz, max(batch, 2) if dynamic_batch else batch)
     m = _inference_copy(model, example, msda)
     if depth is None:
         wrapper: nn.Module = _AllDepths(m)
@@ -360,7 +361,13 @@ def _onnx_model(ep, args, input_names, output_names, opset: int, msda: str):
     program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset, input_names=input_names,
                                 output_names=output_names, custom_translation_table=table, optimize=False,
                                 verbose=False)
-    return program.model
+    model = program.model
+    import onnx_ir as ir
+
+    for v in (*model.graph.inputs, *model.graph.outputs):  # the dynamic batch axis by name
+        if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int):
+            v.shape = ir.Shape(["batch", *v.shape[1:]])
+    return model
 
 
 def _optimize(model, limit: int):
@@ -555,7 +562,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         raise TypeError(f"export() takes an AnyDepthModel or a model name, got {type(model).__name__}")
     name = name or getattr(model, "model_name", None) or type(model).__name__
     model = model.eval()
-    example = _example(model, imgsz, batch)
+    example = _example(model, imgsz, max(batch, 2) if dynamic_batch else batch)
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
     has_msda = any(hasattr(m, "sampler") for m in model.modules())
     if format == "onnx":

@@ -49,18 +49,29 @@ def _session(path):
     return ort_session(path, threads=1)
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def onnx_all(request, tmp_path_factory):
-    """(model, ExportResult) of depth='all' with a dynamic batch: every ladder file + multi-depth."""
+@pytest.fixture(scope="module")
+def onnx_exports(tmp_path_factory):
+    """name -> (model, ExportResult) of depth='all' with a dynamic batch (every ladder file + the
+    multi-depth file), exported once per module on first use."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from anydepth.export import export
 
-    model = _model(request.param)
-    out = tmp_path_factory.mktemp(request.param)
-    result = export(model, out, format="onnx", depth="all", imgsz=IMGSZ, dynamic_batch=True, check=False,
-                    name=request.param)
-    return model, result
+    done = {}
+
+    def get(name):
+        if name not in done:
+            model = _model(name)
+            out = tmp_path_factory.mktemp(name)
+            done[name] = model, export(model, out, format="onnx", depth="all", imgsz=IMGSZ, dynamic_batch=True,
+                                       check=False, name=name)
+        return done[name]
+    return get
+
+
+@pytest.fixture(params=list(MODELS))
+def onnx_all(request, onnx_exports):
+    return onnx_exports(request.param)
 
 
 def _x(batch=1, seed=1):
@@ -229,6 +240,27 @@ def test_aoti_packages_run_without_our_code(tmp_path):
         got = torch.load(y, weights_only=True)
         for o, r in zip(got, ref):
             assert _rel(o.numpy(), r) <= TOL
+
+
+def test_bench_onnx_rows(onnx_exports, monkeypatch):
+    """``anydepth bench --onnx``: onnxruntime rows per depth from both files next to eager, with the
+    depth-efficiency summary (the export itself is the fixture's, so nothing is traced twice)."""
+    import anydepth.export as ex
+    from anydepth import benchmark
+
+    name = "yolov12n-anydepth"
+    _, result = onnx_exports(name)
+    monkeypatch.setattr(ex, "export", lambda *a, **k: result)
+    report = benchmark.run_model_benchmark(name, imgsz=IMGSZ, rounds=1, warmup=0, peer=False, fuse=False,
+                                           onnx=True, progress=False)
+    names = {r.name for r in report.rows}
+    n = len(result.ladder)
+    assert {"base+ort", "full+ort", "base+ort-multi", "full+ort-multi"} <= names
+    assert sum(r.name.endswith("+ort") for r in report.rows) == n
+    assert sum(r.name.endswith("+ort-multi") for r in report.rows) == n
+    assert all(r.median_ms > 0 for r in report.rows)
+    assert any("depth efficiency" in line for line in report.summary())
+    assert "+ort-multi" in report.table()
 
 
 # -- errors and the CLI -------------------------------------------------------------------------
