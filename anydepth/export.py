@@ -320,7 +320,8 @@ def exported_program(model: AnyDepthModel, depth: Optional[DepthLike] = None, im
     dynamic = None
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1, max=4096)
-        dynamic = ({0: b},) + (None,) * (len(args) - 1)
+        # the signature is (images,) or (images, skip, *knobs): dynamic_shapes follows its structure
+        dynamic = ({0: b}, None, (None,) * (len(args) - 2)) if depth is None else ({0: b},)
     with torch.no_grad():
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
     return ep.run_decompositions(DECOMPOSITIONS) if decompose else ep
