@@ -126,14 +126,27 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty((value.shape[0], sampling_locations.shape[1], value.shape[2], value.shape[3]))
 
 
-def _msda_trt_onnx(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """ONNX translation of the placeholder: one ``trt::MultiscaleDeformableAttnPlugin_TRT`` node."""
+def _trt_plugin_op():
+    """The onnxscript op of TensorRT's plugin node (a schema of our own: TensorRT's is in C++)."""
+    from onnx.defs import OpSchema
     from onnxscript import values
 
-    trt = values.Opset(TRT_DOMAIN, 1)
-    return trt.MultiscaleDeformableAttnPlugin_TRT(value, spatial_shapes, level_start_index, sampling_locations,
-                                                  attention_weights, plugin_version=TRT_PLUGIN_VERSION,
-                                                  plugin_namespace="")
+    p = OpSchema.FormalParameter
+    schema = OpSchema(
+        TRT_PLUGIN, TRT_DOMAIN, 1, doc="TensorRT's multi-scale deformable attention plugin",
+        inputs=[p("value", "T"), p("spatial_shapes", "I"), p("level_start_index", "I"),
+                p("sampling_locations", "T"), p("attention_weights", "T")],
+        outputs=[p("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("I", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, ""),
+                    OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "")])
+    return values.Op(values.Opset(TRT_DOMAIN, 1), TRT_PLUGIN, schema)
+
+
+def _msda_trt_onnx(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """ONNX translation of the placeholder: one ``trt::MultiscaleDeformableAttnPlugin_TRT`` node."""
+    return _trt_plugin_op()(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                            plugin_version=TRT_PLUGIN_VERSION, plugin_namespace="")
 
 
 class _StaticSampler(nn.Module):
@@ -321,7 +334,9 @@ def exported_program(model: AnyDepthModel, depth: Optional[DepthLike] = None, im
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1, max=4096)
         # the signature is (images,) or (images, skip, *knobs): dynamic_shapes follows its structure
-        dynamic = ({0: b}, None, (None,) * (len(args) - 2)) if depth is None else ({0: b},)
+        dynamic = ({0: b},)
+        if depth is None:
+            dynamic += (None,) + (((None,) * (len(args) - 2),) if len(args) > 2 else ())
     with torch.no_grad():
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
     return ep.run_decompositions(DECOMPOSITIONS) if decompose else ep
