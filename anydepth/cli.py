@@ -291,6 +291,9 @@ def _cmd_export(args) -> int:
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
         model = anydepth.create_model(args.model, **kwargs).eval()
     name = getattr(model, "model_name", None) or args.model or "model"
+    if len(args.imgsz) not in (1, 2):
+        print(f"anydepth export: --imgsz takes N or H W, got {args.imgsz}", file=sys.stderr)
+        return 2
     imgsz = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
     depths = [d.strip() for d in args.depth.split(",") if d.strip()]
     result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,

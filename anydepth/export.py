@@ -577,6 +577,9 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
     if not isinstance(model, AnyDepthModel):
         raise TypeError(f"export() takes an AnyDepthModel or a model name, got {type(model).__name__}")
     name = name or getattr(model, "model_name", None) or type(model).__name__
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type != "cpu" or param.dtype != torch.float32):
+        model = copy.deepcopy(model).cpu().float()  # exported and checked in float32 on the CPU
     model = model.eval()
     example = _example(model, imgsz, max(batch, 2) if dynamic_batch else batch)
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
