@@ -520,28 +520,28 @@ def aoti_load(path: Union[str, Path]):
 # the entry point
 # ------------------------------------------------------------------------------------------------
 def _resolve_depths(model: AnyDepthModel, depth, example_shape) -> Tuple[List[DepthConfig], bool]:
-    """(per-depth configs, whether the multi-depth graph is asked for)."""
+    """(per-depth configs, whether the multi-depth graph is asked for). The FLOP-ordered ladder is
+    computed only when ``all`` or a float asks for it."""
     space = model.depth_space
-    ladder = model.depth_configs(example_shape)
     items = list(depth) if isinstance(depth, (list, tuple)) else [depth]
     configs: List[DepthConfig] = []
     multi = False
     for d in items:
-        if isinstance(d, str) and d.strip().lower() == "all":
-            configs.extend(ladder)
+        word = d.strip().lower() if isinstance(d, str) else None
+        if word == "all":
+            configs.extend(model.depth_configs(example_shape))
             multi = True
-            continue
-        if isinstance(d, str) and d.strip().lower() == "multi":
+        elif word == "multi":
             multi = True
-            continue
-        if isinstance(d, str) and d.strip().lower() not in space.PRESETS:
+        elif word is not None and word not in space.PRESETS:
             try:
                 configs.append(space.from_code(d))
             except ValueError as e:
+                codes = ", ".join(c.code for c in space.default_ladder())
                 raise ValueError(f"unknown depth {d!r}: give base, full, all, multi, a float in [0, 1] or a "
-                                 f"ladder code ({', '.join(c.code for c in ladder)}); {e}") from None
-            continue
-        configs.append(model.resolve_depth(d, example_shape))
+                                 f"ladder code ({codes}); {e}") from None
+        else:
+            configs.append(model.resolve_depth(d, example_shape))
     return list(dict.fromkeys(configs)), multi
 
 
@@ -552,8 +552,8 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
     """Export ``model`` (an :class:`AnyDepthModel` or a registered name) to ``out``.
 
     ``format``: ``"onnx"`` or ``"aoti"`` (AOTInductor ``.pt2`` packages, CPU). ``depth``:
-    ``"all"`` (every ladder configuration, plus the multi-depth ONNX), ``"multi"`` (the multi-depth
-    ONNX alone), ``"base"``/``"full"``, a float in [0, 1], a ladder code (``"TTFFFFFF"``,
+    ``"all"`` (every ladder configuration, plus the multi-depth file for ONNX), ``"multi"`` (the
+    multi-depth ONNX alone), ``"base"``/``"full"``, a float in [0, 1], a ladder code (``"TTFFFFFF"``,
     ``"TTTTT-decoder_layers2"``), a :class:`DepthConfig`, or a list of these. Files are named
     ``{name}-{code}.onnx`` / ``.pt2`` and ``{name}-multidepth.onnx``; ``export.json`` lists them.
 
@@ -582,17 +582,21 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         model = copy.deepcopy(model).cpu().float()  # exported and checked in float32 on the CPU
     model = model.eval()
     example = _example(model, imgsz, max(batch, 2) if dynamic_batch else batch)
-    configs, multi = _resolve_depths(model, depth, tuple(example.shape))
     has_msda = any(hasattr(m, "sampler") for m in model.modules())
+    if format == "onnx":
+        _check_opset(opset, has_msda, msda)
+    words = [d.strip().lower() for d in (depth if isinstance(depth, (list, tuple)) else [depth]) if isinstance(d, str)]
+    if format == "aoti" and "multi" in words:
+        raise ValueError("the multi-depth graph is exported as ONNX only; for AOTInductor give per-depth "
+                         "depths (all = one package per ladder depth, base, full, ladder codes)")
+    configs, multi = _resolve_depths(model, depth, tuple(example.shape))
+    multi = multi and format == "onnx"  # AOTInductor: 'all' = one package per ladder depth
     if format == "onnx":
         _check_opset(opset, has_msda, msda)
         for mod in ("onnx", "onnxscript"):
             require(mod, "ONNX export")
         if check and msda == "decompose":
             require("onnxruntime", "checking the exported ONNX files")
-    elif multi:
-        raise ValueError("the multi-depth graph is exported as ONNX only; for AOTInductor give per-depth "
-                         "depths (all ladder configurations: depth='all' with format='onnx' adds the multi-depth file)")
     if format == "aoti" and msda != "decompose":
         raise ValueError("msda='trt-plugin' is an ONNX node for TensorRT; AOTInductor packages use the decomposition")
     out = Path(out)

@@ -281,7 +281,7 @@ def test_unknown_depth_names_the_ladder(yolo, tmp_path):
     with pytest.raises(ValueError, match="multiples of 32"):
         export(yolo, tmp_path, imgsz=50)
     with pytest.raises(ValueError, match="multi-depth graph is exported as ONNX only"):
-        export(yolo, tmp_path, format="aoti", depth="all", imgsz=IMGSZ)
+        export(yolo, tmp_path, format="aoti", depth="multi", imgsz=IMGSZ)
 
 
 def test_opset_too_old(yolo, tmp_path):
