@@ -2,7 +2,9 @@
 refinement path), TensorRT's deformable-attention node, AOTInductor packages, the CLI and errors.
 
 Each model is exported once per format (module-scoped fixtures: the traces are the slow part) at
-64 px; every file runs in onnxruntime / AOTInductor and is compared with the eager model."""
+64 px; every file runs in onnxruntime / AOTInductor and is compared with the eager model. The
+tracing, ONNX translation and AOTInductor compilation take minutes on a 2-core machine: those tests
+are marked ``slow`` (``-m "not slow"`` leaves the argument checks and the CLI)."""
 from __future__ import annotations
 
 import json
@@ -78,6 +80,7 @@ def _x(batch=1, seed=1):
     return torch.rand((batch, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_per_depth_onnx_equals_eager_at_every_ladder_depth(onnx_all):
     import onnx
 
@@ -106,6 +109,7 @@ def test_per_depth_onnx_equals_eager_at_every_ladder_depth(onnx_all):
             assert _rel(o, r) <= TOL, (config.code, _rel(o, r))
 
 
+@pytest.mark.slow
 def test_multi_depth_onnx_equals_eager_at_every_depth(onnx_all):
     from anydepth.export import onnx_depth_inputs
 
@@ -130,6 +134,7 @@ def test_multi_depth_onnx_equals_eager_at_every_depth(onnx_all):
     assert not np.allclose(outs[space.base()], outs[space.full()])
 
 
+@pytest.mark.slow
 def test_multi_depth_onnx_is_one_model_with_an_if_per_switch(onnx_all):
     import onnx
 
@@ -165,6 +170,7 @@ def _executed_convs(path, feeds):
                and "Conv" in e.get("args", {}).get("op_name", ""))
 
 
+@pytest.mark.slow
 def test_multi_depth_onnx_runs_only_the_taken_branches(onnx_all):
     from anydepth.export import onnx_depth_inputs
 
@@ -180,6 +186,7 @@ def test_multi_depth_onnx_runs_only_the_taken_branches(onnx_all):
     assert counts[space.base()] < counts[space.full()]
 
 
+@pytest.mark.slow
 def test_trt_plugin_node_has_tensorrt_signature(tmp_path):
     pytest.importorskip("onnxscript")
     import onnx
@@ -206,6 +213,7 @@ def test_trt_plugin_node_has_tensorrt_signature(tmp_path):
         assert shapes.tolist() == [[8, 8], [4, 4], [2, 2]] and starts.tolist() == [0, 64, 80]  # strides 8/16/32
 
 
+@pytest.mark.slow
 def test_aoti_packages_run_without_our_code(tmp_path):
     """One package per model at a mid-ladder depth (some switches skipped, some run), checked by
     export() against eager, then loaded in a process where anydepth cannot be imported."""
@@ -242,6 +250,7 @@ def test_aoti_packages_run_without_our_code(tmp_path):
             assert _rel(o.numpy(), r) <= TOL
 
 
+@pytest.mark.slow
 def test_bench_onnx_rows(onnx_exports, monkeypatch):
     """``anydepth bench --onnx``: onnxruntime rows per depth from both files next to eager, with the
     depth-efficiency summary (the export itself is the fixture's, so nothing is traced twice)."""
