@@ -154,12 +154,13 @@ def test_multi_depth_onnx_is_one_model_with_an_if_per_switch(onnx_all):
     assert json.loads(meta["anydepth.ladder"]) == result.ladder
 
 
-def _executed_convs(path, feeds):
+def _executed_convs(path, feeds, prefix):
     """Conv kernels onnxruntime runs for one call (its profiler lists subgraph nodes too)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_profiling = True
+    opts.profile_file_prefix = str(prefix)
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -171,7 +172,7 @@ def _executed_convs(path, feeds):
 
 
 @pytest.mark.slow
-def test_multi_depth_onnx_runs_only_the_taken_branches(onnx_all):
+def test_multi_depth_onnx_runs_only_the_taken_branches(onnx_all, tmp_path):
     from anydepth.export import onnx_depth_inputs
 
     model, result = onnx_all
@@ -179,8 +180,9 @@ def test_multi_depth_onnx_runs_only_the_taken_branches(onnx_all):
     space = model.depth_space
     counts = {}
     for config in (space.base(), space.full()):
-        multi = _executed_convs(result.file("multi").path, {"images": x, **onnx_depth_inputs(model, config)})
-        single = _executed_convs(result.file(config.code).path, {"images": x})
+        multi = _executed_convs(result.file("multi").path, {"images": x, **onnx_depth_inputs(model, config)},
+                                tmp_path / "multi")
+        single = _executed_convs(result.file(config.code).path, {"images": x}, tmp_path / "single")
         assert multi == single > 0, (config.code, multi, single)
         counts[config] = multi
     assert counts[space.base()] < counts[space.full()]
