@@ -21,6 +21,10 @@ OPTIONAL = {
     "av": ("av", "video"),
     "ultralytics": ("ultralytics", "peers"),
     "transformers": ("transformers", "peers"),
+    "onnx": ("onnx", "export"),
+    "onnxscript": ("onnxscript", "export"),
+    "onnx_ir": ("onnxscript", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
 }
 
 

@@ -62,14 +62,14 @@ class ModelReport:
         return next(r for r in self.rows if r.name == name)
 
     def table(self) -> str:
-        head = (f"{'depth':<15}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}"
+        head = (f"{'depth':<20}{'code':<24}{'GFLOPs':>9}{'params(M)':>11}{'median ms':>11}{'p10-p90 ms':>17}"
                 f"{'speedup':>9}{'GFLOP/s':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             g = f"{r.gflops:9.2f}" if r.gflops is not None else f"{'-':>9}"
             p = f"{r.params_m:11.2f}" if r.params_m is not None else f"{'-':>11}"
             rate = f"{r.gflop_per_s:9.0f}" if r.gflop_per_s is not None else f"{'-':>9}"
-            lines.append(f"{r.name:<15}{r.code[:23]:<24}{g}{p}{r.median_ms:11.1f}"
+            lines.append(f"{r.name:<20}{r.code[:23]:<24}{g}{p}{r.median_ms:11.1f}"
                          f"{f'{r.p10_ms:.1f}-{r.p90_ms:.1f}':>17}{r.speedup_vs_full:8.2f}x{rate}")
         return "\n".join(lines)
 
@@ -82,8 +82,20 @@ class ModelReport:
             out.append(f"full/base: GFLOPs ratio {flop_ratio:.2f}, latency ratio {lat_ratio:.2f} "
                        f"(= {lat_ratio / flop_ratio:.2f} x the FLOP ratio)")
         names = {r.name for r in self.rows}
+        if "full+ort" in names and "full+ort-multi" in names:
+            saving = {form: 1 - self.row(f"base+{form}").median_ms / self.row(f"full+{form}").median_ms
+                      for form in ("ort", "ort-multi")}
+            eager_saving = 1 - base.median_ms / full.median_ms
+            eff = saving["ort-multi"] / saving["ort"] if saving["ort"] > 0 else float("nan")
+            out.append(f"onnxruntime base vs full: per-depth files save {saving['ort']:.0%}, the multi-depth file "
+                       f"{saving['ort-multi']:.0%} (eager {eager_saving:.0%}); depth efficiency of the multi-depth "
+                       f"file {eff:.2f} (its saving / the per-depth files')")
+            over = [self.row(f"{r.name.split('+')[0]}+ort-multi").median_ms / r.median_ms
+                    for r in self.rows if r.name.endswith("+ort")]
+            out.append(f"multi-depth file vs per-depth files, same depth: {min(over):.2f}x-{max(over):.2f}x latency")
         for depth in ("full", "base"):
-            for form, what in (("fused", "fused inference form"), ("compiled", "optimize(compile=True)")):
+            for form, what in (("fused", "fused inference form"), ("compiled", "optimize(compile=True)"),
+                               ("ort", "onnxruntime (per-depth file)"), ("aoti", "AOTInductor package")):
                 if f"{depth}+{form}" in names:
                     eager, fast = self.row(depth), self.row(f"{depth}+{form}")
                     out.append(f"{depth}: {what} vs eager: {eager.median_ms / fast.median_ms:.2f}x "
@@ -142,11 +154,17 @@ def build_with_peer(model_name: str, num_classes: int = 80, seed: int = 0):
 def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2,
                         peer: bool = True, fuse: bool = True, compile: bool = False,
-                        progress: bool = True) -> ModelReport:
+                        progress: bool = True, onnx: bool = False, aoti: bool = False,
+                        export_dir: Optional[str] = None) -> ModelReport:
     """Per-depth latency of ``model_name`` (random well-conditioned weights): every ladder
     configuration eager, full/base in the fused inference form (``fuse``), full/base compiled with
     ``anydepth_kernels.optimize(model, compile=True)`` (``compile``; compile time is excluded and
-    reported as a note) and the peer implementation at full depth, interleaved in ``rounds``."""
+    reported as a note) and the peer implementation at full depth, interleaved in ``rounds``.
+
+    ``onnx``: also every ladder configuration in onnxruntime (CPU), from its per-depth file
+    (``+ort``) and from the one multi-depth file (``+ort-multi``), exported by
+    :func:`anydepth.export.export` (timed, not checked: the tests check) into ``export_dir`` (a temporary
+    directory by default). ``aoti``: full and base as AOTInductor packages (``+aoti``)."""
     dev = torch.device(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
@@ -190,6 +208,43 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
                 compiled(x, depth=c)
             compile_notes.append(f"{tag}+compiled: first call (compilation) took {time.perf_counter() - t0:.0f} s")
             fns[f"{tag}+compiled"] = (lambda c=c: compiled(x, depth=c))
+    extra_rows: List[Tuple[str, object]] = []
+    if onnx or aoti:
+        import tempfile
+
+        from .export import export, ort_session, onnx_depth_inputs, aoti_load
+
+        if dev.type != "cpu" or dtype != torch.float32:
+            raise ValueError("the ONNX / AOTInductor rows are measured on the CPU in float32")
+        where = export_dir or tempfile.mkdtemp(prefix="anydepth-export-")
+        threads = torch.get_num_threads()
+        xn = x.numpy()
+        if onnx:
+            log(f"exporting ONNX (every depth + the multi-depth file) to {where} ...")
+            # not checked against eager here (tests/test_export.py does): with random weights RT-DETR's
+            # query selection ties (border anchors share one score), and any two top-k implementations
+            # may pick different ones among equals
+            res = export(ours, where, format="onnx", depth="all", imgsz=imgsz, batch=batch, name=model_name,
+                         check=False)
+            multi_sess = ort_session(res.file("multi").path, threads)
+            compile_notes.append(f"ONNX export (trace, per-depth + multi-depth files): {res.seconds:.0f} s; "
+                                 f"multi-depth file {res.file('multi').size_bytes / 2**20:.1f} MB, full-depth file "
+                                 f"{res.file(ladder[-1].code).size_bytes / 2**20:.1f} MB")
+            for n, c in zip(names, ladder):
+                sess = ort_session(res.file(c.code).path, threads)
+                fns[f"{n}+ort"] = (lambda s=sess: s.run(None, {"images": xn}))
+                feeds = {"images": xn, **onnx_depth_inputs(ours, c)}
+                fns[f"{n}+ort-multi"] = (lambda f=feeds: multi_sess.run(None, f))
+                extra_rows += [(f"{n}+ort", c), (f"{n}+ort-multi", c)]
+        if aoti:
+            log(f"exporting AOTInductor packages (full, base) to {where} ...")
+            res = export(ours, where, format="aoti", depth=[ladder[-1], ladder[0]], imgsz=imgsz, batch=batch,
+                         name=model_name, check=False)
+            compile_notes.append(f"AOTInductor export of 2 packages (trace + compile): {res.seconds:.0f} s")
+            for n, c in (("full", ladder[-1]), ("base", ladder[0])):
+                runner = aoti_load(res.file(c.code).path)
+                fns[f"{n}+aoti"] = (lambda r=runner: r(x))
+                extra_rows.append((f"{n}+aoti", c))
     if peer_model is not None:
         peer_model = peer_model.to(dev, dtype).eval()
         fns["peer"] = lambda: peer_call(peer_model, x)
@@ -218,6 +273,9 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
         if n in fns:
             rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
                             med["full"] / med[n], dict(c.skip), dict(c.knobs)))
+    for n, c in extra_rows:
+        rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
+                        med["full"] / med[n], dict(c.skip), dict(c.knobs)))
     if "peer" in fns:
         rows.append(Row("peer", peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
                         med["peer"], pct(times["peer"], 0.1), pct(times["peer"], 0.9), med["full"] / med["peer"]))

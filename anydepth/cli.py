@@ -12,6 +12,8 @@
   anydepth predict --weights CKPT --source SRC --save DIR [--depth D | --budget-ms 40]
                                                 annotated images/videos + COCO-style JSON
   anydepth budget-demo [--model NAME]           the depth controller under a real CPU load, measured
+  anydepth export --model NAME --format onnx|aoti --depth all --out DIR
+                                                per-depth ONNX / AOTInductor packages, one multi-depth ONNX
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def _bench_model(args, name, dtype) -> None:
     report = benchmark.run_model_benchmark(
         name, imgsz=args.imgsz, batch=args.batch, device=args.device, dtype=dtype,
         rounds=args.rounds, warmup=args.warmup, peer=not args.no_peer, compile=args.compile,
-        progress=not args.quiet,
+        progress=not args.quiet, onnx=args.onnx, aoti=args.aoti,
     )
     m = report.machine
     where = m.get("gpu") or m["cpu"]
@@ -478,6 +480,34 @@ def _add_budget_commands(sub) -> None:
     bd.set_defaults(func=_cmd_budget_demo)
 
 
+def _cmd_export(args) -> int:
+    from anydepth.export import export
+
+    if args.weights is None and args.model is None:
+        print("anydepth export: give --model (random weights unless --weights) or --weights", file=sys.stderr)
+        return 2
+    if args.weights is not None:
+        model = _load_for_eval(args)
+    else:
+        import anydepth
+
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = anydepth.create_model(args.model, **kwargs).eval()
+    name = getattr(model, "model_name", None) or args.model or "model"
+    if len(args.imgsz) not in (1, 2):
+        print(f"anydepth export: --imgsz takes N or H W, got {args.imgsz}", file=sys.stderr)
+        return 2
+    imgsz = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
+    depths = [d.strip() for d in args.depth.split(",") if d.strip()]
+    result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,
+                    dynamic_batch=args.dynamic_batch, opset=args.opset, msda=args.msda, check=not args.no_check,
+                    name=name, progress=not args.quiet)
+    print(f"{name}: {len(result.files)} file(s) in {args.out} ({result.seconds:.0f} s)")
+    print(result.table())
+    print(f"written: {result.manifest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anydepth", description="Any-depth object detection")
     sub = p.add_subparsers(dest="command", required=True)
@@ -505,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="also time torch.compile: of the eager reference (--kernels) and "
                         "anydepth_kernels.optimize(model, compile=True) at full and base depth (--model)")
+    b.add_argument("--onnx", action="store_true",
+                   help="with --model: also every depth in onnxruntime, from its per-depth file and from the "
+                        "multi-depth file (anydepth export; needs the export extra)")
+    b.add_argument("--aoti", action="store_true", help="with --model: also full and base as AOTInductor packages")
     b.add_argument("--out", default="bench/results", help="directory for the JSON report")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_cmd_bench)
@@ -541,6 +575,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="deployable graphs: ONNX per depth + one multi-depth ONNX, or "
+                                      "AOTInductor packages")
+    x.add_argument("--model", default=None, help="registered model name (random weights unless --weights)")
+    x.add_argument("--weights", default=None, help="anydepth checkpoint (or Ultralytics .pt / HF directory)")
+    x.add_argument("--num-classes", type=int, default=None, help="with --model alone: the class count")
+    x.add_argument("--format", choices=["onnx", "aoti"], default="onnx")
+    x.add_argument("--depth", default="all",
+                   help="all (every ladder configuration; ONNX: + the multi-depth file), multi (the multi-depth "
+                        "ONNX alone), base, full, a float in [0, 1] or a ladder code such as TTFFFFFF; "
+                        "comma-separated for several")
+    x.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N",
+                   help="input size: N or H W (multiples of 32; the graphs are static in space)")
+    x.add_argument("--batch", type=int, default=1, help="traced batch size")
+    x.add_argument("--dynamic-batch", action="store_true", help="make the batch a dynamic axis")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    x.add_argument("--msda", choices=["decompose", "trt-plugin"], default="decompose",
+                   help="RT-DETR deformable attention: GridSample decomposition (any runtime) or TensorRT's "
+                        "MultiscaleDeformableAttnPlugin_TRT node")
+    x.add_argument("--no-check", action="store_true",
+                   help="do not run the files against the eager model (onnxruntime / AOTInductor)")
+    x.add_argument("--out", default="exports", help="output directory")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_cmd_export)
 
     dm = sub.add_parser("demo", help="synthetic data -> self-distillation training -> per-depth AP (CPU, <30 min)",
                         add_help=False)

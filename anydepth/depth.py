@@ -202,5 +202,23 @@ class DepthSpace:
             f"of {list(self.switches) + list(self.knob_specs)}; got {type(depth).__name__}"
         )
 
+    def from_code(self, code: str) -> DepthConfig:
+        """The config whose :attr:`DepthConfig.code` is ``code`` (``"TTFF-decoder_layers4"``: one
+        ``T``/``F`` per switch, then ``-knobVALUE`` per knob; knobs left out take their full value)."""
+        if not isinstance(code, str):
+            raise ValueError(f"a depth code must be a string, got {code!r}")
+        head, *knob_parts = code.strip().split("-")
+        if len(head) != len(self.switches) or set(head) - {"T", "F"}:
+            raise ValueError(f"depth code {code!r}: expected {len(self.switches)} letters T (skip) / F (run), one per "
+                             f"switch {list(self.switches)}, then -knobVALUE per knob {list(self.knob_specs)}")
+        knobs = {}
+        for part in knob_parts:
+            name = next((k for k in self.knob_specs if part.startswith(k) and part[len(k):].isdigit()), None)
+            if name is None:
+                raise ValueError(f"depth code {code!r}: {part!r} is not a knob and value; "
+                                 f"knobs: {list(self.knob_specs)}")
+            knobs[name] = int(part[len(name):])
+        return self.make(dict(zip(self.switches, (c == "T" for c in head))), knobs)
+
     def __repr__(self) -> str:
         return f"DepthSpace(switches={list(self.switches)}, knobs={dict(self.knob_specs)})"

@@ -66,6 +66,12 @@ class AnyDepthModel(nn.Module):
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):
         raise NotImplementedError
 
+    @property
+    def switchable_modules(self) -> Dict[str, nn.Module]:
+        """Switch name -> the module that ``forward_depth`` calls as ``module(x, skip)`` with that
+        switch's value (the export puts each one under an ``If``: :mod:`anydepth.export`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its switchable modules")
+
     # -- inference form -------------------------------------------------------------------------
     @property
     def is_inference(self) -> bool:

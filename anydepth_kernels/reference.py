@@ -70,7 +70,7 @@ def conv_norm_act(
 
 def ms_deform_attn(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
+    spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]],
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
@@ -83,11 +83,14 @@ def ms_deform_attn(
     ``sampling_locations[n, q, m, l, p] = (x, y)`` in [0, 1] (normalised over width and height),
     bilinearly with zero padding outside the map (``grid_sample(align_corners=False,
     padding_mode="zeros")``), and sums them weighted by ``attention_weights[n, q, m, l, p]``.
-    Returns ``[N, Q, M * D]``.
+    Returns ``[N, Q, M * D]``. ``spatial_shapes`` may also be a list of ``(H, W)`` (a traceable
+    form with the shapes fixed: the export's decomposition; ``level_start_index`` is not read).
     """
     n, _, m, d = value.shape
     _, q, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []

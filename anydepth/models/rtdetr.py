@@ -513,6 +513,9 @@ class MSDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, heads * levels * points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        #: the sampling function; ``None`` = :func:`anydepth_kernels.ms_deform_attn`. The exporter
+        #: (:mod:`anydepth.export`) sets a traceable form with the level shapes fixed.
+        self.sampler = None
         self._reset()
 
     def _reset(self) -> None:
@@ -539,7 +542,8 @@ class MSDeformableAttention(nn.Module):
         attn = self.attention_weights(query).view(b, q, m, L * P).softmax(-1).view(b, q, m, L, P)
         r = ref[:, :, None, None, None, :]
         loc = r[..., :2] + off / P * r[..., 2:] * 0.5
-        return self.output_proj(ms_deform_attn(value, shapes, starts, loc, attn))
+        sample = ms_deform_attn if self.sampler is None else self.sampler
+        return self.output_proj(sample(value, shapes, starts, loc, attn))
 
 
 class DecoderLayer(nn.Module):
@@ -653,12 +657,16 @@ class RTDETRDecoder(nn.Module):
         idx = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
         return memory, shapes, starts, out_mem, enc_logits, enc_coord, idx
 
-    def forward(self, feats: Sequence[torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+    def forward(self, feats: Sequence[torch.Tensor], num_layers) -> Dict[str, torch.Tensor]:
+        """``num_layers``: an int, or a 0-d integer tensor (the export of one graph for every
+        depth: :meth:`_forward_gated`)."""
         memory, shapes, starts, out_mem, enc_logits, enc_coord, idx = self._select(feats)
         ref_unact = enc_coord.gather(1, idx[..., None].expand(-1, -1, 4))
         x = out_mem.gather(1, idx[..., None].expand(-1, -1, out_mem.shape[-1])).detach()
 
         ref = ref_unact.detach().sigmoid()
+        if isinstance(num_layers, torch.Tensor):
+            return self._forward_gated(x, ref, memory, shapes, starts, num_layers)
         logits = boxes = None
         for i in range(num_layers):
             pos = self.query_pos_head(ref)
@@ -668,6 +676,28 @@ class RTDETRDecoder(nn.Module):
                 logits, boxes = self.class_embed[i](x), new_ref
             ref = new_ref.detach()
         return {"logits": logits, "pred_boxes": boxes}
+
+    def _layer(self, i: int, x, ref, memory, shapes, starts):
+        """Decoder layer ``i`` at inference: ``(x, ref, logits)`` after it (``ref``: its boxes)."""
+        x = self.layers[i](x, self.query_pos_head(ref), ref, memory, shapes, starts)
+        ref = torch.sigmoid(self.bbox_embed[i](x) + _inverse_sigmoid(ref))
+        return x, ref, self.class_embed[i](x)
+
+    def _forward_gated(self, x, ref, memory, shapes, starts, num_layers: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The decoder with a tensor layer count, for export: layer 0 always runs, layer ``i > 0``
+        under ``torch.cond(num_layers > i)`` (an ONNX ``If``: a runtime executes only the layers
+        asked for; a count above the number of layers runs them all). Equal to :meth:`forward`
+        with ``int(num_layers)``."""
+        state = self._layer(0, x, ref, memory, shapes, starts)
+        for i in range(1, len(self.layers)):
+            def run(x, ref, logits, memory, i=i):
+                return self._layer(i, x, ref, memory, shapes, starts)
+
+            def keep(x, ref, logits, memory):
+                return x.clone(), ref.clone(), logits.clone()
+
+            state = tuple(torch.cond(num_layers > i, run, keep, (*state, memory)))
+        return {"logits": state[2], "pred_boxes": state[1]}
 
     def forward_train(self, feats: Sequence[torch.Tensor], num_layers: int,
                       denoising: Optional[Dict[str, object]] = None) -> Dict[str, object]:
@@ -785,6 +815,13 @@ class AnyDepthRTDETR(AnyDepthModel):
 
     # -- input checks -------------------------------------------------------------------------
     # -- forward --------------------------------------------------------------------------------
+    @property
+    def switchable_modules(self) -> Dict[str, nn.Module]:
+        """Switch name -> the module called with its ``skip`` (the backbone stages, the encoder)."""
+        mods: Dict[str, nn.Module] = {f"backbone.stage{i}": getattr(self.backbone, f"stage{i}") for i in range(1, 5)}
+        mods["encoder"] = self.encoder
+        return mods
+
     def features(self, x: torch.Tensor, depth: DepthConfig) -> List[torch.Tensor]:
         """The three encoder outputs (strides 8, 16, 32) at ``depth``."""
         self.check_input(x)
