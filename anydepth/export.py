@@ -591,6 +591,14 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
                          "depths (all = one package per ladder depth, base, full, ladder codes)")
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
     multi = multi and format == "onnx"  # AOTInductor: 'all' = one package per ladder depth
+    if multi and getattr(model, "split", None) == "official":
+        # its stride-2 convs switch norm sets outside the switchable modules, where the multi-depth
+        # graph has no If to hold them: such a model is exported depth by depth
+        if "multi" in words:
+            raise NotImplementedError("the multi-depth ONNX of a split='official' model is not supported (its "
+                                      "skip-aware stride-2 convs lie outside the switchable modules); export "
+                                      "per-depth files: depth='all', 'base', 'full' or ladder codes")
+        multi = False
     if format == "onnx":
         _check_opset(opset, has_msda, msda)
         for mod in ("onnx", "onnxscript"):

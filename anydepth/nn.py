@@ -142,7 +142,7 @@ class FusedConv(nn.Module):
         return self.fused.out_channels
 
     def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.fused(x, 1 if (skip and self.skip_aware) else 0, residual)
+        return self.fused(x, 1 if (self.skip_aware and skip) else 0, residual)  # skip may be a traced flag
 
 
 def fuse_conv_norm_acts(module: nn.Module, backend: str = "auto") -> int:

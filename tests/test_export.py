@@ -293,6 +293,9 @@ def test_unknown_depth_names_the_ladder(yolo, tmp_path):
         export(yolo, tmp_path, imgsz=50)
     with pytest.raises(ValueError, match="multi-depth graph is exported as ONNX only"):
         export(yolo, tmp_path, format="aoti", depth="multi", imgsz=IMGSZ)
+    official = anydepth.create_model("yolov12n-anydepth", num_classes=4, split="official").eval()
+    with pytest.raises(NotImplementedError, match="split='official'"):
+        export(official, tmp_path, depth="multi", imgsz=IMGSZ)
 
 
 def test_opset_too_old(yolo, tmp_path):
