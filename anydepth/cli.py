@@ -189,6 +189,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "shallow": "student depth: base (all refinement paths skipped), shallowest, none (static: full only)",
         "optimizer": "adamw or sgd", "schedule": "cosine or linear (after the warm-up)",
         "nbs": "nominal batch size: accumulate gradients over nbs / batch-size batches",
+        "lr_scales": "lr factor per parameter-name prefix, e.g. backbone.=1.0 (default: the family's; "
+                     "RT-DETR's backbone 0.1 assumes a pretrained backbone)",
     }
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -46,7 +46,7 @@ class DemoRun:
 
 def default_runs(imgsz: int = 256, yolo_static_epochs: int = 8, yolo_finetune_epochs: int = 2,
                  rtdetr_imgsz: int = 160, rtdetr_static_steps: int = 400, rtdetr_finetune_steps: int = 100,
-                 rtdetr_queries: int = 30) -> List[DemoRun]:
+                 rtdetr_queries: int = 30, time_limit_scale: float = 1.0) -> List[DemoRun]:
     """Stage 1 (static) then stage 2 (any-depth fine-tuning, distillation on and off) per model.
 
     Stage 2 uses the family's fine-tuning recipe (``recipe="finetune"``: for YOLO the authors'
@@ -56,20 +56,21 @@ def default_runs(imgsz: int = 256, yolo_static_epochs: int = 8, yolo_finetune_ep
     rt_kw = {"num_queries": rtdetr_queries}
     rt_static_epochs = max(1, -(-rtdetr_static_steps // 125))
     rt_ft = {"recipe": "finetune", "warmup_epochs": 0.1}
+    k = float(time_limit_scale)
     return [
-        DemoRun("yolov12n-static", "yolov12n-anydepth", False, yolo_static_epochs, 16, imgsz, 12.0,
+        DemoRun("yolov12n-static", "yolov12n-anydepth", False, yolo_static_epochs, 16, imgsz, 12.0 * k,
                 shallow="none", stage="static"),
-        DemoRun("yolov12n-distill", "yolov12n-anydepth", True, yolo_finetune_epochs, 16, imgsz, 8.0,
+        DemoRun("yolov12n-distill", "yolov12n-anydepth", True, yolo_finetune_epochs, 16, imgsz, 8.0 * k,
                 init_from="yolov12n-static", options=yolo_ft, stage="distill"),
-        DemoRun("yolov12n-no-distill", "yolov12n-anydepth", False, yolo_finetune_epochs, 16, imgsz, 8.0,
+        DemoRun("yolov12n-no-distill", "yolov12n-anydepth", False, yolo_finetune_epochs, 16, imgsz, 8.0 * k,
                 init_from="yolov12n-static", options=yolo_ft, stage="no-distill"),
-        DemoRun("rtdetr-r18-static", "rtdetr-r18-anydepth", False, rt_static_epochs, 8, rtdetr_imgsz, 12.0,
+        DemoRun("rtdetr-r18-static", "rtdetr-r18-anydepth", False, rt_static_epochs, 8, rtdetr_imgsz, 12.0 * k,
                 max_steps_per_epoch=-(-rtdetr_static_steps // rt_static_epochs), model_kwargs=rt_kw, lr=4e-4,
-                shallow="none", stage="static"),
-        DemoRun("rtdetr-r18-distill", "rtdetr-r18-anydepth", True, 1, 8, rtdetr_imgsz, 8.0,
+                shallow="none", stage="static", options={"lr_scales": {}}),  # from scratch: backbone at 1x
+        DemoRun("rtdetr-r18-distill", "rtdetr-r18-anydepth", True, 1, 8, rtdetr_imgsz, 8.0 * k,
                 max_steps_per_epoch=rtdetr_finetune_steps, model_kwargs=rt_kw, lr=1e-4,
                 init_from="rtdetr-r18-static", options=rt_ft, stage="distill"),
-        DemoRun("rtdetr-r18-no-distill", "rtdetr-r18-anydepth", False, 1, 8, rtdetr_imgsz, 8.0,
+        DemoRun("rtdetr-r18-no-distill", "rtdetr-r18-anydepth", False, 1, 8, rtdetr_imgsz, 8.0 * k,
                 max_steps_per_epoch=rtdetr_finetune_steps, model_kwargs=rt_kw, lr=1e-4,
                 init_from="rtdetr-r18-static", options=rt_ft, stage="no-distill"),
     ]
@@ -81,7 +82,7 @@ def _pct(v: Optional[float]) -> str:
 
 def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, imgsz: int = 256,
              runs: Optional[List[DemoRun]] = None, workers: int = 1, seed: int = 0,
-             progress: bool = True) -> Dict[str, object]:
+             progress: bool = True, latency: bool = True) -> Dict[str, object]:
     from .data import open_dataset, synth
     from .evaluation import evaluate
     from .train import TrainConfig, Trainer
@@ -114,10 +115,13 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
         trainer = Trainer(cfg)
         summary = trainer.fit()
         train_min = (time.time() - t0) / 60
+        if summary["stopped_early"]:
+            print(f"WARNING: {run.tag} was stopped by its time limit after {summary['steps']} steps "
+                  f"(of {trainer.total_steps}); its numbers are not the planned budget's", flush=True)
         model = trainer.eval_model().eval()
         val = open_dataset(os.path.join(data, "val"), imgsz=run.imgsz, mode=trainer.mode, augment=False)
         report = evaluate(model, val, imgsz=run.imgsz, batch_size=8, device="cpu", progress=progress,
-                          measure_latency=True, latency_batch=1)
+                          measure_latency=latency, latency_batch=1)
         paths = report.save(os.path.join(out, run.tag), f"eval-{run.tag}")
         results["runs"][run.tag] = {
             "model": run.model, "imgsz": run.imgsz, "distill": run.distill, "stage": run.stage or run.tag,
@@ -230,20 +234,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rtdetr-imgsz", type=int, default=160)
     p.add_argument("--rtdetr-static-steps", type=int, default=400)
     p.add_argument("--rtdetr-finetune-steps", type=int, default=100)
+    p.add_argument("--yolo-imgsz", type=int, default=None, help="YOLO training/eval size (default: --imgsz)")
+    p.add_argument("--time-limit-scale", type=float, default=1.0,
+                   help="multiply every run's time limit (a guard; a stage-1 run cut by it is reported)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency column (a busy machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", default=None, help="comma-separated run tags to run (the others are kept from "
                    "an earlier results.json in --out)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    runs = default_runs(a.imgsz, a.yolo_static_epochs, a.yolo_finetune_epochs, a.rtdetr_imgsz,
-                        a.rtdetr_static_steps, a.rtdetr_finetune_steps)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    runs = default_runs(a.yolo_imgsz or a.imgsz, a.yolo_static_epochs, a.yolo_finetune_epochs, a.rtdetr_imgsz,
+                        a.rtdetr_static_steps, a.rtdetr_finetune_steps, time_limit_scale=a.time_limit_scale)
     if a.only:
         wanted = [t.strip() for t in a.only.split(",") if t.strip()]
         unknown = sorted(set(wanted) - {r.tag for r in runs})
         if unknown:
             p.error(f"unknown run tag(s) {unknown}; the runs are {[r.tag for r in runs]}")
         runs = [r for r in runs if r.tag in wanted]
-    run_demo(a.out, a.images, a.val_images, a.imgsz, runs, workers=a.workers, progress=not a.quiet)
+    run_demo(a.out, a.images, a.val_images, a.imgsz, runs, workers=a.workers, progress=not a.quiet,
+             latency=not a.no_latency)
     return 0
 
 

@@ -87,6 +87,7 @@ class TrainConfig:
     warmup_momentum: float = 0.8        # SGD momentum at the start of the warm-up
     schedule: str = "cosine"            # "cosine" | "linear" (after the warm-up, down to lr * min_lr_ratio)
     nbs: Optional[int] = None           # nominal batch: gradients accumulate over nbs / batch_size batches
+    lr_scales: Optional[Dict[str, float]] = None  # {parameter-name prefix: lr factor}; None = the family's
     mode: Optional[str] = None          # "letterbox" | "resize"; None = the family's preprocessing
     augment: bool = True
     workers: int = 2
@@ -139,6 +140,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {v!r}")
+        if self.lr_scales is not None and (not isinstance(self.lr_scales, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in self.lr_scales.items())):
+            raise ValueError(f"TrainConfig.lr_scales must map parameter-name prefixes to factors >= 0, "
+                             f"got {self.lr_scales!r}")
         if self.nbs is not None and (isinstance(self.nbs, bool) or not isinstance(self.nbs, int) or self.nbs < 1):
             raise ValueError(f"TrainConfig.nbs must be a positive int, got {self.nbs!r}")
         model_family(self.model)
@@ -393,7 +398,8 @@ class Trainer:
         self.full = self.model.resolve_depth("full")
         self.shallow = training_student(self.model, cfg.shallow)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = parameter_groups(self.model, self.weight_decay, list(fam.lr_scales))
+        lr_scales = list(fam.lr_scales) if cfg.lr_scales is None else list(cfg.lr_scales.items())
+        groups = parameter_groups(self.model, self.weight_decay, lr_scales)
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=cfg.momentum, nesterov=True)
         else:
@@ -545,6 +551,7 @@ class Trainer:
             self.train_set.set_epoch(self.epoch)
         self.model.train()
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         n = 0
         stopped = False
         t0 = time.time()
@@ -580,6 +587,7 @@ class Trainer:
             n += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1  # grad_norm: only at optimizer steps
             bar.set_postfix(loss=f"{logs['loss']:.3f}", full=f"{logs['full/loss']:.3f}",
                             base=f"{logs['base/loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -590,7 +598,7 @@ class Trainer:
         self.epoch += 1
         row: Dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": self._set_lr() if n else 0.0,
                                "epoch_time_s": round(time.time() - t0, 2)}
-        row.update({f"train/{k}": v / max(1, n) for k, v in sums.items()})
+        row.update({f"train/{k}": v / max(1, counts[k]) for k, v in sums.items()})
         last_epoch = self.epoch >= cfg.epochs or stopped
         due = cfg.eval_interval > 0 and self.epoch % cfg.eval_interval == 0
         if self.dist.main and self.val_set is not None and (due or last_epoch):
