@@ -44,8 +44,8 @@ class DemoRun:
     stage: str = ""                     # label in the summary: "static", "distill", "no-distill"
 
 
-def default_runs(imgsz: int = 256, yolo_static_epochs: int = 8, yolo_finetune_epochs: int = 2,
-                 rtdetr_imgsz: int = 160, rtdetr_static_steps: int = 400, rtdetr_finetune_steps: int = 100,
+def default_runs(imgsz: int = 160, yolo_static_epochs: int = 5, yolo_finetune_epochs: int = 2,
+                 rtdetr_imgsz: int = 128, rtdetr_static_steps: int = 300, rtdetr_finetune_steps: int = 60,
                  rtdetr_queries: int = 30, time_limit_scale: float = 1.0) -> List[DemoRun]:
     """Stage 1 (static) then stage 2 (any-depth fine-tuning, distillation on and off) per model.
 
@@ -229,12 +229,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--imgsz", type=int, default=256)
-    p.add_argument("--yolo-static-epochs", type=int, default=8)
+    p.add_argument("--yolo-static-epochs", type=int, default=5)
     p.add_argument("--yolo-finetune-epochs", type=int, default=2)
-    p.add_argument("--rtdetr-imgsz", type=int, default=160)
-    p.add_argument("--rtdetr-static-steps", type=int, default=400)
-    p.add_argument("--rtdetr-finetune-steps", type=int, default=100)
-    p.add_argument("--yolo-imgsz", type=int, default=None, help="YOLO training/eval size (default: --imgsz)")
+    p.add_argument("--rtdetr-imgsz", type=int, default=128)
+    p.add_argument("--rtdetr-static-steps", type=int, default=300)
+    p.add_argument("--rtdetr-finetune-steps", type=int, default=60)
+    p.add_argument("--yolo-imgsz", type=int, default=160, help="YOLO training/eval size (the data: --imgsz)")
     p.add_argument("--time-limit-scale", type=float, default=1.0,
                    help="multiply every run's time limit (a guard; a stage-1 run cut by it is reported)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency column (a busy machine)")
@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    runs = default_runs(a.yolo_imgsz or a.imgsz, a.yolo_static_epochs, a.yolo_finetune_epochs, a.rtdetr_imgsz,
+    runs = default_runs(a.yolo_imgsz, a.yolo_static_epochs, a.yolo_finetune_epochs, a.rtdetr_imgsz,
                         a.rtdetr_static_steps, a.rtdetr_finetune_steps, time_limit_scale=a.time_limit_scale)
     if a.only:
         wanted = [t.strip() for t in a.only.split(",") if t.strip()]
