@@ -135,7 +135,17 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
             "report": paths,
         }
         print(report.table(), flush=True)
+        _write_results(out, results, imgsz, images, t_start)  # after every run: a cut demo keeps its runs
+    md, merged = _write_results(out, results, imgsz, images, t_start)
+    print("\n" + md)
+    return merged
+
+
+def _write_results(out: str, results: Dict[str, object], imgsz: int, images: int, t_start: float):
+    """Write results.json + RESULTS.md; runs of an earlier results.json in ``out`` (same data) that
+    were not re-run now are kept. Returns (markdown, the merged results)."""
     results["total_minutes"] = round((time.time() - t_start) / 60, 2)
+    merged = dict(results)
     previous = os.path.join(out, "results.json")
     if os.path.isfile(previous):  # runs done earlier into the same directory (not re-run now) are kept
         with open(previous) as f:
@@ -143,16 +153,15 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
         if (old.get("imgsz"), old.get("train_images")) == (imgsz, images):
             kept = {k: v for k, v in old.get("runs", {}).items() if k not in results["runs"]}
             if kept:
-                results["runs"] = {**kept, **results["runs"]}
-                results["total_minutes"] = round(results["total_minutes"] + sum(
+                merged["runs"] = {**kept, **results["runs"]}
+                merged["total_minutes"] = round(results["total_minutes"] + sum(
                     v.get("train_minutes", 0) for v in kept.values()), 2)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    md = render_results(results)
+    with open(previous, "w") as f:
+        json.dump(merged, f, indent=1, default=str)
+    md = render_results(merged)
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
         f.write(md)
-    print("\n" + md)
-    return results
+    return md, merged
 
 
 def _ap(run, name: str, key: str = "AP"):
