@@ -75,6 +75,11 @@ def test_finetune_recipe_and_training_student():
     assert all(student.skip.values()) and student.knobs == rt.resolve_depth("full").knobs
     assert training_student(rt, "shallowest") == rt.resolve_depth("base")
     assert training_student(rt, "none") is None
+    y = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+    two = training_student(y, "backbone.p4, backbone.p5")
+    assert [k for k, v in two.skip.items() if v] == ["backbone.p4", "backbone.p5"]
+    with pytest.raises(ValueError, match="unknown switch"):
+        training_student(y, "backbone.p9")
     for bad in (dict(alpha_base=1.5), dict(kd_warmup_epochs=-1), dict(kd_style="x"), dict(recipe="x"),
                 dict(optimizer="adam"), dict(schedule="step"), dict(nbs=0), dict(momentum=1.0)):
         with pytest.raises(ValueError, match=list(bad)[0]):

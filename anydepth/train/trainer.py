@@ -77,7 +77,8 @@ class TrainConfig:
     distill: bool = True                # False: the ablation, both depths on ground truth only
     shallow: str = "base"               # the student: "base" (every refinement path skipped; knobs such as
                                         # RT-DETR's decoder depth stay at full, as the authors train),
-                                        # "shallowest" (depth="base" literally) or "none" (static: full only)
+                                        # "shallowest" (depth="base" literally), "none" (static: full only)
+                                        # or the switches to skip, comma-separated ("backbone.p4,backbone.p5")
     alpha_base: Optional[float] = None  # shallow pass = alpha_base * GT + (1 - alpha_base) * KD
     kd_warmup_epochs: float = 0.0       # KD weight ramps 0 -> 1 (half cosine) over these epochs
     kd_style: Optional[str] = None      # "authors" (default) | "legacy": the distillation-loss variant
@@ -203,7 +204,15 @@ def training_student(model, shallow: str):
     if shallow == "base":
         base, full = model.resolve_depth("base"), model.resolve_depth("full")
         return DepthConfig(base.skip, full.knobs)
-    return model.resolve_depth("base" if shallow == "shallowest" else shallow)
+    if shallow == "shallowest":
+        return model.resolve_depth("base")
+    names = [t.strip() for t in shallow.split(",") if t.strip()]
+    full = model.resolve_depth("full")
+    unknown = sorted(set(names) - set(full.skip))
+    if unknown:
+        raise ValueError(f"shallow: unknown switch(es) {unknown}; valid: 'base', 'shallowest', 'none' or a "
+                         f"comma-separated list of {list(full.skip)}")
+    return DepthConfig({k: k in names for k in full.skip}, full.knobs)
 
 
 def load_matching_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[int, List[str]]:
