@@ -1,5 +1,7 @@
-"""Self-distillation trainer: AdamW, warm-up + cosine, EMA, clipping, AMP, checkpoints with resume,
-progress bars, per-epoch CSV/JSON logs, data parallel under ``torchrun``.
+"""Self-distillation trainer: AdamW or SGD, warm-up + cosine or linear decay, gradient accumulation,
+EMA, clipping, AMP, checkpoints with resume, progress bars, per-epoch CSV/JSON logs, data parallel
+under ``torchrun``; static training (``shallow="none"``) and the authors' any-depth fine-tuning
+recipe (``weights=...``, ``recipe="finetune"``: ``alpha_base``, ``kd_warmup_epochs``).
 
     from anydepth.train import TrainConfig, Trainer
     Trainer(TrainConfig(model="yolov12n-anydepth", data="synth/train", val_data="synth/val",
