@@ -60,8 +60,8 @@ test: lint $(VENV)/.installed $(VENV)/triton36/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/anydepth bench $(BENCH_ARGS)
 
-# Synthetic data -> self-distillation training (yolov12n with distillation on and off, rtdetr-r18)
-# -> COCO AP at every depth; < 30 min on a 2-core CPU. Results: $(DEMO_OUT)/RESULTS.md
+# Synthetic data -> stage 1: static yolov12n / rtdetr-r18 (full depth only) -> stage 2: any-depth
+# fine-tuning from it, distillation on and off -> COCO AP at every depth. Results: $(DEMO_OUT)/RESULTS.md
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
 demo: $(VENV)/.installed

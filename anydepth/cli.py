@@ -187,6 +187,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5", "model_kwargs": "model options, e.g. num_queries=100",
         "amp": "mixed precision on CUDA: off, bf16, fp16", "time_limit": "stop (checkpointed) after this many minutes",
         "lr": "peak learning rate (default: the family's)", "clip_grad": "max gradient norm, 0 = off",
+        "alpha_base": "shallow pass = alpha_base * GT + (1 - alpha_base) * KD (YOLO default 0.2, RT-DETR 0)",
+        "kd_warmup_epochs": "ramp the KD weight from 0 to 1 (half cosine) over these epochs",
+        "kd_style": "distillation loss: authors (as the authors' code) or legacy (this project's first version)",
+        "recipe": "finetune: the authors' fine-tuning settings (YOLO: SGD 1e-3 -> 1e-5, nbs 256, 3 warm-up "
+                  "epochs, alpha_base 0.2) for every option left at its default; use with --weights",
+        "shallow": "student depth: base (all refinement paths skipped), shallowest, none (static: full only)",
+        "optimizer": "adamw or sgd", "schedule": "cosine or linear (after the warm-up)",
+        "nbs": "nominal batch size: accumulate gradients over nbs / batch-size batches",
+        "lr_scales": "lr factor per parameter-name prefix, e.g. backbone.=1.0 (default: the family's; "
+                     "RT-DETR's backbone 0.1 assumes a pretrained backbone)",
     }
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

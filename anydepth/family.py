@@ -45,6 +45,9 @@ class TrainDefaults:
     clip_grad: float                                          # max gradient norm, 0 = off
     lr_scales: Tuple[Tuple[str, float], ...] = ()             # (parameter-name prefix, lr factor)
     amp_warning: Optional[str] = None                         # warned when amp is requested
+    # TrainConfig fields of the any-depth fine-tuning recipe (``recipe="finetune"``): the
+    # authors' settings for fine-tuning from a trained model
+    finetune: Tuple[Tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

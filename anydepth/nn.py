@@ -70,6 +70,21 @@ class SkipAwareLayerNorm(nn.Module):
         return self.ln_skip(x) if skip else self.ln(x)
 
 
+@torch.no_grad()
+def copy_norms_to_shallow(model: nn.Module) -> int:
+    """Copy every skip-aware norm's full-depth set into its shallow-path set (``bn`` -> ``bn_skip``,
+    ``ln`` -> ``ln_skip``: weights and running statistics). Returns the number of norms copied."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SkipAwareBatchNorm2d):
+            m.bn_skip.load_state_dict(m.bn.state_dict())
+            n += 1
+        elif isinstance(m, SkipAwareLayerNorm):
+            m.ln_skip.load_state_dict(m.ln.state_dict())
+            n += 1
+    return n
+
+
 class ConvNormAct(nn.Module):
     """Conv2d (no bias) + BatchNorm (skip-aware if ``skip_aware``) + activation: the trainable,
     eager form of a switchable conv block. :meth:`fuse` returns the inference form, a

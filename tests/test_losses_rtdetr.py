@@ -345,7 +345,7 @@ def test_distill_loss_pairs_queries_through_their_gt_by_hand():
     s_map = torch.zeros(1, 2, 2, 2)
     student["distill_feats"] = {"backbone": [s_map] * 3, "encoder": [t_map] * 3}
     teacher["distill_feats"] = {"backbone": [t_map] * 3, "encoder": [t_map] * 3}
-    loss, logs = RTDETRCriterion(2).distill_loss(student, teacher, gt)
+    loss, logs = RTDETRCriterion(2, kd_style="legacy").distill_loss(student, teacher, gt)
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
 
     def bkl(t, s):
@@ -363,6 +363,39 @@ def test_distill_loss_pairs_queries_through_their_gt_by_hand():
     assert loss.item() == pytest.approx(expected, abs=1e-5) and logs["kd"] == pytest.approx(expected, abs=1e-5)
     assert bernoulli_kl(torch.tensor(2.0), torch.tensor(1.0), 2.0).item() == pytest.approx(
         4 * bkl(1.0, 0.5), abs=1e-6)
+
+
+def test_distill_loss_authors_style_by_hand():
+    # the same pair as above, the authors' terms: softmax KL over the 2 classes, averaged over the
+    # classes, x 2 queries / 1 GT; features: pooled maps concatenated before the channel softmax
+    gt = [{"boxes": torch.tensor([[40.0, 40, 60, 60]]), "labels": torch.tensor([0])}]
+    student = _outputs([[[1.0, -2.0], [-3.0, -3.0]]], [[[0.52, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]])
+    teacher = _outputs([[[-3.0, -3.0], [2.0, -1.0]]], [[[0.9, 0.9, 0.05, 0.05], [0.5, 0.5, 0.2, 0.2]]])
+    # backbone: teacher pooled [0, ln 3] and [0, 0] -> concat softmax [1, 3, 1, 1] / 6; student all 0 -> 1/4
+    t_a = torch.tensor([0.0, math.log(3)]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    zero = torch.zeros(1, 2, 2, 2)
+    student["distill_feats"] = {"backbone": [zero, zero], "encoder": [t_a, zero]}
+    teacher["distill_feats"] = {"backbone": [t_a, zero], "encoder": [t_a, zero]}
+    crit = RTDETRCriterion(2, distill_gt=0.5)
+    crit.kd_scale = 0.25
+    loss, logs = crit.distill_loss(student, teacher, gt)
+    p = [math.exp(2) / (math.exp(2) + math.exp(-1)), math.exp(-1) / (math.exp(2) + math.exp(-1))]
+    q = [math.exp(1) / (math.exp(1) + math.exp(-2)), math.exp(-2) / (math.exp(1) + math.exp(-2))]
+    kl_cls = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert logs["kd_cls"] == pytest.approx(kl_cls / 2 * 2 / 1, abs=1e-6)
+    pt = [1 / 6, 3 / 6, 1 / 6, 1 / 6]
+    assert logs["kd_backbone"] == pytest.approx(sum(a * math.log(a / 0.25) for a in pt), abs=1e-6)
+    assert logs["kd_encoder"] == 0.0
+    assert logs["kd_l1"] == pytest.approx(0.02, abs=1e-6)
+    kd = logs["kd_cls"] + 5 * logs["kd_l1"] + 2 * logs["kd_giou"] + logs["kd_backbone"]
+    assert logs["kd"] == pytest.approx(kd, abs=1e-5)
+    # the student's own GT term (distill_gt) enters with its weight, the KD with kd_scale
+    gt_loss, _ = RTDETRCriterion(2).gt_loss(student, gt)
+    side = logs["aux"] + logs["enc"] + logs["dn"]
+    assert logs["gt"] == pytest.approx(gt_loss.item() - side, abs=1e-5)
+    assert loss.item() == pytest.approx(0.25 * kd + 0.5 * logs["gt"] + side, abs=1e-5)
+    with pytest.raises(ValueError, match="kd_style"):
+        RTDETRCriterion(2, kd_style="mine")
 
 
 def _grads(model):

@@ -478,3 +478,73 @@ def test_losses_run_in_float32_under_autocast(model, batch):
         loss_d, _ = crit.distill_loss(student, out, targets)
     assert loss.dtype == torch.float32 and loss_d.dtype == torch.float32
     assert float(loss) == float(ref) and float(loss_d) == float(ref_d)
+
+
+def test_authors_kd_terms_by_hand():
+    # 3 anchors, 2 classes, reg_max 4. Teacher: foreground at all 3 (GT 0, 1, 0; target scores 0.5,
+    # 0.8, 0.3); student: foreground at anchors 0 and 1, both GT 0 -> anchor 1 is a conflict.
+    # Class KD on teacher-fg non-conflict anchors {0, 2}; box/DFL KD on those also fg for the student {0}.
+    from anydepth.losses.yolo import Assignment
+
+    crit = YOLOCriterion((2, 4, (8,)))
+
+    def asg(fg, gt_index, score):
+        fg = torch.tensor([fg])
+        scores = torch.zeros(1, 3, 2)
+        scores[0, :, 0] = torch.tensor(score)
+        return Assignment(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, 4), scores, fg,
+                          torch.tensor([gt_index]))
+
+    asg_t = asg([True, True, True], [0, 1, 0], [0.5, 0.8, 0.3])
+    asg_s = asg([True, True, False], [0, 0, 0], [0.4, 0.4, 0.0])
+    assert crit.conflicts(asg_s, asg_t).tolist() == [[False, True, False]]
+    t_cls = torch.tensor([[[1.0, -1.0], [0.0, 0.0], [2.0, 0.0]]])
+    s_cls = torch.tensor([[[0.0, 0.0], [5.0, -5.0], [0.0, 2.0]]])
+    # boxes: student [1, 1, 3, 3] inside teacher [0, 0, 4, 4] at anchor 0 (same centre, both square:
+    # CIoU = IoU = 4 / 16); anchors 1, 2 far apart (they must not count)
+    t_xyxy = torch.tensor([[[0.0, 0, 4, 4], [0, 0, 1, 1], [0, 0, 1, 1]]])
+    s_xyxy = torch.tensor([[[1.0, 1, 3, 3], [5, 5, 6, 6], [5, 5, 6, 6]]])
+    t_dist = torch.zeros(1, 3, 4, 4)
+    s_dist = torch.zeros(1, 3, 4, 4)
+    t_dist[0, 0, :, 0] = 10.0  # teacher at anchor 0: logits (10, 0, 0, 0) on every side
+    s_dist[0, 1:] = 7.0        # anchors 1, 2 differ but are excluded (uniform softmax -> no effect anyway)
+    s_dist[0, 1:, :, 0] = -30.0
+    ps = dict(cls=s_cls, xyxy=s_xyxy, dist_logits=s_dist)
+    pt = dict(cls=t_cls, xyxy=t_xyxy, dist_logits=t_dist)
+    kd_cls, kd_box, kd_dfl, n_cls, n_conflict = crit._kd_authors(ps, pt, asg_s, asg_t)
+
+    def sm(v, T):
+        e = [math.exp(x / T) for x in v]
+        return [x / sum(e) for x in e]
+
+    def kl(t, s, T):
+        p, q = sm(t, T), sm(s, T)
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    # weights 0.5 + 0.3 = 0.8 < 1: the normaliser is clamped to 1
+    expected_cls = 4 * (0.5 * kl([1, -1], [0, 0], 2) + 0.3 * kl([2, 0], [0, 2], 2)) / 1.0
+    assert float(kd_cls) == pytest.approx(expected_cls, rel=1e-5)
+    assert float(kd_box) == pytest.approx((1 - 0.25) * 0.5, abs=1e-6)
+    expected_dfl = kl([10, 0, 0, 0], [0, 0, 0, 0], 10) * 0.5  # same on the 4 sides, no T^2
+    assert float(kd_dfl) == pytest.approx(expected_dfl, rel=1e-5)
+    assert (n_cls, n_conflict) == (2, 1)
+    # the legacy variant on the same inputs: Bernoulli KL over the 3 teacher-fg anchors, no conflict mask
+    legacy = YOLOCriterion((2, 4, (8,)), kd_style="legacy")
+    l_cls, _, _, l_fg = legacy._kd_legacy(ps, pt, asg_t)
+    assert l_fg == 3
+    assert float(l_cls) == pytest.approx(float(bernoulli_kl(t_cls[0], s_cls[0], 2.0).sum() / 3), rel=1e-6)
+    with pytest.raises(ValueError, match="kd_style"):
+        YOLOCriterion((2, 4, (8,)), kd_style="other")
+
+
+def test_distill_alpha_and_kd_scale(model, batch):
+    # shallow total = distill_gt * GT + distill_kd * kd_scale * KD (alpha_base = distill_gt)
+    x, targets = batch
+    crit = build_criterion(model, distill_gt=0.3, distill_kd=0.7)
+    teacher = detach_outputs(model.forward_train(x, "full"))
+    student = model.forward_train(x, "base")
+    for scale in (1.0, 0.5, 0.0):
+        crit.kd_scale = scale
+        loss, logs = crit.distill_loss(student, teacher, targets)
+        assert logs["kd_scale"] == scale
+        assert loss.item() == pytest.approx(0.3 * logs["gt"] + 0.7 * scale * logs["kd"], rel=1e-5)

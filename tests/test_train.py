@@ -47,6 +47,71 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_linear_schedule_and_kd_warmup():
+    from anydepth.train.trainer import kd_warmup_factor
+
+    assert lr_factor(10, 110, 10, 0.01, "linear") == pytest.approx(1.0)
+    assert lr_factor(60, 110, 10, 0.01, "linear") == pytest.approx(1 - 0.99 * 0.5)
+    assert lr_factor(110, 110, 10, 0.01, "linear") == pytest.approx(0.01)
+    assert kd_warmup_factor(0.0, 2.0) == 0.0
+    assert kd_warmup_factor(1.0, 2.0) == pytest.approx(0.5)
+    assert kd_warmup_factor(0.5, 2.0) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
+    assert kd_warmup_factor(2.0, 2.0) == 1.0 and kd_warmup_factor(0.0, 0.0) == 1.0
+
+
+def test_finetune_recipe_and_training_student():
+    from anydepth.train.trainer import training_student
+
+    cfg = TrainConfig(model="yolov12n-anydepth", data="d", weights="w.pt", recipe="finetune", lr=5e-3).with_recipe()
+    # the authors' args.yaml: SGD, lr0 1e-3 -> lrf 0.01, momentum 0.9, nbs 256, alpha_base 0.2; an explicit lr stays
+    assert (cfg.optimizer, cfg.lr, cfg.min_lr_ratio, cfg.schedule, cfg.nbs, cfg.alpha_base, cfg.momentum) == \
+        ("sgd", 5e-3, 0.01, "linear", 256, 0.2, 0.9)
+    assert TrainConfig(model="rtdetr-r18-anydepth", data="d", weights="w", recipe="finetune").with_recipe().alpha_base \
+        == 0.0
+    with pytest.warns(UserWarning, match="without weights"):
+        TrainConfig(model="yolov12n-anydepth", data="d", recipe="finetune").with_recipe()
+    rt = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3)
+    student = training_student(rt, "base")  # the authors train the student with the full decoder
+    assert all(student.skip.values()) and student.knobs == rt.resolve_depth("full").knobs
+    assert training_student(rt, "shallowest") == rt.resolve_depth("base")
+    assert training_student(rt, "none") is None
+    y = anydepth.create_model("yolov12n-anydepth", num_classes=3)
+    two = training_student(y, "backbone.p4, backbone.p5")
+    assert [k for k, v in two.skip.items() if v] == ["backbone.p4", "backbone.p5"]
+    with pytest.raises(ValueError, match="unknown switch"):
+        training_student(y, "backbone.p9")
+    for bad in (dict(alpha_base=1.5), dict(kd_warmup_epochs=-1), dict(kd_style="x"), dict(recipe="x"),
+                dict(optimizer="adam"), dict(schedule="step"), dict(nbs=0), dict(momentum=1.0)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            TrainConfig(model="yolov12n-anydepth", data="d", **bad).validate()
+
+
+def test_static_then_finetune_with_alpha_and_kd_warmup(synth_dir, tmp_path):
+    from anydepth import checkpoint
+
+    static = Trainer(_config(synth_dir, tmp_path / "static", epochs=1, shallow="none"))
+    assert static.shallow is None
+    static.fit()
+    sd = checkpoint.read(str(tmp_path / "static" / "final.pt"))["state_dict"]
+    skip_keys = [k for k in sd if ".bn_skip." in k]
+    assert skip_keys and all(torch.equal(sd[k], sd[k.replace(".bn_skip.", ".bn.")]) for k in skip_keys)
+    ft = Trainer(_config(synth_dir, tmp_path / "ft", epochs=2, weights=str(tmp_path / "static" / "final.pt"),
+                         recipe="finetune", nbs=8, warmup_epochs=0.0, alpha_base=0.5, kd_warmup_epochs=2.0,
+                         kd_style="legacy"))
+    assert isinstance(ft.optimizer, torch.optim.SGD) and ft.accumulate == 2 and ft.loss_scale == 4.0
+    assert (ft.criterion.distill_gt, ft.criterion.distill_kd, ft.criterion.kd_style) == (0.5, 0.5, "legacy")
+    assert ft.weight_decay == pytest.approx(5e-4 * 4 * 2 / 8)
+    ft.fit()
+    hist = ft.history
+    # the KD weight ramps over the 2 epochs (steps 0, 1 then 2, 3 of 4): mean per epoch
+    assert hist[0]["train/base/kd_scale"] == pytest.approx(0.5 * (kd_warm(0, 2) + kd_warm(0.5, 2)))
+    assert hist[1]["train/base/kd_scale"] == pytest.approx(0.5 * (kd_warm(1, 2) + kd_warm(1.5, 2)))
+
+
+def kd_warm(e, w):
+    return 0.5 * (1 - math.cos(math.pi * e / w))
+
+
 def test_ema_update_math():
     lin = torch.nn.Linear(2, 1)
     bn = torch.nn.BatchNorm1d(1)
@@ -275,15 +340,21 @@ def test_cli_synth_train_eval(tmp_path):
 def test_demo_end_to_end_tiny(tmp_path):
     from anydepth.demo import DemoRun, run_demo
 
-    runs = [DemoRun("yolov12n-distill", "yolov12n-anydepth", True, 1, 3, IMGSZ, 5.0),
-            DemoRun("yolov12n-no-distill", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0)]
+    ft = {"recipe": "finetune", "nbs": 3}
+    runs = [DemoRun("yolov12n-static", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0, shallow="none", stage="static"),
+            DemoRun("yolov12n-distill", "yolov12n-anydepth", True, 1, 3, IMGSZ, 5.0, init_from="yolov12n-static",
+                    options=ft, stage="distill"),
+            DemoRun("yolov12n-no-distill", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0,
+                    init_from="yolov12n-static", options=ft, stage="no-distill")]
     results = run_demo(str(tmp_path / "demo"), images=6, val_images=3, imgsz=IMGSZ, runs=runs, workers=0,
                        progress=False)
     md = (tmp_path / "demo" / "RESULTS.md").read_text()
-    assert "| full |" in md and "| base |" in md and "distillation off (ablation)" in md
+    assert "| full |" in md and "| base |" in md and "stage 1 (static) full AP" in md
     rows = results["runs"]["yolov12n-distill"]["rows"]
     assert [r["name"] for r in rows][0] == "base" and rows[-1]["name"] == "full" and len(rows) == 9
     assert all(0.0 <= r["AP"] <= 1.0 for r in rows)
+    on = results["runs"]["yolov12n-distill"]
+    assert (on["optimizer"], on["alpha_base"], on["init_from"]) == ("sgd", 0.2, "yolov12n-static")
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["runs"].keys() == results["runs"].keys()
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .boxes import bbox_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
-from .yolo import bernoulli_kl
+from .yolo import bernoulli_kl, softmax_kl
 
 __all__ = [
     "HungarianMatcher",
@@ -202,21 +202,28 @@ class RTDETRCriterion:
     sums of those sets) and ``loss``.
 
     ``distill_loss(student, teacher, targets) -> (loss, logs)`` (the shallow pass; ``teacher`` is
-    the detached full-depth output):
+    the detached full-depth output): ``distill_gt * GT(final student output) + distill_kd *
+    kd_scale * KD + side losses``. ``distill_gt`` is 0 and ``distill_kd`` 1 by default (the
+    authors' RT-DETR recipe has no GT term on the student's final output; ``alpha_base`` maps to
+    ``distill_gt = alpha_base``, ``distill_kd = 1 - alpha_base``); ``kd_scale`` is an attribute
+    (1) that the trainer lowers during a KD warm-up.
 
     * the final outputs of both are Hungarian-matched to the GT; a student query and a teacher
-      query matched to the *same* GT object form a pair. On the pairs: ``kd_cls`` = per-class
-      Bernoulli KL (:func:`bernoulli_kl`; the classifier is a set of independent sigmoids, so
-      the KL of each class's Bernoulli distribution is the matching divergence rather than a
-      softmax over classes), summed over classes; ``kd_l1`` = L1 between the cxcywh boxes;
-      ``kd_giou`` = ``1 - GIoU`` between them; each summed over pairs and divided by the GT count;
-    * ``kd_backbone`` / ``kd_encoder``: for each of the 3 backbone (C3..C5) / encoder maps,
-      global-average-pool to ``[B, C]`` and take ``T^2 KL(softmax(t / T) || softmax(s / T))``
-      over channels, averaged over the batch and the 3 maps;
+      query matched to the *same* GT object form a pair. ``kd_l1`` = L1 between the cxcywh boxes
+      of the pairs, ``kd_giou`` = ``1 - GIoU``, each summed over pairs and divided by the GT count.
+    * ``kd_style="authors"`` (default; the authors' ``SetCriterionKD``): ``kd_cls`` =
+      ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the classes of each pair,
+      averaged over the classes, summed over the pairs, times the number of queries and divided
+      by the GT count (their normalisation); ``kd_backbone`` / ``kd_encoder``: the 3 backbone
+      (C3..C5) / encoder maps are global-average-pooled and *concatenated* to one ``[B, sum C]``
+      vector per image, and the term is ``T^2 KL(softmax(t / T) || softmax(s / T))`` over all
+      those channels, averaged over the batch.
+    * ``kd_style="legacy"`` (this project's first version): ``kd_cls`` = per-class Bernoulli KL
+      (:func:`bernoulli_kl`) summed over classes and pairs, divided by the GT count; the
+      feature terms take the channel-softmax KL of each map separately and average over the 3 maps.
     * the student's aux, encoder and denoising outputs keep their GT losses (as in ``gt_loss``,
       with the same switches). The paper: "Auxiliary and denoising decoder outputs keep GT
-      losses"; the student's *final* output gets only the KD terms (it is supervised by the
-      GT through the teacher, which is matched to the GT).
+      losses".
 
     Logs ``kd_cls``, ``kd_l1``, ``kd_giou``, ``kd_backbone``, ``kd_encoder`` (unweighted), ``kd``
     (weighted KD sum), ``aux``, ``enc``, ``dn``, ``pairs`` and ``loss``. Every KD term is zero
@@ -227,7 +234,8 @@ class RTDETRCriterion:
                  gamma: float = 2.0, aux: bool = True, denoising: bool = True, kd_cls: float = 1.0,
                  kd_l1: float = 5.0, kd_giou: float = 2.0, kd_backbone: float = 1.0, kd_encoder: float = 1.0,
                  kd_temperature: float = 1.0, cost_class: float = 2.0, cost_bbox: float = 5.0,
-                 cost_giou: float = 2.0, match_alpha: float = 0.25, match_gamma: float = 2.0):
+                 cost_giou: float = 2.0, match_alpha: float = 0.25, match_gamma: float = 2.0,
+                 distill_gt: float = 0.0, distill_kd: float = 1.0, kd_style: str = "authors"):
         if isinstance(model, int) and not isinstance(model, bool):
             num_classes = model
         elif model is not None and isinstance(getattr(model, "num_classes", None), int) and hasattr(model, "decoder"):
@@ -238,7 +246,7 @@ class RTDETRCriterion:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         weights = dict(vfl=vfl, l1=l1, giou=giou, gamma=gamma, kd_cls=kd_cls, kd_l1=kd_l1, kd_giou=kd_giou,
-                       kd_backbone=kd_backbone, kd_encoder=kd_encoder)
+                       kd_backbone=kd_backbone, kd_encoder=kd_encoder, distill_gt=distill_gt, distill_kd=distill_kd)
         for name, v in weights.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"loss weight {name} must be a number >= 0, got {v!r}")
@@ -246,6 +254,11 @@ class RTDETRCriterion:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if isinstance(kd_temperature, bool) or not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature!r}")
+        if kd_style not in ("authors", "legacy"):
+            raise ValueError(f"kd_style must be 'authors' or 'legacy', got {kd_style!r}")
+        self.kd_style = kd_style
+        self.distill_gt, self.distill_kd = float(distill_gt), float(distill_kd)
+        self.kd_scale = 1.0  # the trainer's KD warm-up factor
         self.num_classes = int(num_classes)
         self.vfl, self.l1, self.giou = float(vfl), float(l1), float(giou)
         self.alpha, self.gamma = float(alpha), float(gamma)
@@ -383,7 +396,11 @@ class RTDETRCriterion:
         if b_l and sum(len(x) for x in b_l):
             bi, sq, tq = torch.cat(b_l), torch.cat(s_l), torch.cat(t_l)
             sb, tb = s_boxes[bi, sq], t_boxes[bi, tq]
-            kd_cls = bernoulli_kl(t_logits[bi, tq], s_logits[bi, sq], T).sum() / num_boxes
+            if self.kd_style == "authors":
+                kd_cls = (softmax_kl(t_logits[bi, tq], s_logits[bi, sq], T).sum() / self.num_classes
+                          * s_logits.shape[1] / num_boxes * T**2)
+            else:
+                kd_cls = bernoulli_kl(t_logits[bi, tq], s_logits[bi, sq], T).sum() / num_boxes
             kd_l1 = (sb - tb).abs().sum() / num_boxes
             kd_giou = (1 - bbox_iou(box_cxcywh_to_xyxy(sb), box_cxcywh_to_xyxy(tb), kind="giou")).sum() / num_boxes
             pairs = len(bi)
@@ -399,30 +416,37 @@ class RTDETRCriterion:
         kd = (self.kd_cls * kd_cls + self.kd_l1 * kd_l1 + self.kd_giou * kd_giou
               + self.kd_backbone * kd_backbone + self.kd_encoder * kd_encoder)
         side = self._side_losses(student, tg, num_boxes, "student outputs")
-        loss = kd + side["aux"] + side["enc"] + side["dn"]
+        loss = self.distill_kd * float(self.kd_scale) * kd + side["aux"] + side["enc"] + side["dn"]
+        extra = {}
+        if self.distill_gt:
+            gt = self._weighted(self._matched(student, tg, num_boxes, "student outputs"))
+            loss = loss + self.distill_gt * gt
+            extra["gt"] = gt
         logs = {"kd_cls": kd_cls, "kd_l1": kd_l1, "kd_giou": kd_giou, "kd_backbone": kd_backbone,
-                "kd_encoder": kd_encoder, "kd": kd, **side}
+                "kd_encoder": kd_encoder, "kd": kd, **side, **extra}
         logs = {k: float(v.detach()) for k, v in logs.items()}
-        logs.update(pairs=float(pairs), loss=float(loss.detach()))
+        logs.update(pairs=float(pairs), kd_scale=float(self.kd_scale), loss=float(loss.detach()))
         return loss, logs
 
     def _feature_kl(self, student_maps, teacher_maps, name: str) -> torch.Tensor:
-        """Mean over maps and images of ``T^2 KL(softmax(pool(t) / T) || softmax(pool(s) / T))``
-        over channels (global average pooling)."""
+        """Channel-softmax KL of globally average-pooled features (see the class docstring):
+        of the concatenated pooled maps (``kd_style="authors"``) or the mean over the maps of each
+        map's own (``"legacy"``); ``T^2 KL(softmax(t / T) || softmax(s / T))``, batch mean."""
         if not isinstance(student_maps, (list, tuple)) or not isinstance(teacher_maps, (list, tuple)) \
                 or not student_maps or len(student_maps) != len(teacher_maps):
             raise ValueError(f"distill_feats['{name}'] must be equally long non-empty lists of maps in student "
                              f"and teacher")
         T = self.kd_temperature
-        terms = []
+        ps, pt = [], []
         for i, (s, t) in enumerate(zip(student_maps, teacher_maps)):
             if s.shape != t.shape or s.ndim != 4:
                 raise ValueError(f"distill_feats['{name}'][{i}]: student {tuple(s.shape)} vs teacher "
                                  f"{tuple(t.shape)} (expected equal [B, C, H, W])")
-            log_q = (s.float().mean((2, 3)) / T).log_softmax(1)
-            log_p = (t.detach().float().mean((2, 3)) / T).log_softmax(1)
-            terms.append((log_p.exp() * (log_p - log_q)).sum(1).mean() * T**2)
-        return torch.stack(terms).mean()
+            ps.append(s.float().mean((2, 3)))
+            pt.append(t.detach().float().mean((2, 3)))
+        if self.kd_style == "authors":
+            return softmax_kl(torch.cat(pt, 1), torch.cat(ps, 1), T).mean() * T**2
+        return torch.stack([softmax_kl(t, s, T).mean() for s, t in zip(ps, pt)]).mean() * T**2
 
 
 def _no_autocast(outputs):

@@ -34,6 +34,7 @@ __all__ = [
     "YOLOCriterion",
     "bernoulli_kl",
     "distribution_focal_loss",
+    "softmax_kl",
     "make_anchors",
 ]
 
@@ -89,6 +90,17 @@ def bernoulli_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tem
     p = torch.sigmoid(t)
     kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
     return kl * temperature**2
+
+
+def softmax_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+               ) -> torch.Tensor:
+    """``KL(softmax(t / T) || softmax(s / T))`` over the last dimension (no ``T^2`` factor).
+
+    Returns the shape of the inputs without their last dimension; exactly 0 where the logits are
+    equal."""
+    log_p = (teacher_logits / temperature).log_softmax(-1)
+    log_q = (student_logits / temperature).log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def _decode_ltrb(box_logits: torch.Tensor, reg_max: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -271,26 +283,37 @@ class YOLOCriterion:
 
     Weights (arXiv 2605.09407): ``box`` 7.5 (CIoU), ``cls`` 0.5 (BCE), ``dfl`` 1.5; assigner ``topk``
     10, ``alpha`` 0.5, ``beta`` 6. Distillation: ``distill_gt`` 0.2 and ``distill_kd`` 0.8
-    (shallow-pass total = 0.2 * GT + 0.8 * KD), inside KD ``kd_cls`` 0.5 with temperature
-    ``kd_cls_t`` 2, ``kd_box`` 7.5, ``kd_dfl`` 1.5 with ``kd_dfl_t`` 10, ``kd_feat`` 0.1.
+    (shallow-pass total = 0.2 * GT + 0.8 * KD: the authors' ``alpha_base`` 0.2), inside KD
+    ``kd_cls`` 0.5 with temperature ``kd_cls_t`` 2, ``kd_box`` 7.5, ``kd_dfl`` 1.5 with
+    ``kd_dfl_t`` 10, ``kd_feat`` 0.1 (the authors' ``args.yaml``).
 
     ``gt_loss(outputs, targets) -> (loss, logs)``: ``box * L_ciou + cls * L_bce + dfl * L_dfl``
     (see the module docstring for the normalisation; no batch-size factor).
 
     ``distill_loss(student, teacher, targets) -> (loss, logs)``: ``distill_gt * GT(student) +
-    distill_kd * KD`` with, on the anchors that are foreground for the *teacher* (the
-    task-aligned assignment of the teacher's own predictions against the GT):
+    distill_kd * kd_scale * KD``. ``distill_gt = alpha_base`` and ``distill_kd = 1 - alpha_base``
+    in the authors' terms; ``kd_scale`` (an attribute, 1 by default) is set by the trainer during
+    a KD warm-up. The teacher and the student are each assigned to the GT by the task-aligned
+    assigner; an anchor foreground for both but assigned to different GT objects is a *conflict*.
+    ``kd_style="authors"`` (default; the authors' ``DetectionLossAnyDepth``):
 
-    * ``kd_cls``: per-class Bernoulli KL ``T^2 [p log(p/q) + (1-p) log((1-p)/(1-q))]`` with
-      ``p = sigmoid(teacher / T)``, ``q = sigmoid(student / T)``, ``T = kd_cls_t``; summed over
-      classes, averaged over the teacher-foreground anchors;
-    * ``kd_box``: ``1 - IoU`` between student and teacher decoded boxes, weighted per anchor by
-      the teacher's target score (as the GT box term) and divided by their sum (clamped >= 1);
-    * ``kd_dfl``: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the ``reg_max``
-      bins with ``T = kd_dfl_t``, averaged over the 4 sides, weighted like ``kd_box``;
+    * ``kd_cls``: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the classes,
+      ``T = kd_cls_t``, on the anchors foreground for the teacher and not in conflict, weighted
+      per anchor by the teacher's target score (summed over classes) and divided by the sum of
+      those weights (clamped >= 1);
+    * ``kd_box``: ``1 - CIoU`` between student and teacher decoded boxes and ``kd_dfl``:
+      ``KL(softmax(teacher / T) || softmax(student / T))`` over the ``reg_max`` bins with ``T =
+      kd_dfl_t`` (no ``T^2``), averaged over the 4 sides; both on the anchors foreground for the
+      teacher *and* the student and not in conflict, weighted like ``kd_cls``;
     * ``kd_feat``: for each of the 5 ``distill_feats`` maps, global-average-pool to ``[B, C]``,
       L2-normalise each vector and take the squared distance (``= 2 - 2 cos``), averaged over
       the batch and over the maps.
+
+    ``kd_style="legacy"`` (this project's first version, kept for comparison): on the anchors
+    foreground for the teacher, no conflict mask; ``kd_cls`` = per-class Bernoulli KL
+    (:func:`bernoulli_kl`, ``T^2``) summed over classes and averaged over those anchors;
+    ``kd_box`` = ``1 - IoU`` and ``kd_dfl`` = ``T^2 KL``, weighted by the teacher's target
+    scores and divided by their sum over all anchors; ``kd_feat`` as above.
 
     Every term is exactly zero when student and teacher outputs are identical (the box term up
     to the IoU ``eps``). Losses are computed in float32.
@@ -299,7 +322,7 @@ class YOLOCriterion:
     def __init__(self, model=None, *, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, topk: int = 10,
                  alpha: float = 0.5, beta: float = 6.0, distill_gt: float = 0.2, distill_kd: float = 0.8,
                  kd_cls: float = 0.5, kd_cls_t: float = 2.0, kd_box: float = 7.5, kd_dfl: float = 1.5,
-                 kd_dfl_t: float = 10.0, kd_feat: float = 0.1):
+                 kd_dfl_t: float = 10.0, kd_feat: float = 0.1, kd_style: str = "authors"):
         self._anchor_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         if isinstance(model, (tuple, list)):
             if len(model) != 3:
@@ -325,6 +348,10 @@ class YOLOCriterion:
         self.distill_gt, self.distill_kd = float(distill_gt), float(distill_kd)
         self.kd_cls, self.kd_cls_t, self.kd_box = float(kd_cls), float(kd_cls_t), float(kd_box)
         self.kd_dfl, self.kd_dfl_t, self.kd_feat = float(kd_dfl), float(kd_dfl_t), float(kd_feat)
+        if kd_style not in ("authors", "legacy"):
+            raise ValueError(f"kd_style must be 'authors' or 'legacy', got {kd_style!r}")
+        self.kd_style = kd_style
+        self.kd_scale = 1.0  # the trainer's KD warm-up factor
         self.assigner = TaskAlignedAssigner(topk=topk, alpha=alpha, beta=beta)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -419,7 +446,8 @@ class YOLOCriterion:
         """Shallow-pass loss: ``distill_gt * GT(student) + distill_kd * KD(student, teacher)``
         (see the class docstring). ``teacher`` is the full-depth output (detached here too).
         Logs the GT terms, ``gt``, ``kd_cls``, ``kd_box``, ``kd_dfl``, ``kd_feat``, ``kd``,
-        ``fg``, ``kd_fg`` and ``loss``."""
+        ``fg`` (student foreground), ``kd_fg`` (anchors of the class KD term), ``kd_conflicts``,
+        ``kd_scale`` and ``loss``."""
         with _no_autocast(student):
             return self._distill_loss(student, teacher, targets)
 
@@ -438,29 +466,66 @@ class YOLOCriterion:
         gt = self.box * gt_terms["box"] + self.cls * gt_terms["cls"] + self.dfl * gt_terms["dfl"]
 
         asg_t = self._assign(pt, gt_boxes, gt_labels, gt_mask)
-        fg = asg_t.fg
-        n_fg = int(fg.sum())
-        if n_fg:
-            kd_cls = bernoulli_kl(pt["cls"][fg], ps["cls"][fg], self.kd_cls_t).sum() / n_fg
-            weight = asg_t.scores.sum(-1)[fg]
-            wsum = asg_t.scores.sum().clamp_min(1.0)
-            iou = bbox_iou(ps["xyxy"][fg], pt["xyxy"][fg], kind="iou")
-            kd_box = ((1.0 - iou) * weight).sum() / wsum
-            T = self.kd_dfl_t
-            log_q = (ps["dist_logits"][fg] / T).log_softmax(-1)
-            log_p = (pt["dist_logits"][fg] / T).log_softmax(-1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1) * T**2  # [n_fg]
-            kd_dfl = (kl * weight).sum() / wsum
+        if self.kd_style == "authors":
+            kd_cls, kd_box, kd_dfl, n_fg, n_conflict = self._kd_authors(ps, pt, asg_s, asg_t)
         else:
-            kd_cls = kd_box = kd_dfl = ps["xyxy"].sum() * 0.0
+            kd_cls, kd_box, kd_dfl, n_fg = self._kd_legacy(ps, pt, asg_t)
+            n_conflict = 0
         kd_feat = self._feature_term(student, teacher)
         kd = self.kd_cls * kd_cls + self.kd_box * kd_box + self.kd_dfl * kd_dfl + self.kd_feat * kd_feat
-        loss = self.distill_gt * gt + self.distill_kd * kd
+        loss = self.distill_gt * gt + self.distill_kd * float(self.kd_scale) * kd
         logs = {k: float(v.detach()) for k, v in gt_terms.items()}
         logs.update(gt=float(gt.detach()), kd_cls=float(kd_cls.detach()), kd_box=float(kd_box.detach()),
                     kd_dfl=float(kd_dfl.detach()), kd_feat=float(kd_feat.detach()), kd=float(kd.detach()),
-                    fg=float(asg_s.fg.sum()), kd_fg=float(n_fg), loss=float(loss.detach()))
+                    fg=float(asg_s.fg.sum()), kd_fg=float(n_fg), kd_conflicts=float(n_conflict),
+                    kd_scale=float(self.kd_scale), loss=float(loss.detach()))
         return loss, logs
+
+    @staticmethod
+    def conflicts(asg_s: Assignment, asg_t: Assignment) -> torch.Tensor:
+        """``[B, A]`` bool: anchors foreground for both assignments but assigned to different GTs."""
+        return asg_s.fg & asg_t.fg & (asg_s.gt_index != asg_t.gt_index)
+
+    def _kd_authors(self, ps, pt, asg_s: Assignment, asg_t: Assignment):
+        conflict = self.conflicts(asg_s, asg_t)
+        weight = asg_t.scores.sum(-1)  # [B, A] the teacher's target score per anchor
+        zero = ps["xyxy"].sum() * 0.0
+        cls_mask = asg_t.fg & ~conflict
+        n_cls = int(cls_mask.sum())
+        if n_cls:
+            T = self.kd_cls_t
+            w = weight[cls_mask]
+            kl = softmax_kl(pt["cls"][cls_mask], ps["cls"][cls_mask], T)
+            kd_cls = (kl * w).sum() / w.sum().clamp_min(1.0) * T**2
+        else:
+            kd_cls = zero
+        box_mask = cls_mask & asg_s.fg
+        if int(box_mask.sum()):
+            w = weight[box_mask]
+            wsum = w.sum().clamp_min(1.0)
+            iou = bbox_iou(ps["xyxy"][box_mask], pt["xyxy"][box_mask], kind="ciou")
+            kd_box = ((1.0 - iou) * w).sum() / wsum
+            kl = softmax_kl(pt["dist_logits"][box_mask], ps["dist_logits"][box_mask], self.kd_dfl_t).mean(-1)
+            kd_dfl = (kl * w).sum() / wsum
+        else:
+            kd_box = kd_dfl = zero
+        return kd_cls, kd_box, kd_dfl, n_cls, int(conflict.sum())
+
+    def _kd_legacy(self, ps, pt, asg_t: Assignment):
+        fg = asg_t.fg
+        n_fg = int(fg.sum())
+        if not n_fg:
+            zero = ps["xyxy"].sum() * 0.0
+            return zero, zero, zero, 0
+        kd_cls = bernoulli_kl(pt["cls"][fg], ps["cls"][fg], self.kd_cls_t).sum() / n_fg
+        weight = asg_t.scores.sum(-1)[fg]
+        wsum = asg_t.scores.sum().clamp_min(1.0)
+        iou = bbox_iou(ps["xyxy"][fg], pt["xyxy"][fg], kind="iou")
+        kd_box = ((1.0 - iou) * weight).sum() / wsum
+        T = self.kd_dfl_t
+        kl = softmax_kl(pt["dist_logits"][fg], ps["dist_logits"][fg], T).mean(-1) * T**2
+        kd_dfl = (kl * weight).sum() / wsum
+        return kd_cls, kd_box, kd_dfl, n_fg
 
     @staticmethod
     def _feature_term(student, teacher) -> torch.Tensor:

@@ -971,7 +971,11 @@ FAMILY = register_family(ModelFamily(
     preprocess="resize",
     criterion=lazy("anydepth.losses.rtdetr:RTDETRCriterion"),
     # the official recipe: AdamW 1e-4, backbone at 0.1x, clip 0.1, no mixed precision
+    # finetune: the authors' RT-DETR solver keeps upstream's AdamW recipe; the shallow pass is KD
+    # + the aux/denoising GT losses (alpha_base 0)
     train=TrainDefaults(lr=1e-4, weight_decay=1e-4, clip_grad=0.1, lr_scales=(("backbone.", 0.1),),
+                        finetune=(("optimizer", "adamw"), ("lr", 1e-4), ("alpha_base", 0.0),
+                                  ("kd_warmup_epochs", 0.0)),
                         amp_warning="the any-depth RT-DETR recipe trains without mixed precision (the paper: "
                                     "'No mixed precision'); amp is on at your request"),
     converters={"transformers": lazy("anydepth.convert:from_transformers")},

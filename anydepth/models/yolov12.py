@@ -673,7 +673,14 @@ FAMILY = register_family(ModelFamily(
     preprocess="letterbox",
     criterion=lazy("anydepth.losses.yolo:YOLOCriterion"),
     # AdamW 2e-3 as Ultralytics' automatic optimizer picks for small runs, weight decay 5e-4, clip 10
-    train=TrainDefaults(lr=2e-3, weight_decay=5e-4, clip_grad=10.0),
+    train=TrainDefaults(
+        lr=2e-3, weight_decay=5e-4, clip_grad=10.0,
+        # the authors' fine-tuning runs (finetuning_AnyDepthYOLO/logs/**/args.yaml): SGD momentum
+        # 0.9, lr0 1e-3 linear to lrf 0.01 (1e-5), weight decay 5e-4 at nominal batch 256, 3
+        # warm-up epochs (momentum 0.8 -> 0.9), alpha_base 0.2, no KD warm-up, clip 10
+        finetune=(("optimizer", "sgd"), ("lr", 1e-3), ("min_lr_ratio", 0.01), ("schedule", "linear"),
+                  ("momentum", 0.9), ("weight_decay", 5e-4), ("nbs", 256), ("warmup_epochs", 3.0),
+                  ("alpha_base", 0.2), ("kd_warmup_epochs", 0.0), ("clip_grad", 10.0))),
     converters={"ultralytics": lazy("anydepth.convert:from_ultralytics"),
                 "authors": lazy("anydepth.convert:from_authors_yolo")},
     weight_import=WeightImport("an Ultralytics YOLO12 checkpoint (or the authors' any-depth one)", is_file,

@@ -36,20 +36,25 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
 
 
 def two_pass_step(model, criterion, images: torch.Tensor, targets: Sequence[Dict[str, torch.Tensor]],
-                  full: DepthConfig, shallow: DepthConfig, distill: bool = True,
-                  autocast: Optional[torch.dtype] = None, scaler=None) -> Dict[str, float]:
+                  full: DepthConfig, shallow: Optional[DepthConfig], distill: bool = True,
+                  autocast: Optional[torch.dtype] = None, scaler=None, loss_scale: float = 1.0
+                  ) -> Dict[str, float]:
     """Run both passes of one step and accumulate their gradients (no optimizer step here).
 
     ``model`` is the (unwrapped) any-depth model in training mode, ``criterion`` an
     ``anydepth.losses`` criterion, ``images`` float ``[B, 3, H, W]`` in [0, 1], ``targets`` the
     per-image dicts (``boxes`` xyxy input pixels, ``labels``). ``autocast``: a reduced dtype for
     mixed precision on CUDA (``None`` = full precision); ``scaler``: a ``torch.amp.GradScaler``
-    for float16. Returns the logged loss terms, prefixed ``full/`` and ``base/``.
+    for float16. ``shallow=None``: static training, the full pass only. ``loss_scale``
+    multiplies both losses before ``backward()`` (the logs stay unscaled). Returns the logged loss
+    terms, prefixed ``full/`` and ``base/``.
     """
     amp = (torch.autocast(images.device.type, dtype=autocast) if autocast is not None
            else contextlib.nullcontext())
 
     def backward(loss: torch.Tensor) -> None:
+        if loss_scale != 1.0:
+            loss = loss * loss_scale
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     with amp:
@@ -57,6 +62,10 @@ def two_pass_step(model, criterion, images: torch.Tensor, targets: Sequence[Dict
         loss_full, logs_full = criterion.gt_loss(out_full, targets)
     _check_finite(loss_full, "full-depth")
     backward(loss_full)
+    if shallow is None:
+        logs = {"loss": float(loss_full.detach()), "full/loss": float(loss_full.detach()), "base/loss": 0.0}
+        logs.update({f"full/{k}": float(v) for k, v in logs_full.items()})
+        return logs
     teacher = detach_outputs(out_full)
     del out_full
 

@@ -1,5 +1,7 @@
-"""Self-distillation trainer: AdamW, warm-up + cosine, EMA, clipping, AMP, checkpoints with resume,
-progress bars, per-epoch CSV/JSON logs, data parallel under ``torchrun``.
+"""Self-distillation trainer: AdamW or SGD, warm-up + cosine or linear decay, gradient accumulation,
+EMA, clipping, AMP, checkpoints with resume, progress bars, per-epoch CSV/JSON logs, data parallel
+under ``torchrun``; static training (``shallow="none"``) and the authors' any-depth fine-tuning
+recipe (``weights=...``, ``recipe="finetune"``: ``alpha_base``, ``kd_warmup_epochs``).
 
     from anydepth.train import TrainConfig, Trainer
     Trainer(TrainConfig(model="yolov12n-anydepth", data="synth/train", val_data="synth/val",
@@ -75,7 +77,20 @@ class TrainConfig:
     ema_tau: Optional[float] = None     # ramp (steps); None = min(2000, total steps / 5)
     amp: str = "off"                    # "off" | "bf16" | "fp16" (CUDA only)
     distill: bool = True                # False: the ablation, both depths on ground truth only
-    shallow: str = "base"               # the student depth
+    shallow: str = "base"               # the student: "base" (every refinement path skipped; knobs such as
+                                        # RT-DETR's decoder depth stay at full, as the authors train),
+                                        # "shallowest" (depth="base" literally), "none" (static: full only)
+                                        # or the switches to skip, comma-separated ("backbone.p4,backbone.p5")
+    alpha_base: Optional[float] = None  # shallow pass = alpha_base * GT + (1 - alpha_base) * KD
+    kd_warmup_epochs: float = 0.0       # KD weight ramps 0 -> 1 (half cosine) over these epochs
+    kd_style: Optional[str] = None      # "authors" (default) | "legacy": the distillation-loss variant
+    recipe: Optional[str] = None        # "finetune": the family's fine-tuning recipe for fields left at default
+    optimizer: str = "adamw"            # "adamw" | "sgd"
+    momentum: float = 0.9               # SGD momentum (AdamW beta1 stays 0.9)
+    warmup_momentum: float = 0.8        # SGD momentum at the start of the warm-up
+    schedule: str = "cosine"            # "cosine" | "linear" (after the warm-up, down to lr * min_lr_ratio)
+    nbs: Optional[int] = None           # nominal batch: gradients accumulate over nbs / batch_size batches
+    lr_scales: Optional[Dict[str, float]] = None  # {parameter-name prefix: lr factor}; None = the family's
     mode: Optional[str] = None          # "letterbox" | "resize"; None = the family's preprocessing
     augment: bool = True
     workers: int = 2
@@ -109,7 +124,46 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative number, got {v!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.shallow in ("", None):
+            raise ValueError("TrainConfig.shallow: give 'base', 'shallowest', 'none' or a depth")
+        if self.alpha_base is not None and not (isinstance(self.alpha_base, (int, float))
+                                                and 0.0 <= self.alpha_base <= 1.0):
+            raise ValueError(f"TrainConfig.alpha_base must be in [0, 1], got {self.alpha_base!r}")
+        if not (isinstance(self.kd_warmup_epochs, (int, float)) and self.kd_warmup_epochs >= 0):
+            raise ValueError(f"TrainConfig.kd_warmup_epochs must be >= 0, got {self.kd_warmup_epochs!r}")
+        if self.kd_style not in (None, "authors", "legacy"):
+            raise ValueError(f"TrainConfig.kd_style must be 'authors' or 'legacy', got {self.kd_style!r}")
+        if self.recipe not in (None, "finetune"):
+            raise ValueError(f"TrainConfig.recipe must be 'finetune' or None, got {self.recipe!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"TrainConfig.schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        for name in ("momentum", "warmup_momentum"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {v!r}")
+        if self.lr_scales is not None and (not isinstance(self.lr_scales, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in self.lr_scales.items())):
+            raise ValueError(f"TrainConfig.lr_scales must map parameter-name prefixes to factors >= 0, "
+                             f"got {self.lr_scales!r}")
+        if self.nbs is not None and (isinstance(self.nbs, bool) or not isinstance(self.nbs, int) or self.nbs < 1):
+            raise ValueError(f"TrainConfig.nbs must be a positive int, got {self.nbs!r}")
         model_family(self.model)
+
+    def with_recipe(self) -> "TrainConfig":
+        """This config with ``recipe`` applied: every field of the family's fine-tuning recipe
+        (``family_of(model).train.finetune``) that is still at its default takes the recipe's value."""
+        if self.recipe is None:
+            return self
+        if self.recipe == "finetune" and not self.weights:
+            warnings.warn("recipe='finetune' without weights: the recipe fine-tunes a trained model "
+                          "(give weights=...); training from the initial weights instead", stacklevel=2)
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in model_family(self.model).train.finetune
+                   if getattr(self, k) == defaults[k]}
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,13 +177,44 @@ class TrainConfig:
         return cls(**d)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine (or linear) from 1 to ``min_ratio``
+    at ``total``."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     span = max(1, total - warmup)
     t = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * t
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def kd_warmup_factor(epoch: float, warmup_epochs: float) -> float:
+    """The KD weight during a KD warm-up: ``0.5 * (1 - cos(pi * epoch / warmup_epochs))`` before
+    ``warmup_epochs`` (epoch counted fractionally, per step), 1 after."""
+    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+        return 1.0
+    return 0.5 * (1.0 - math.cos(math.pi * max(0.0, epoch) / warmup_epochs))
+
+
+def training_student(model, shallow: str):
+    """The depth of the shallow pass (see ``TrainConfig.shallow``); ``None`` for ``"none"``."""
+    from ..depth import DepthConfig
+
+    if shallow == "none":
+        return None
+    if shallow == "base":
+        base, full = model.resolve_depth("base"), model.resolve_depth("full")
+        return DepthConfig(base.skip, full.knobs)
+    if shallow == "shallowest":
+        return model.resolve_depth("base")
+    names = [t.strip() for t in shallow.split(",") if t.strip()]
+    full = model.resolve_depth("full")
+    unknown = sorted(set(names) - set(full.skip))
+    if unknown:
+        raise ValueError(f"shallow: unknown switch(es) {unknown}; valid: 'base', 'shallowest', 'none' or a "
+                         f"comma-separated list of {list(full.skip)}")
+    return DepthConfig({k: k in names for k in full.skip}, full.knobs)
 
 
 def load_matching_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[int, List[str]]:
@@ -258,6 +343,7 @@ class Trainer:
         if config is None:
             raise ValueError("Trainer needs a TrainConfig or resume=path")
         config.validate()
+        config = config.with_recipe()
         self.config = cfg = config
         self.family = model_family(cfg.model)  # the ModelFamily spec
         fam = self.family.train
@@ -298,6 +384,14 @@ class Trainer:
         self.steps_per_epoch = steps
         self.total_steps = steps * cfg.epochs
         self.warmup_steps = min(int(round(cfg.warmup_epochs * steps)), self.total_steps // 2)
+        # nominal batch (Ultralytics' nbs): accumulate gradients over nbs / batch batches; with SGD
+        # the loss is also multiplied by the batch size, as Ultralytics' losses are (our losses are
+        # means over the batch), and the weight decay scaled by batch * accumulate / nbs, so that
+        # an SGD learning rate means what it means in an Ultralytics args.yaml
+        self.accumulate = max(1, int(round(cfg.nbs / cfg.batch_size))) if cfg.nbs else 1
+        self.loss_scale = float(per_rank * self.dist.world) if cfg.optimizer == "sgd" else 1.0
+        if cfg.optimizer == "sgd" and cfg.nbs:
+            self.weight_decay *= cfg.batch_size * self.accumulate / cfg.nbs
 
         self.model = create_model(cfg.model, num_classes=nc, **cfg.model_kwargs)
         if cfg.weights and state is None:
@@ -305,12 +399,22 @@ class Trainer:
             self._print(f"initial weights {cfg.weights}: {copied} tensors loaded, {len(skipped)} skipped "
                         f"(name or shape differs{', e.g. ' + ', '.join(skipped[:3]) if skipped else ''})")
         self.model.to(self.device).train()
-        self.criterion = build_criterion(self.model, **cfg.loss)
+        loss_kw = dict(cfg.loss)
+        if cfg.alpha_base is not None:
+            loss_kw.setdefault("distill_gt", float(cfg.alpha_base))
+            loss_kw.setdefault("distill_kd", 1.0 - float(cfg.alpha_base))
+        if cfg.kd_style is not None:
+            loss_kw.setdefault("kd_style", cfg.kd_style)
+        self.criterion = build_criterion(self.model, **loss_kw)
         self.full = self.model.resolve_depth("full")
-        self.shallow = self.model.resolve_depth(cfg.shallow)
+        self.shallow = training_student(self.model, cfg.shallow)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.weight_decay, list(fam.lr_scales)),
-                                           lr=self.lr, betas=(0.9, 0.999))
+        lr_scales = list(fam.lr_scales) if cfg.lr_scales is None else list(cfg.lr_scales.items())
+        groups = parameter_groups(self.model, self.weight_decay, lr_scales)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=cfg.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         tau = cfg.ema_tau if cfg.ema_tau is not None else min(2000.0, max(1.0, self.total_steps / 5))
         self.ema = ModelEMA(self.model, cfg.ema_decay, tau) if cfg.ema else None
@@ -334,9 +438,19 @@ class Trainer:
             print(msg, file=sys.stderr if self.config.progress else sys.stdout, flush=True)
 
     def _set_lr(self) -> float:
-        f = lr_factor(self.step, self.total_steps, self.warmup_steps, self.config.min_lr_ratio)
+        cfg = self.config
+        f = lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule)
+        momentum = None
+        if cfg.optimizer == "sgd":
+            t = min(1.0, (self.step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+            momentum = cfg.warmup_momentum + (cfg.momentum - cfg.warmup_momentum) * t
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr * f * g.get("lr_scale", 1.0)
+            if momentum is not None:
+                g["momentum"] = momentum
+        if hasattr(self.criterion, "kd_scale"):
+            self.criterion.kd_scale = kd_warmup_factor(self.step / max(1, self.steps_per_epoch),
+                                                       cfg.kd_warmup_epochs)
         return self.lr * f
 
     def eval_model(self) -> torch.nn.Module:
@@ -382,7 +496,17 @@ class Trainer:
         the model — carrying the full training state for ``resume``."""
         from .. import checkpoint
 
+        self._sync_static_norms()
         checkpoint.save(self.eval_model(), path, extra={"train_state": self._train_state()})
+
+    def _sync_static_norms(self) -> None:
+        """Static training (``shallow="none"``) never runs the shallow-path norms: ship them as
+        copies of the full-depth norms (what the Ultralytics/HF importers give), so that a
+        static checkpoint fine-tunes like an imported one."""
+        if self.shallow is None:
+            from ..nn import copy_norms_to_shallow
+
+            copy_norms_to_shallow(self.eval_model())
 
     # -- loop ---------------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:
@@ -391,7 +515,8 @@ class Trainer:
 
         if self.val_set is None:
             return {}
-        report = evaluate(self.eval_model(), self.val_set, depths=[self.full, self.shallow],
+        depths = [self.full] if self.shallow is None else [self.full, self.shallow]
+        report = evaluate(self.eval_model(), self.val_set, depths=depths,
                           imgsz=self.config.imgsz, batch_size=max(1, self.config.batch_size),
                           device=self.device, progress=False, measure_latency=False,
                           max_images=self.config.val_max_images)
@@ -419,6 +544,7 @@ class Trainer:
         if self.dist.main and (self.epoch >= cfg.epochs or stopped_early):
             from .. import checkpoint
 
+            self._sync_static_norms()
             checkpoint.save(self.eval_model(), final, extra={"config": cfg.to_dict(), "history": self.history})
             self._print(f"training done: {self.epoch} epochs, {self.step} steps, "
                         f"{(time.time() - start) / 60:.1f} min; weights: {final}")
@@ -436,6 +562,7 @@ class Trainer:
             self.train_set.set_epoch(self.epoch)
         self.model.train()
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         n = 0
         stopped = False
         t0 = time.time()
@@ -448,26 +575,30 @@ class Trainer:
             images = images.to(self.device, non_blocking=True).float().div_(255.0)
             targets = [{"boxes": t["boxes"].to(self.device).float(), "labels": t["labels"].to(self.device)}
                        for t in targets]
-            self.optimizer.zero_grad(set_to_none=True)
+            if n % self.accumulate == 0:
+                self.optimizer.zero_grad(set_to_none=True)
             logs = two_pass_step(self.model, self.criterion, images, targets, self.full, self.shallow,
-                                 distill=cfg.distill, autocast=AMP_DTYPES[cfg.amp], scaler=self.scaler)
-            if self.dist.world > 1:
-                self.dist.allreduce_mean(self.params)
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if self.clip_grad:
-                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad))
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
+                                 distill=cfg.distill, autocast=AMP_DTYPES[cfg.amp], scaler=self.scaler,
+                                 loss_scale=self.loss_scale)
+            if (n + 1) % self.accumulate == 0 or n + 1 >= self.steps_per_epoch:
+                if self.dist.world > 1:
+                    self.dist.allreduce_mean(self.params)
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                if self.clip_grad:
+                    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad))
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
             self.step += 1
             n += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1  # grad_norm: only at optimizer steps
             bar.set_postfix(loss=f"{logs['loss']:.3f}", full=f"{logs['full/loss']:.3f}",
                             base=f"{logs['base/loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -478,7 +609,7 @@ class Trainer:
         self.epoch += 1
         row: Dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": self._set_lr() if n else 0.0,
                                "epoch_time_s": round(time.time() - t0, 2)}
-        row.update({f"train/{k}": v / max(1, n) for k, v in sums.items()})
+        row.update({f"train/{k}": v / max(1, counts[k]) for k, v in sums.items()})
         last_epoch = self.epoch >= cfg.epochs or stopped
         due = cfg.eval_interval > 0 and self.epoch % cfg.eval_interval == 0
         if self.dist.main and self.val_set is not None and (due or last_epoch):
