@@ -79,11 +79,18 @@ def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
 
 def read_image(path: str) -> np.ndarray:
     """Read an image file as ``HxWx3`` uint8 RGB, upright by its EXIF orientation (see
-    :func:`to_rgb_uint8` for 16-bit and float files). Pillow's errors propagate (an unreadable
-    file raises ``OSError``/``ValueError``)."""
+    :func:`to_rgb_uint8` for 16-bit and float files). A file Pillow cannot open raises ``OSError``
+    naming it, whatever hook failed on the way (Ultralytics, once imported, patches ``Image.open`` to
+    install a HEIF plugin on unidentified files, and that raises ModuleNotFoundError offline)."""
     Image = require("PIL.Image", "reading images")
     ImageOps = require("PIL.ImageOps", "reading images")
-    with Image.open(path) as im:
+    try:
+        opened = Image.open(path)
+    except OSError:
+        raise
+    except Exception as e:
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    with opened as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             return to_rgb_uint8(np.asarray(im))

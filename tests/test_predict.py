@@ -75,7 +75,7 @@ def simulated_profile(model, ms=(14, 18, 22, 26, 30, 34, 38, 42, 46)):
         dataclasses.replace(e, median_ms=float(m), p90_ms=float(m)) for e, m in zip(profile.entries, ms)])
 
 
-def test_images_as_users_have_them(folder):
+def test_images_as_users_have_them(folder, monkeypatch):
     rgb = read_image(str(folder / "a_rgb.jpg"))
     assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
     gray = read_image(str(folder / "b_gray.png"))
@@ -87,6 +87,17 @@ def test_images_as_users_have_them(folder):
     assert read_image(str(folder / "e_rotated.jpg")).shape == (W, H, 3)         # upright: EXIF applied
     with pytest.raises(OSError):
         read_image(str(folder / "f_broken.jpg"))
+    # a hook on Image.open failing some other way (as Ultralytics' HEIF patch does offline) still
+    # gives an OSError naming the file
+    import PIL.Image
+
+    def failing_open(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pi_heif'")
+
+    monkeypatch.setattr(PIL.Image, "open", failing_open)
+    with pytest.raises(OSError, match="f_broken.jpg.*pi_heif"):
+        read_image(str(folder / "f_broken.jpg"))
+    monkeypatch.undo()
     assert to_rgb_uint8(np.ones((2, 3), bool)).max() == 255
     assert to_rgb_uint8(np.full((2, 3, 1), 0.5, np.float32))[0, 0, 0] == 128
     with pytest.raises(ValueError, match="HxWx4"):
