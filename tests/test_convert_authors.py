@@ -1,7 +1,7 @@
 """The authors' released any-depth checkpoints load exactly (``anydepth.convert.from_authors_*``).
 
-Fixtures (``tests/fixtures/authors_*.pt``, made once by ``tools/authors_fixtures.py`` running the
-authors' code on small random-weight models): a fixed input, their state dict and their outputs at
+Fixtures (``tests/fixtures/authors_*.npz``: plain arrays + JSON metadata, made once by
+``tools/authors_fixtures.py`` running the authors' code on small random-weight models): a fixed input, their state dict and their outputs at
 every depth configuration their code supports. Conv weights are stored as (key, shape) and redrawn
 here from a generator seeded by the key (``conv_weight`` below, the tool's own rule); every other
 tensor is stored as it is. Outputs must match to 1e-5 relative in fp32.
@@ -9,10 +9,12 @@ tensor is stored as it is. Outputs must match to 1e-5 relative in fp32.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from helpers import rel_err
@@ -23,7 +25,7 @@ from anydepth.convert._authors import infer_yolo_config
 from anydepth.models.yolov12 import SWITCHES
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-YOLO_FIXTURES = {"authors_yolo_s.pt": ("n", [0.5, 0.25, 256]), "authors_yolo_l.pt": ("l", [1.0, 0.25, 256])}
+YOLO_FIXTURES = {"authors_yolo_s.npz": ("n", [0.5, 0.25, 256]), "authors_yolo_l.npz": ("l", [1.0, 0.25, 256])}
 TOL = 1e-5
 
 
@@ -34,7 +36,11 @@ def conv_weight(key, shape, seed):
 
 
 def load_fixture(name):
-    fx = torch.load(os.path.join(FIXTURES, name), map_location="cpu", weights_only=True)
+    with np.load(os.path.join(FIXTURES, name), allow_pickle=False) as z:
+        fx = json.loads(str(z["meta"]))
+        fx.update({k: torch.from_numpy(z[k]) for k in ("input", "outputs", "outputs64")})
+        fx["state_dict"] = {k.split("/", 1)[1]: torch.from_numpy(z[k]) for k in z.files
+                            if k.startswith("state_dict/")}
     assert fx["format"] == "anydepth-authors-fixture"
     fx["outputs"] = dict(zip(fx["depths"], fx["outputs"]))  # skip list ("TFFFFFFF"...) -> output
     fx["outputs64"] = dict(zip(fx["depths64"], fx["outputs64"]))
@@ -115,7 +121,7 @@ def test_yolo_split_differs_where_their_code_differs(yolo_case):
     outs = fx["outputs"]
     assert not torch.equal(outs["F" * 8], outs["T" * 8])
     model = converted(name, sd)
-    if name == "authors_yolo_s.pt":  # one-block neck A2C2f: skipping switches norms only
+    if name == "authors_yolo_s.npz":  # one-block neck A2C2f: skipping switches norms only
         csp = model.layers[14]
         assert len(csp.m) == 1 and csp.n_essential == 1 and csp.conv_skip is None
         assert not torch.equal(outs["F" * 5 + "T" + "F" * 2], outs["F" * 8])  # ... which changes the output

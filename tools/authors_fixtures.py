@@ -1,4 +1,4 @@
-"""Make ``tests/fixtures/authors_*.pt`` by running the authors' any-depth code (run once, by hand).
+"""Make ``tests/fixtures/authors_*.npz`` by running the authors' any-depth code (run once, by hand).
 
 Not part of the package and holds no line of the authors' code: it imports their modules from a
 folder given on the command line and builds small random-weight models with them, then saves a
@@ -35,11 +35,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import json
 import math
 import os
 import sys
 import zlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -242,6 +244,19 @@ def yolo_fixture(folder, scale, mult, nc, seed, imgsz):
                              "layer 17", "layer 20"]}
 
 
+#: array entries of a fixture; everything else is JSON metadata
+ARRAYS = ("input", "outputs", "outputs64")
+
+
+def save_npz(fx, path):
+    """A fixture as plain arrays (``state_dict/<key>``, input, outputs) and one JSON string of the
+    rest: test data, read back with ``np.load(allow_pickle=False)``."""
+    meta = {k: v for k, v in fx.items() if k not in ARRAYS and k != "state_dict"}
+    arrays = {k: fx[k].numpy() for k in ARRAYS}
+    arrays.update({f"state_dict/{k}": v.numpy() for k, v in fx["state_dict"].items()})
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--yolo", help="folder holding authors_blocks.py (their block classes)")
@@ -252,11 +267,11 @@ def main(argv=None):
         # two configurations that cover every code path of their split: one-block modules that
         # are not skippable, two-block modules sharing the output conv, four-block modules with
         # their own shallow output conv, C3k2 with plain bottlenecks and with skippable C3k
-        for name, scale, mult in (("authors_yolo_s.pt", "s", (0.5, 0.25, 256)),
-                                  ("authors_yolo_l.pt", "l", (1.0, 0.25, 256))):
+        for name, scale, mult in (("authors_yolo_s.npz", "s", (0.5, 0.25, 256)),
+                                  ("authors_yolo_l.npz", "l", (1.0, 0.25, 256))):
             fx = yolo_fixture(args.yolo, scale, mult, nc=3, seed=0, imgsz=64)
             path = os.path.join(args.out, name)
-            torch.save(fx, path)
+            save_npz(fx, path)
             n = sum(v.numel() for v in fx["state_dict"].values())
             print(f"{path}: {n} stored + {len(fx['drawn'])} redrawn tensors, {len(fx['outputs'])} depths, "
                   f"{os.path.getsize(path) / 1e6:.2f} MB")
