@@ -1,10 +1,11 @@
 """The authors' released any-depth checkpoints load exactly (``anydepth.convert.from_authors_*``).
 
 Fixtures (``tests/fixtures/authors_*.npz``: plain arrays + JSON metadata, made once by
-``tools/authors_fixtures.py`` running the authors' code on small random-weight models): a fixed input, their state dict and their outputs at
-every depth configuration their code supports. Conv weights are stored as (key, shape) and redrawn
-here from a generator seeded by the key (``conv_weight`` below, the tool's own rule); every other
-tensor is stored as it is. Outputs must match to 1e-5 relative in fp32.
+``tools/authors_fixtures.py`` running the authors' code on small random-weight models): a fixed
+input, their state dict and their outputs at every depth configuration their code supports. Conv
+weights are stored as (key, shape) and redrawn here from a generator seeded by the key
+(``conv_weight`` below, the tool's own rule); every other tensor is stored as it is. Outputs must
+match to 1e-5 relative in fp32.
 """
 from __future__ import annotations
 
