@@ -256,20 +256,39 @@ def _load_for_eval(args):
     return import_weights(args.weights).eval()
 
 
+def _model_from_args(args, what: str):
+    """The model of ``--weights`` (a checkpoint, or peer weights) or ``--model`` (random weights,
+    seeded; ``--num-classes`` where the command has it). ValueError naming the command otherwise."""
+    import anydepth
+
+    if args.weights is None and args.model is None:
+        raise ValueError(f"anydepth {what}: give --weights (a checkpoint) or --model (random weights)")
+    if args.weights is not None:
+        return _load_for_eval(args)
+    known = anydepth.list_models()
+    if args.model not in known:
+        raise ValueError(f"anydepth {what}: unknown model {args.model!r}; registered: {known}")
+    num_classes = getattr(args, "num_classes", None)
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    torch.manual_seed(0)
+    return anydepth.create_model(args.model, **kwargs).eval()
+
+
+def _device(text: str) -> str:
+    """``--device``: ``auto`` is CUDA when there is one, else the CPU."""
+    return text if text != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _cmd_eval(args) -> int:
     from anydepth.data import open_dataset
     from anydepth.evaluation import evaluate
     from anydepth.family import family_of
 
-    if args.weights is None and args.model is None:
-        print("anydepth eval: give --weights (a checkpoint) or --model (random weights)", file=sys.stderr)
+    try:
+        model = _model_from_args(args, "eval")
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
-    if args.weights is not None:
-        model = _load_for_eval(args)
-    else:
-        import anydepth
-
-        model = anydepth.create_model(args.model).eval()
     name = getattr(model, "model_name", args.model or "model")
     mode = args.mode or family_of(model).preprocess
     dataset = open_dataset(args.data, imgsz=args.imgsz, mode=mode, augment=False)
@@ -278,7 +297,7 @@ def _cmd_eval(args) -> int:
               f"{dataset.num_classes}", file=sys.stderr)
         return 2
     depths = None if args.depths == "ladder" else [d.strip() for d in args.depths.split(",") if d.strip()]
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     model = model.to(device)
     report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
                       progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images)
@@ -292,26 +311,6 @@ def _cmd_eval(args) -> int:
 
 
 # -- depth under a latency budget: profile, predict, budget-demo (anydepth.budget, anydepth.predict) --------
-def _budget_model(args, what: str):
-    """The model of ``--weights`` (a checkpoint, or peer weights) or ``--model`` (random weights)."""
-    import anydepth
-
-    if args.weights is None and args.model is None:
-        raise ValueError(f"anydepth {what}: give --weights (a checkpoint) or --model (random weights)")
-    if args.weights is not None:
-        return _load_for_eval(args)
-    known = anydepth.list_models()
-    if args.model not in known:
-        raise ValueError(f"anydepth {what}: unknown model {args.model!r}; registered: {known}")
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
-    torch.manual_seed(0)
-    return anydepth.create_model(args.model, **kwargs).eval()
-
-
-def _budget_device(text: str) -> str:
-    return text if text != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _profile_path(args, model, imgsz: int, device: str, form: str) -> str:
     import os
 
@@ -324,13 +323,13 @@ def _profile_path(args, model, imgsz: int, device: str, form: str) -> str:
 
 def _cmd_profile(args) -> int:
     try:
-        model = _budget_model(args, "profile")
+        model = _model_from_args(args, "profile")
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _budget_device(args.device)
+    device = _device(args.device)
     path = args.out or _profile_path(args, model, args.imgsz, device, args.form)
     try:
         profile = model.profile_depths(imgsz=args.imgsz, batch=args.batch, device=device, form=args.form,
@@ -357,7 +356,7 @@ def _cmd_predict(args) -> int:
         print("anydepth predict: give --depth or --budget-ms, not both", file=sys.stderr)
         return 2
     try:
-        model = _budget_model(args, "predict")
+        model = _model_from_args(args, "predict")
         names = read_names(args.names)
         depth = parse_depth(model, args.depth) if args.depth is not None else None
     except (ValueError, FileNotFoundError) as e:
@@ -365,7 +364,7 @@ def _cmd_predict(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _budget_device(args.device)
+    device = _device(args.device)
     model = model.to(device)
     if args.form == "fused":
         model.to_inference()
@@ -408,7 +407,7 @@ def _cmd_budget_demo(args) -> int:
     from anydepth.budget import DepthProfile, demo_under_load
 
     try:
-        model = _budget_model(args, "budget-demo")
+        model = _model_from_args(args, "budget-demo")
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
@@ -493,16 +492,11 @@ def _add_budget_commands(sub) -> None:
 def _cmd_export(args) -> int:
     from anydepth.export import export
 
-    if args.weights is None and args.model is None:
-        print("anydepth export: give --model (random weights unless --weights) or --weights", file=sys.stderr)
+    try:
+        model = _model_from_args(args, "export")
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
-    if args.weights is not None:
-        model = _load_for_eval(args)
-    else:
-        import anydepth
-
-        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = anydepth.create_model(args.model, **kwargs).eval()
     name = getattr(model, "model_name", None) or args.model or "model"
     if len(args.imgsz) not in (1, 2):
         print(f"anydepth export: --imgsz takes N or H W, got {args.imgsz}", file=sys.stderr)
