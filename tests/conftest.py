@@ -88,3 +88,14 @@ def aot_triton(request):
                     f"`make test` (or `make {venv}/triton36/.installed`) to install it, or set "
                     "ANYDEPTH_NO_TRITON36=1 to skip these cases.", pytrace=False)
     return AotTriton("3.6", folder, TRITON36_VERSION, TRITON36_ARCHS)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many tiny forwards (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): on a loaded 2-core machine two spinning threads
+    make every call far slower, and one thread repeats better."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ IMGSZ = 64
 LATENCIES = [14, 18, 22, 26, 30, 34, 38, 42, 46]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine two spinning threads make every call ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

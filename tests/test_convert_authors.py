@@ -58,13 +58,7 @@ def max_rel(out, ref):
 _CONVERTED = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these are many tiny forwards (less oversubscription, repeatable timing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(YOLO_FIXTURES))

@@ -11,14 +11,7 @@ from anydepth.detection import Detections
 from anydepth.evaluation import METRIC_NAMES, EvalReport, coco_evaluate, evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the models here run on 64x64 images: one thread is as fast, and it avoids OpenMP
-    # oversubscription (10x slower) when the cores are busy with other work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -------------------------------------------------------------------------------------------------
