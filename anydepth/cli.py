@@ -67,6 +67,15 @@ def _bench_kernels(args, dtype) -> None:
     print(f"\nconcat-free CSP output conv (+ folded BN + SiLU), {report.dtype}, on {report.device}: {where}")
     print(report.table())
     print(f"written: {benchmark.save_report(report, args.out, f'concat_conv-{device_tag}-{report.dtype}')}")
+    from anydepth_kernels import benchmark_shared_basis
+
+    report = benchmark_shared_basis.run_basis_benchmarks(device=args.device, dtype=dtype, rounds=args.rounds,
+                                                         reps=args.reps, warmup=args.warmup,
+                                                         progress=not args.quiet)
+    print(f"\nshared filter basis layer (+ folded BNs + ReLU): eager factored vs fused factored vs folded "
+          f"plain conv, {report.dtype}, on {report.device}: {where}")
+    print(report.table())
+    print(f"written: {benchmark.save_report(report, args.out, f'shared_basis-{device_tag}-{report.dtype}')}")
     try:
         from anydepth_kernels import benchmark_attention
     except ImportError:

@@ -9,15 +9,31 @@ from .cuda_graphs import CUDAGraphRunner
 from .modules import FusedConvNormAct, activation_name, fold_batchnorm
 from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.concat_conv import concat_conv1x1
+from .ops.basis_conv import basis_conv_norm_act
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.attention import area_attention, attention
 from .optimize import OptimizeReport, optimize, register_swap, unregister_swap
+from .shared_basis import (
+    FactoredConvNormAct,
+    SharedBasis,
+    SharedBasisConv2d,
+    deploy_table,
+    orthogonality_penalty,
+    share_bases,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "CUDAGraphRunner",
+    "FactoredConvNormAct",
+    "SharedBasis",
+    "SharedBasisConv2d",
+    "basis_conv_norm_act",
+    "deploy_table",
+    "orthogonality_penalty",
+    "share_bases",
     "FusedConvNormAct",
     "activation_name",
     "area_attention",

@@ -21,6 +21,12 @@ def _concat_conv(xs_shapes, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * sum(s[1] for s in xs_shapes)
 
 
+def _basis_conv(x_shape, basis_shape, coeff_shape, *args, out_shape=None, **kwargs) -> int:
+    # basis conv [R, C, kh, kw] over the output pixels, then the [C_out, R] coefficient GEMM
+    pixels = out_shape[0] * out_shape[2] * out_shape[3]
+    return 2 * pixels * (math.prod(basis_shape) + coeff_shape[0] * coeff_shape[1])
+
+
 def _attention_bhnd(q_shape, k_shape, *args, **kwargs) -> int:
     b, h, nq, d = q_shape
     return 4 * b * h * nq * k_shape[-2] * d  # q k^T and p v
@@ -55,6 +61,7 @@ def flop_mapping() -> Dict[Any, Callable]:
 
     add(ops, "conv_norm_act", _conv)
     add(ops, "concat_conv1x1", _concat_conv)
+    add(ops, "basis_conv_norm_act", _basis_conv)
     add(ops, "attention", _attention_bhnd)
     add(ops, "area_attention", _area_attention)
     add(ops, "ms_deform_attn", _ms_deform)

@@ -68,6 +68,28 @@ def conv_norm_act(
     return scale_bias_act(y, scale, bias, act, residual)
 
 
+def basis_conv_norm_act(
+    x: torch.Tensor,
+    basis: torch.Tensor,
+    coeff: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    stride: IntOr2 = 1,
+    padding: IntOr2 = 0,
+    dilation: IntOr2 = 1,
+    act: str = "identity",
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The factored conv block of a shared filter basis: ``act((coeff @ conv2d(x, basis)) * scale
+    + bias) + residual``, with ``basis`` ``[R, C, kh, kw]`` (R basis filters), ``coeff``
+    ``[C_out, R]`` or ``[C_out, R, 1, 1]`` (the 1x1 coefficient conv, the basis norm folded in) and
+    the output norm folded into ``(scale, bias)``. Two convolutions, the ``[N, R, H, W]``
+    intermediate materialised in between."""
+    y = F.conv2d(x, basis, None, stride, padding, dilation)
+    y = F.conv2d(y, coeff.reshape(coeff.shape[0], -1, 1, 1))
+    return scale_bias_act(y, scale, bias, act, residual)
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]],

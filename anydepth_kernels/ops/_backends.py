@@ -45,6 +45,7 @@ def triton_interpreter_on() -> bool:
 @dataclass(frozen=True)
 class Reason:
     """Why a backend cannot run. ``code``: ``"device"``, ``"dtype"``, ``"head_dim"``,
+    ``"rank"`` (a basis rank the Triton kernel does not take),
     ``"not_compiled"`` (the C++/CUDA extension is not loaded), ``"stale_extension"`` (loaded, but
     built before this op), ``"triton_missing"`` or ``"no_device"`` (no such device visible)."""
 
@@ -117,6 +118,19 @@ def _head_dim(b, device, dtype, ctx) -> Optional[Reason]:
         return None
     return Reason("head_dim", f"head dim {hd} is not supported; the Triton kernels support head dims 1 "
                               f"to {TRITON_MAX_HEAD_DIM} (tiles 16, 32, 64, 128)")
+
+
+#: Largest basis rank (filters) the Triton basis-conv kernel keeps in registers.
+TRITON_MAX_BASIS_RANK = 512
+
+
+def _basis_rank(b, device, dtype, ctx) -> Optional[Reason]:
+    """Not checked when the caller does not know the rank (``rank`` absent or None)."""
+    r = ctx.get("rank")
+    if r is None or 1 <= r <= TRITON_MAX_BASIS_RANK:
+        return None
+    return Reason("rank", f"basis rank {r} is not supported; the Triton kernel supports 1 to "
+                          f"{TRITON_MAX_BASIS_RANK} basis filters")
 
 
 def _ext_registered(schema: str, device_type: str) -> bool:
@@ -227,6 +241,7 @@ def _attention_spec(name: str) -> OpSpec:
 
 
 _MSDA_EXT = "anydepth::_ext_ms_deform_attn_forward"
+_BASIS_EXT = "anydepth::_ext_basis_conv_norm_act"
 
 #: Op name (the ``torch.ops.anydepth`` name) -> its backends.
 OPS: Dict[str, OpSpec] = {
@@ -239,6 +254,11 @@ OPS: Dict[str, OpSpec] = {
                               _triton()),
                              auto={"cpu": ("cpp",), "cuda": ("cuda", "triton")},
                              warn_fallback_on=("cpu", "cuda")),
+    "basis_conv_norm_act": OpSpec("anydepth.basis_conv_norm_act",
+                                  (_reference(), _cpp(_registered(_BASIS_EXT)),
+                                   _triton("the Triton kernels support float32, float16 and bfloat16, not "
+                                           "{dtype_name}", _basis_rank)),
+                                  auto={"cpu": ("cpp",), "cuda": ("triton",)}, warn_fallback_on=("cpu",)),
     "attention": _attention_spec("anydepth.attention"),
     "area_attention": _attention_spec("anydepth.area_attention"),
 }

@@ -1,4 +1,5 @@
-"""Triton implementations of the fused ops (:mod:`.conv_norm_act`, :mod:`.concat_conv`, :mod:`.ms_deform_attn`).
+"""Triton implementations of the fused ops (:mod:`.conv_norm_act`, :mod:`.concat_conv`,
+:mod:`.basis_conv`, :mod:`.ms_deform_attn`).
 
 Importing this package never raises: when Triton cannot be imported, ``AVAILABLE`` is False and
 ``UNAVAILABLE_REASON`` says why; otherwise the kernels' entry points are re-exported here.
@@ -15,6 +16,7 @@ UNAVAILABLE_REASON: Optional[str]
 try:
     from .conv_norm_act import conv1x1_norm_act, conv_norm_act, scale_bias_act
     from .concat_conv import concat_conv1x1
+    from .basis_conv import basis_conv_norm_act
     from .ms_deform_attn import ms_deform_attn_backward, ms_deform_attn_forward
     from .attention import (
         area_attention_backward,
@@ -36,6 +38,7 @@ else:
         "area_attention_forward",
         "attention_backward",
         "attention_forward",
+        "basis_conv_norm_act",
         "concat_conv1x1",
         "conv1x1_norm_act",
         "conv_norm_act",

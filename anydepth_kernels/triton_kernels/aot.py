@@ -32,6 +32,10 @@ The concat-free output conv (family ``"concat_conv"``: ``compile_all_for(arch, [
 is compiled for every GEMM tile in fp32 with ``"ieee"`` dots, and once each in bf16, fp16 and
 fp32 with ``"tf32"`` dots; the six compiles take the six ``(ACT, HAS_RESIDUAL)`` pairs.
 
+The fused factored conv of a shared filter basis (family ``"basis_conv"``) is compiled for every
+padded rank (16 to 512, each with its tile) in fp32 with ``"ieee"`` dots, and once each in bf16,
+fp16 (a 1x1 kernel) and fp32 with ``"tf32"`` dots.
+
 Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
 compiled kernels); no CUDA device or driver is needed.
 """
@@ -160,6 +164,33 @@ def _concat_conv_variants() -> List[Variant]:
     return out
 
 
+def _basis_conv_variants() -> List[Variant]:
+    # Every padded rank (BLOCK_R 16 .. 512, each with its tile) in fp32 with "ieee" dots and a 3x3
+    # kernel, then bf16, fp16 and fp32 "tf32" once each (a 1x1 kernel for one of them): nine
+    # compiles taking the six (ACT, HAS_RESIDUAL) pairs in turn.
+    from .basis_conv import BLOCK_RS, _basis_conv_kernel, basis_conv_config
+
+    structural = [(basis_conv_config(r), ("fp32", "ieee"), 3) for r in BLOCK_RS]
+    structural += [(basis_conv_config(32), ("bf16", "ieee"), 3), (basis_conv_config(64), ("fp16", "ieee"), 1),
+                   (basis_conv_config(128), ("fp32", "tf32"), 3)]
+    out = []
+    for (cfg, (dt, prec), k), (act, res) in _pair_act_residual(structural, 0):
+        kernel = _basis_conv_kernel
+        types = {name: "i32" for name in kernel.arg_names}
+        types.update({name: f"*{dt}" for name in kernel.arg_names if name.endswith("_ptr")})
+        types.update(scale_ptr="*fp32", bias_ptr="*fp32")
+        constexprs = dict(
+            KH=k, KW=k, ACT=act, HAS_RESIDUAL=res, INPUT_PRECISION=prec, UPCAST_DOT=False,
+            BLOCK_P=cfg.block_p, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_CO=cfg.block_co,
+        )
+        name = (
+            f"basis_conv[{dt},{prec},{ACTIVATIONS[act]},residual={int(res)},k={k},"
+            f"block={cfg.block_p}x{cfg.block_r}x{cfg.block_k}x{cfg.block_co},warps={cfg.num_warps}]"
+        )
+        out.append(Variant(kernel, name, types, constexprs, cfg.num_warps))
+    return out
+
+
 def _ms_deform_variants() -> List[Variant]:
     # Forward and backward in fp32 at the two extreme tiles (64 x 16 and 8 x 256: the other
     # tiles differ only in these two sizes); fp16 and bf16 (loads converted to fp32, stores
@@ -229,6 +260,7 @@ FAMILIES = {
     "ms_deform_attn": _ms_deform_variants,
     "attention": _attention_variants,
     "concat_conv": _concat_conv_variants,
+    "basis_conv": _basis_conv_variants,
 }
 DEFAULT_FAMILIES = ("conv_norm_act",)
 

@@ -235,6 +235,8 @@ at::Tensor concat_conv1x1_cpu(at::TensorList xs, const at::Tensor& weight, const
 
 }  // namespace
 
+RowsF32 best_rows_f32() { return isa().fn; }
+
 TORCH_LIBRARY_FRAGMENT(anydepth, m) {
   m.def(
       "_ext_concat_conv1x1(Tensor[] xs, Tensor weight, Tensor scale, Tensor bias, int act, "

@@ -16,4 +16,6 @@ ANYDEPTH_DECLARE_ROWS(isa_base)
 ANYDEPTH_DECLARE_ROWS(isa_avx2)
 ANYDEPTH_DECLARE_ROWS(isa_avx512)
 #undef ANYDEPTH_DECLARE_ROWS
+// The variant this machine runs (chosen once at load, ANYDEPTH_CPU_ISA forces one; conv_norm_act.cpp).
+RowsF32 best_rows_f32();
 }  // namespace anydepth
