@@ -311,6 +311,25 @@ def test_op_big_rank_and_many_tiles(backend):
     assert rel_err(out, ref) <= 1e-5
 
 
+def test_cpp_worker_threads_with_parameters():
+    """The C++ tiles run on at::parallel_for's worker threads, which do not share the caller's
+    no-grad state: parameters that require grad (a module's) must still work, under no_grad and
+    with grad (the op's backward then runs through the reference)."""
+    layer = _layer(random.Random(9), 9)
+    factored = layer.factored("cpp")
+    x = torch.randn(2, layer.in_channels, 24, 24)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            assert rel_err(factored(x), layer(x)) <= 1e-5
+        out = factored(x.requires_grad_())
+        out.sum().backward()
+        assert factored.basis.grad is not None and x.grad is not None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_op_gradients_float64():
     rng = random.Random(7)
     x, basis, coeff, scale, bias, stride, padding, dilation = _op_case(rng, torch.float64)

@@ -137,7 +137,9 @@ at::Tensor basis_conv_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& bas
   TORCH_CHECK(x_in.dim() == 4 && basis.dim() == 4, "anydepth: basis_conv_norm_act needs a 4-D x and basis");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "anydepth: stride, padding and dilation must have two entries");
-  const at::Tensor x = x_in.contiguous();
+  // Detached: the GEMMs below run on at::parallel_for's worker threads, where the caller's
+  // thread-local autograd state (the custom op's no-grad redispatch) does not hold.
+  const at::Tensor x = x_in.detach().contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = basis.size(0), KH = basis.size(2), KW = basis.size(3);
   TORCH_CHECK(basis.size(1) == C, "anydepth: the basis reads ", basis.size(1), " channels, x has ", C);
@@ -156,9 +158,9 @@ at::Tensor basis_conv_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& bas
   check_epilogue_args(out, scale, bias, act, residual);
   if (out.numel() == 0) return out;
   at::Tensor res;
-  if (residual.has_value()) res = residual->contiguous();
-  const at::Tensor basis2 = basis.reshape({R, C * KH * KW}).contiguous();
-  const at::Tensor coeff2 = coeff.reshape({Cout, R}).contiguous();
+  if (residual.has_value()) res = residual->detach().contiguous();
+  const at::Tensor basis2 = basis.detach().reshape({R, C * KH * KW}).contiguous();
+  const at::Tensor coeff2 = coeff.detach().reshape({Cout, R}).contiguous();
   const at::Tensor s = scale.contiguous(), b = bias.contiguous();
   const int64_t P = g.OH * g.OW, K = C * KH * KW;
   const int64_t T = tile_pixels(N, P, K, R);
@@ -172,6 +174,7 @@ at::Tensor basis_conv_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& bas
     const float* sp = s.const_data_ptr<float>();
     const float* bp = b.const_data_ptr<float>();
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;
       // Per-thread tile buffers: the im2col patch and the intermediate (never a whole map).
       at::Tensor col = at::empty({K, T}, x.options());
       at::Tensor mid = at::empty({R, T}, x.options());
