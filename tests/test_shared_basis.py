@@ -300,7 +300,7 @@ def test_op_bf16(backend, seed):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_op_big_rank_and_many_tiles(backend):
     """Rank past one register tile of Triton's small configs (200 -> BLOCK_R 256), more output
-    pixels than one C++ tile, non-contiguous operands (read through copies, not misread)."""
+    rows than one C++ band, non-contiguous operands (read through copies, not misread)."""
     torch.manual_seed(6)
     x = torch.randn(1, 12, 40, 46)[:, :, :, ::2]
     basis = torch.randn(12, 200, 3, 3).transpose(0, 1) / 6
@@ -309,6 +309,19 @@ def test_op_big_rank_and_many_tiles(backend):
     ref = reference.basis_conv_norm_act(x, basis, coeff, scale, bias, 1, 1, 1, "silu")
     out = ak.basis_conv_norm_act(x, basis, coeff, scale, bias, 1, 1, 1, "silu", backend=backend)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_op_padding_only_rows(backend):
+    """Padding wider than the kernel reach: output rows that read only zero rows (a band of the
+    C++ kernel made of padding alone: wide input rows give one-row bands)."""
+    torch.manual_seed(10)
+    x = torch.randn(1, 600, 3, 50)
+    basis, coeff = torch.randn(5, 600, 3, 3) / 40, torch.randn(7, 5)
+    scale, bias = torch.rand(7) + 0.5, torch.randn(7)
+    ref = reference.basis_conv_norm_act(x, basis, coeff, scale, bias, (2, 1), (3, 1), 1, "relu")
+    out = ak.basis_conv_norm_act(x, basis, coeff, scale, bias, (2, 1), (3, 1), 1, "relu", backend=backend)
+    assert out.shape == (1, 7, 4, 50) and rel_err(out, ref) <= 1e-5
 
 
 def test_cpp_worker_threads_with_parameters():

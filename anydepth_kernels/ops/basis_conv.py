@@ -4,12 +4,13 @@
 ``act((coeff @ conv2d(x, basis)) * scale + bias) + residual``: the basis convolution (``R``
 filters, a layer's own ++ the stage's shared ones), then the 1x1 coefficient GEMM with the folded
 output norm, activation and residual as its epilogue; the ``[N, R, H, W]`` intermediate is never
-written to memory as a whole (per tile of output pixels only). The basis norm is folded into
+written to memory as a whole (Triton: registers per tile of output pixels; C++: a cache-sized
+buffer per band of output rows). The basis norm is folded into
 ``coeff`` and ``bias`` by the caller (:meth:`anydepth_kernels.SharedBasisConv2d.factored`).
 Registered as ``torch.ops.anydepth.basis_conv_norm_act`` (schema, fake kernel, autograd through
 the reference).
 
-Backends: ``"cpp"`` (CPU: per tile an im2col patch, the basis GEMM into a tile-sized buffer, the
+Backends: ``"cpp"`` (CPU: per band of output rows the library convolution into a band-sized buffer, the
 coefficient GEMM into the output, the epilogue in place; ``csrc/cpu/basis_conv.cpp``),
 ``"triton"`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``; fp32/fp16/bf16, rank
 up to :data:`~anydepth_kernels.triton_kernels.basis_conv.MAX_RANK`; see

@@ -32,9 +32,9 @@ The concat-free output conv (family ``"concat_conv"``: ``compile_all_for(arch, [
 is compiled for every GEMM tile in fp32 with ``"ieee"`` dots, and once each in bf16, fp16 and
 fp32 with ``"tf32"`` dots; the six compiles take the six ``(ACT, HAS_RESIDUAL)`` pairs.
 
-The fused factored conv of a shared filter basis (family ``"basis_conv"``) is compiled for every
-padded rank (16 to 512, each with its tile) in fp32 with ``"ieee"`` dots, and once each in bf16,
-fp16 (a 1x1 kernel) and fp32 with ``"tf32"`` dots.
+The fused factored conv of a shared filter basis (family ``"basis_conv"``) is compiled six times:
+every padded rank (16 to 512, each with its tile) once, in fp32 with ``"ieee"`` dots (16, 128,
+512), bf16 (32), fp16 with a 1x1 kernel (64) and fp32 with ``"tf32"`` dots (256).
 
 Must run in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the
 compiled kernels); no CUDA device or driver is needed.
@@ -165,14 +165,14 @@ def _concat_conv_variants() -> List[Variant]:
 
 
 def _basis_conv_variants() -> List[Variant]:
-    # Every padded rank (BLOCK_R 16 .. 512, each with its tile) in fp32 with "ieee" dots and a 3x3
-    # kernel, then bf16, fp16 and fp32 "tf32" once each (a 1x1 kernel for one of them): nine
-    # compiles taking the six (ACT, HAS_RESIDUAL) pairs in turn.
-    from .basis_conv import BLOCK_RS, _basis_conv_kernel, basis_conv_config
+    # Six compiles: every padded rank (BLOCK_R 16 .. 512, each with its tile) once, fp32 "ieee"
+    # at 16, 128 and 512 (3x3), bf16 at 32 (3x3), fp16 at 64 (1x1), fp32 "tf32" at 256 (3x3);
+    # they take the six (ACT, HAS_RESIDUAL) pairs in turn.
+    from .basis_conv import _basis_conv_kernel, basis_conv_config
 
-    structural = [(basis_conv_config(r), ("fp32", "ieee"), 3) for r in BLOCK_RS]
-    structural += [(basis_conv_config(32), ("bf16", "ieee"), 3), (basis_conv_config(64), ("fp16", "ieee"), 1),
-                   (basis_conv_config(128), ("fp32", "tf32"), 3)]
+    structural = [(basis_conv_config(16), ("fp32", "ieee"), 3), (basis_conv_config(128), ("fp32", "ieee"), 3),
+                  (basis_conv_config(512), ("fp32", "ieee"), 3), (basis_conv_config(32), ("bf16", "ieee"), 3),
+                  (basis_conv_config(64), ("fp16", "ieee"), 1), (basis_conv_config(256), ("fp32", "tf32"), 3)]
     out = []
     for (cfg, (dt, prec), k), (act, res) in _pair_act_residual(structural, 0):
         kernel = _basis_conv_kernel

@@ -4,12 +4,16 @@
 //
 // `basis` [R, C, KH, KW] holds the R basis filters (a layer's own ++ the stage's shared ones),
 // `coeff` [C_out, R] the 1x1 coefficients with the basis norm folded in, (scale, bias) the output
-// norm folded. One pass over tiles of output pixels: per tile of T pixels of one image, an im2col
-// of the input patch [C*KH*KW, T], the basis GEMM into a tile-sized intermediate [R, T], the
-// coefficient GEMM straight into the output (a strided view), then the epilogue in place while
-// the tile is in cache. The intermediate exists per tile and per thread only (a few hundred KB at
-// most), never as a tensor of the whole feature map. Tiles run in parallel (at::parallel_for);
-// the GEMMs are ATen's (BLAS), single-threaded inside the parallel region.
+// norm folded. One pass over bands of output rows: per band of B rows of one image, the library
+// convolution (oneDNN through at::convolution: faster than any hand-written im2col here) of the
+// input rows under it into a band-sized intermediate [R, B * OW], the coefficient GEMM straight
+// into the output (a strided view), then the epilogue in place while the band is in cache. The
+// intermediate exists per band and per thread only, in a cache-sized buffer (the band and its
+// input rows within ~1 MB; a small map fits in one band), never as a tensor of a large map that
+// goes out to memory and is read back. Bands run in parallel (at::parallel_for); the
+// convolution and GEMM are single-threaded inside the parallel region. Horizontal padding is the
+// convolution's; so is the vertical padding of a border band where it lines up with the stride,
+// otherwise (and for a band of padding rows only) the band is padded by a small copy.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,39 +31,6 @@ namespace {
 struct ConvGeom {
   int64_t C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
 };
-
-// col[(c*KH + i)*KW + j][t] = x[c, oy*sh - ph + i*dh, ox*sw - pw + j*dw] (0 outside) for the
-// pixels p0 .. p0+tn-1 of one image, row stride ld. Walks the tile by output-row segments so the
-// inner loop is a strided (stride 1: contiguous) copy with the out-of-bounds ends zeroed.
-template <typename T>
-void im2col_tile(T* col, int64_t ld, const T* img, const ConvGeom& g, int64_t p0, int64_t tn) {
-  for (int64_t c = 0; c < g.C; ++c) {
-    const T* plane = img + c * g.H * g.W;
-    for (int64_t i = 0; i < g.KH; ++i) {
-      for (int64_t j = 0; j < g.KW; ++j) {
-        T* dst = col + ((c * g.KH + i) * g.KW + j) * ld;
-        int64_t t = 0;
-        while (t < tn) {
-          const int64_t p = p0 + t;
-          const int64_t oy = p / g.OW, ox0 = p % g.OW;
-          const int64_t seg = std::min(tn - t, g.OW - ox0);  // pixels left in this output row
-          const int64_t iy = oy * g.sh - g.ph + i * g.dh;
-          if (iy < 0 || iy >= g.H) {
-            std::fill(dst + t, dst + t + seg, T(0));
-          } else {
-            const T* row = plane + iy * g.W;
-            const int64_t off = j * g.dw - g.pw;
-            for (int64_t s = 0; s < seg; ++s) {
-              const int64_t ix = (ox0 + s) * g.sw + off;
-              dst[t + s] = (ix >= 0 && ix < g.W) ? row[ix] : T(0);
-            }
-          }
-          t += seg;
-        }
-      }
-    }
-  }
-}
 
 template <int64_t ACT, typename acc_t>
 inline acc_t activate(acc_t z) {
@@ -115,18 +86,24 @@ void tile_epilogue(float* o, int64_t ld, const float* s, const float* b, const f
   }
 }
 
-// Pixels per tile: the im2col tile and the intermediate stay within ~kTileElems elements, at
-// least 16 pixels, and there are enough tiles to keep every thread busy.
-int64_t tile_pixels(int64_t N, int64_t P, int64_t K, int64_t R) {
-  constexpr int64_t kTileElems = 49152;
-  int64_t t = std::max<int64_t>(16, kTileElems / std::max<int64_t>(K + R, 1));
+// Output rows per band: the input band and the intermediate stay within ~kBandElems elements,
+// at least one row, and one band per thread at least (fewer, taller bands: the library
+// convolution loses efficiency on short bands).
+int64_t band_rows(const ConvGeom& g, int64_t N, int64_t R) {
+  constexpr int64_t kBandElems = 262144;
+  int64_t b = 1;
+  while (b < g.OH) {
+    const int64_t nb = b + 1;
+    const int64_t in_rows = (nb - 1) * g.sh + (g.KH - 1) * g.dh + 1;
+    if (g.C * in_rows * g.W + R * nb * g.OW > kBandElems) break;
+    b = nb;
+  }
   const int64_t threads = at::get_num_threads();
   if (threads > 1) {
-    const int64_t want_tiles = 2 * threads;
-    const int64_t per = (N * P + want_tiles - 1) / want_tiles;
-    t = std::min(t, std::max<int64_t>(16, per));
+    const int64_t per = (N * g.OH + threads - 1) / threads;
+    b = std::min(b, std::max<int64_t>(1, per));
   }
-  return std::min(t, P);
+  return b;
 }
 
 at::Tensor basis_conv_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& basis,
@@ -159,37 +136,60 @@ at::Tensor basis_conv_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& bas
   if (out.numel() == 0) return out;
   at::Tensor res;
   if (residual.has_value()) res = residual->detach().contiguous();
-  const at::Tensor basis2 = basis.detach().reshape({R, C * KH * KW}).contiguous();
+  const at::Tensor basis_c = basis.detach().contiguous();
   const at::Tensor coeff2 = coeff.detach().reshape({Cout, R}).contiguous();
   const at::Tensor s = scale.contiguous(), b = bias.contiguous();
-  const int64_t P = g.OH * g.OW, K = C * KH * KW;
-  const int64_t T = tile_pixels(N, P, K, R);
-  const int64_t tiles = (P + T - 1) / T;
+  const int64_t P = g.OH * g.OW;
+  const int64_t B = band_rows(g, N, R);
+  const int64_t bands = (g.OH + B - 1) / B;
   const RowsF32 rows_f32 = best_rows_f32();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anydepth_basis_conv", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     const float* sp = s.const_data_ptr<float>();
     const float* bp = b.const_data_ptr<float>();
-    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
-      // Per-thread tile buffers: the im2col patch and the intermediate (never a whole map).
-      at::Tensor col = at::empty({K, T}, x.options());
-      at::Tensor mid = at::empty({R, T}, x.options());
-      scalar_t* colp = col.data_ptr<scalar_t>();
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / tiles, p0 = (task % tiles) * T;
-        const int64_t tn = std::min(T, P - p0);
-        im2col_tile<scalar_t>(colp, T, xp + n * C * H * W, g, p0, tn);
-        at::Tensor mid_t = mid.narrow(1, 0, tn);
-        at::mm_out(mid_t, basis2, col.narrow(1, 0, tn));
-        at::Tensor o = out.select(0, n).view({Cout, P}).narrow(1, p0, tn);
-        at::mm_out(o, coeff2, mid_t);
-        scalar_t* ot = op + n * Cout * P + p0;
-        const scalar_t* rt = rp != nullptr ? rp + n * Cout * P + p0 : nullptr;
-        tile_epilogue(ot, P, sp, bp, rt, Cout, tn, act, rows_f32);
+        const int64_t n = task / bands, oy0 = (task % bands) * B;
+        const int64_t ob = std::min(B, g.OH - oy0);
+        // Input rows [iy0, iy1) under the band; rows outside the image are zero padding.
+        const int64_t iy0 = oy0 * g.sh - g.ph;
+        const int64_t iy1 = (oy0 + ob - 1) * g.sh - g.ph + (g.KH - 1) * g.dh + 1;
+        const int64_t lo = std::max<int64_t>(0, iy0), hi = std::min(H, iy1);
+        at::Tensor mid;  // [1, R, rows, OW]; the band's output rows start at row j0
+        int64_t j0 = 0;
+        const bool border = lo > iy0 || hi < iy1;
+        // A border band lets the convolution pad (symmetric ph rows) where that lands on the band's
+        // rows: no copy; the extra output rows the other side's padding adds are not read.
+        const int64_t shift = iy0 - (lo - g.ph);
+        const bool conv_pads = border && hi > lo && shift >= 0 && shift % g.sh == 0;
+        if (conv_pads) {
+          j0 = shift / g.sh;
+          mid = at::convolution(x.narrow(0, n, 1).narrow(2, lo, hi - lo), basis_c, std::nullopt, {g.sh, g.sw},
+                                {g.ph, g.pw}, {g.dh, g.dw}, /*transposed=*/false, {0, 0}, 1);
+        } else {
+          at::Tensor band;
+          if (hi <= lo) {
+            band = at::zeros({1, C, iy1 - iy0, W}, x.options());
+          } else {
+            band = x.narrow(0, n, 1).narrow(2, lo, hi - lo);
+            if (border) band = at::constant_pad_nd(band, {0, 0, lo - iy0, iy1 - hi}, 0);
+          }
+          mid = at::convolution(band, basis_c, std::nullopt, {g.sh, g.sw}, {0, g.pw}, {g.dh, g.dw},
+                                /*transposed=*/false, {0, 0}, 1);
+        }
+        mid = mid.contiguous();
+        const int64_t rows = mid.size(2);
+        TORCH_CHECK(mid.size(3) == g.OW && j0 + ob <= rows, "anydepth: internal error (band shape)");
+        // [R, ob * OW] rows of the band output: channel stride rows * OW (a strided BLAS operand).
+        const at::Tensor mid2 = mid.as_strided({R, ob * g.OW}, {rows * g.OW, 1}, mid.storage_offset() + j0 * g.OW);
+        at::Tensor o = out.select(0, n).view({Cout, P}).narrow(1, oy0 * g.OW, ob * g.OW);
+        at::mm_out(o, coeff2, mid2);
+        scalar_t* ot = op + n * Cout * P + oy0 * g.OW;
+        const scalar_t* rt = rp != nullptr ? rp + n * Cout * P + oy0 * g.OW : nullptr;
+        tile_epilogue(ot, P, sp, bp, rt, Cout, ob * g.OW, act, rows_f32);
       }
     });
   });
