@@ -242,6 +242,18 @@ def test_deploy_table_and_deploy():
         sb.deploy(model, "plain")
 
 
+def test_benchmark_rows():
+    """The benchmark's rows (no timing asserted): eager factored, fused factored per backend that
+    runs here, folded plain conv, each output checked against the eager layer."""
+    from anydepth_kernels.benchmark_shared_basis import EAGER, BasisCase, run_basis_benchmarks
+
+    report = run_basis_benchmarks(cases=[BasisCase("tiny", 8, 6, 1, 4)], rounds=1, reps=1, warmup=0,
+                                  progress=False)
+    assert [r.backend for r in report.results] == [EAGER, "fused factored [cpp]", "folded plain conv"]
+    assert all(r.max_rel_err <= 1e-5 for r in report.results)
+    assert "fused factored [triton]" in report.skipped
+
+
 def test_fold_needs_running_statistics():
     layer = sb.SharedBasisConv2d(4, 4, 2, None)
     layer.norm = nn.BatchNorm2d(4, track_running_stats=False)
