@@ -15,6 +15,7 @@ from anydepth_kernels.ops import _backends as B
 # The modules themselves (the packages re-export functions of the same names).
 attn_ops = importlib.import_module("anydepth_kernels.ops.attention")
 concat_conv = importlib.import_module("anydepth_kernels.ops.concat_conv")
+basis_conv = importlib.import_module("anydepth_kernels.ops.basis_conv")
 conv_norm_act = importlib.import_module("anydepth_kernels.ops.conv_norm_act")
 ms_deform_attn = importlib.import_module("anydepth_kernels.ops.ms_deform_attn")
 
@@ -43,6 +44,7 @@ def test_names_are_the_public_tuples():
     assert conv_norm_act.BACKENDS == ak.BACKENDS == B.names("conv_norm_act") == B.names("scale_bias_act") \
         == ("auto", "reference", "cpp", "cuda", "triton")
     assert concat_conv.CONCAT_BACKENDS == B.names("concat_conv1x1") == ("auto", "reference", "cpp", "triton")
+    assert basis_conv.BASIS_BACKENDS == B.names("basis_conv_norm_act") == ("auto", "reference", "cpp", "triton")
     assert (ms_deform_attn.MS_DEFORM_BACKENDS == B.names("ms_deform_attn")
             == ("auto", "reference", "cpp", "cuda", "triton"))
     assert attn_ops.ATTENTION_BACKENDS == B.names("attention") == B.names("area_attention") \
@@ -66,10 +68,10 @@ def _expected_auto(op, dev, dtype, cpu, cuda, triton, registered, head_dim=32):
     triton_ok = triton and dtype != torch.float64
     if op in ("attention", "area_attention"):
         return "triton" if dev == "cuda" and triton_ok and 1 <= head_dim <= 128 else "sdpa"
-    reg = registered if op == "ms_deform_attn" else True
+    reg = registered if op in ("ms_deform_attn", "basis_conv_norm_act") else True
     if dev == "cpu":
         return "cpp" if cpu and reg else "reference"
-    if op == "concat_conv1x1":
+    if op in ("concat_conv1x1", "basis_conv_norm_act"):
         return "triton" if triton_ok else "reference"
     if cuda and reg:
         return "cuda"
@@ -112,6 +114,8 @@ def test_unavailable_reasons_are_structured(state):
          "the Triton kernels support float32, float16 and bfloat16, not float64"),
         ("attention", "triton", x.double(), {"head_dim": 8}, "dtype",
          "it supports float32, float16 and bfloat16, not torch.float64"),
+        ("basis_conv_norm_act", "triton", x, {"rank": 513}, "device", "Triton runs on CUDA tensors (CPU tensors "
+                                                                       "only under TRITON_INTERPRET=1)"),
     ]
     for op, backend, t, ctx, code, message in cases:
         with pytest.raises(B.BackendUnavailable) as info:
@@ -127,6 +131,10 @@ def test_unavailable_reasons_are_structured(state):
     state(registered=False)
     why = B.availability("ms_deform_attn", "cpu", torch.float32)["cpp"]
     assert why.code == "stale_extension" and why.message == B.STALE_EXTENSION
+    state(interpret=True)
+    why = B.availability("basis_conv_norm_act", "cpu", torch.float32, rank=513)["triton"]
+    assert why.code == "rank" and "supports 1 to 512 basis filters" in why.message
+    assert B.availability("basis_conv_norm_act", "cpu", torch.float32, rank=512)["triton"] is None
 
 
 def test_unknown_backend_names_the_choices():
