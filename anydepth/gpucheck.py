@@ -295,7 +295,7 @@ def _tests_and_sanitizer(c: Check) -> None:
 #: dtype[+compile]:family/family
 DEFAULT_E2E = ("yolov12s-anydepth:float16,rtdetr-r50-anydepth:float32,rtdetr-r50-anydepth:float16,"
                "yolov12s-anydepth:float32")
-DEFAULT_KBENCH = ("float16:msda/attention/conv/concat,float32:conv/concat/attention/msda,"
+DEFAULT_KBENCH = ("float16:msda/attention/conv/concat,float32:conv/concat/attention/msda/basis,"
                   "float32+compile:conv/concat/attention/msda")
 
 
@@ -311,7 +311,7 @@ def _benchmarks(c: Check, e2e_plan: str, kbench_plan: str) -> None:
     if c.rehearse:
         e2e = [("yolov12n-anydepth", "float32"), ("rtdetr-r18-anydepth", "float32")]
         e2e_args = ["--imgsz", "64", "--max-depths", "2", "--reps", "1", "--device", "cpu", "--small"]
-        kb = [("float32", False, "conv,concat,attention,msda")]
+        kb = [("float32", False, "conv,concat,attention,msda,basis")]
     else:
         e2e_args = ["--imgsz", "640", "--budget", "25"]
     for i, (model, dt) in enumerate(e2e):
@@ -392,7 +392,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--e2e", default=DEFAULT_E2E, help="end-to-end runs, model:dtype comma list, in priority order")
     p.add_argument("--kbench", default=DEFAULT_KBENCH,
                    help="kernel benchmark runs, dtype[+compile]:family/family comma list (families: conv, "
-                        "concat, attention, msda); '' for none")
+                        "concat, attention, msda, basis); '' for none")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -657,7 +657,7 @@ def kbench(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="anydepth.gpucheck kbench")
     p.add_argument("out")
     p.add_argument("dtype")
-    p.add_argument("families", help="comma list of conv,concat,attention,msda")
+    p.add_argument("families", help="comma list of conv,concat,attention,msda,basis")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
@@ -707,6 +707,12 @@ def kbench(argv: Sequence[str]) -> int:
                 save(BM.run_ms_deform_benchmarks(dev, dtype, cases=cases, compile_reference=a.compile,
                                                  progress=False, **kw),
                      "ms_deform_attn", "multi-scale deformable attention")
+            elif fam == "basis":
+                from anydepth_kernels import benchmark_shared_basis as BS
+
+                cases = [BS.BasisCase("tiny 3x3 8->8 @6 u1+s4", 8, 6, 1, 4)] if a.tiny else None
+                save(BS.run_basis_benchmarks(dev, dtype, cases=cases, progress=False, **kw),
+                     "shared_basis", "shared filter basis layer: eager factored vs fused factored vs folded")
             else:
                 raise ValueError(f"unknown kernel family {fam!r}")
         except Exception:  # noqa: BLE001 - one family's failure must not hide the others

@@ -32,7 +32,7 @@ def test_rehearsal_runs_every_step(rehearsal):
     assert "CPU REHEARSAL" in summary and "all steps passed" in summary
     for step in ("pytest -m gpu", "sanitizer memcheck (workload only)", "e2e yolov12n-anydepth float32",
                  "e2e rtdetr-r18-anydepth float32", "pytest triton interpreter",
-                 "kernel benchmarks float32 (conv,concat,attention,msda)"):
+                 "kernel benchmarks float32 (conv,concat,attention,msda,basis)"):
         assert f"ok   {step} rc=0" in summary, step
     assert "SKIP" not in summary and "FAIL" not in summary
     # at most 8 files, the summary among them; the environment is named
@@ -46,7 +46,7 @@ def test_rehearsal_reports(rehearsal):
     out, _ = rehearsal
     with tarfile.open(out / "results.tgz") as t:
         reports = {m.name: json.load(t.extractfile(m)) for m in t.getmembers()}
-    for stem in ("kernels", "concat_conv", "attention", "ms_deform_attn"):
+    for stem in ("kernels", "concat_conv", "attention", "ms_deform_attn", "shared_basis"):
         rep = reports[f"{stem}-float32.json"]
         assert rep["results"] and all(r["median_ms"] > 0 for r in rep["results"]), stem
     for model in ("yolov12n-anydepth", "rtdetr-r18-anydepth"):

@@ -427,6 +427,7 @@ def test_op_bad_inputs():
     assert op(x[:0], basis, coeff, s, b, padding=1).shape == (0, 8, 6, 6)
 
 
+@pytest.mark.triton_cpu
 def test_op_triton_errors(monkeypatch):
     x, basis, coeff = torch.randn(1, 4, 6, 6), torch.randn(3, 4, 3, 3), torch.randn(8, 3)
     s, b = torch.ones(8), torch.zeros(8)
