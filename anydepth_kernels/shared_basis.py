@@ -27,7 +27,7 @@ the plain convolution, and the shared filters are stored once per stage.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -488,10 +488,6 @@ def format_deploy_table(rows: Sequence[DeployRow]) -> str:
     lines.append(f"{'total':<28} {'':>10} {'':>4} {'':>2} {'':>7} {'':>8} {tot[0] / 1e3:>11.1f}k "
                  f"{tot[1] / 1e3:>8.1f}k {tot[2] / 1e6:>13.2f} {tot[3] / 1e6:>9.2f}")
     return "\n".join(lines)
-
-
-def deploy_rows_json(rows: Sequence[DeployRow]) -> List[dict]:
-    return [asdict(r) for r in rows]
 
 
 __all__ = [

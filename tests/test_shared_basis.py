@@ -248,7 +248,7 @@ def test_benchmark_rows():
     from anydepth_kernels.benchmark_shared_basis import EAGER, BasisCase, run_basis_benchmarks
 
     report = run_basis_benchmarks(cases=[BasisCase("tiny", 8, 6, 1, 4)], rounds=1, reps=1, warmup=0,
-                                  progress=False)
+                                  progress=False, clock="thread")
     assert [r.backend for r in report.results] == [EAGER, "fused factored [cpp]", "folded plain conv"]
     assert all(r.max_rel_err <= 1e-5 for r in report.results)
     assert "fused factored [triton]" in report.skipped
