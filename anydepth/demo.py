@@ -9,7 +9,9 @@
    ``alpha_base * GT + (1 - alpha_base) * KD``) and off (both depths on ground truth);
 4. the same for ``rtdetr-r18`` at a smaller size (fewer queries, smaller images);
 5. evaluates every configuration of each depth ladder on the validation split (COCO AP, GFLOPs,
-   latency) and writes ``RESULTS.md`` + ``results.json`` + one AP-vs-latency plot per run.
+   latency from one depth profile per model) and writes ``RESULTS.md`` + ``results.json``, per run
+   its report, AP-vs-GFLOPs/latency plot and detections picture (base | middle | full), per model
+   the distillation on/off comparison plot (:mod:`anydepth.demo_report`).
 
 What the paper leads one to expect: base with distillation >= base without, and full depth
 within 1 AP of the stage-1 model. The budget is fixed by epochs/steps (the two stage-2 runs of a
