@@ -74,11 +74,13 @@ def evaluate_run(out: str, tag: str, model, val, imgsz: int, latency: bool = Tru
     rows = [{"name": r.name, "code": r.code, "gflops": r.gflops, "latency_ms": r.latency_ms,
              "latency_p10_ms": r.latency_p10_ms, "latency_p90_ms": r.latency_p90_ms,
              **{k: r.metrics.get(k) for k in ("AP", "AP50", "AP75")}} for r in report.rows]
-    return {"rows": rows, "report": paths, "plots": plots, "latency": dict(report.latency), "_report": report}
+    files = {k: (os.path.relpath(v, out) if v else None) for k, v in paths.items()}  # relocatable with out
+    return {"rows": rows, "report": files, "plots": plots, "latency": dict(report.latency), "_report": report}
 
 
 def _report_json(out: str, tag: str, run: Dict[str, Any]) -> Optional[str]:
-    for path in (run.get("report", {}) or {}).get("json"), os.path.join(out, tag, f"eval-{tag}.json"):
+    given = (run.get("report", {}) or {}).get("json")
+    for path in (os.path.join(out, given) if given else None), os.path.join(out, tag, f"eval-{tag}.json"):
         if path and os.path.isfile(path):
             return path
     return None

@@ -35,6 +35,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: metric -> (marker, colour) of :func:`plot_tradeoff`
 _STYLE = {"AP": ("o", "tab:blue"), "AP50": ("s", "tab:orange")}
+_LEGEND_TITLE = "line + filled: Pareto front; hollow: dominated"
 _SERIES_COLOURS = ("tab:blue", "tab:red", "tab:gray", "tab:green", "tab:purple", "tab:brown")
 
 
@@ -104,12 +105,10 @@ def _draw_series(ax, pts: List[Tuple[float, float, EvalRow]], kind: str, marker:
         lo = [max(0.0, x - (r.latency_p10_ms if r.latency_p10_ms is not None else x)) for x, _, r in pts]
         hi = [max(0.0, (r.latency_p90_ms if r.latency_p90_ms is not None else x) - x) for x, _, r in pts]
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="none", ecolor=colour, alpha=0.45, elinewidth=1, capsize=2)
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color=colour, lw=1.6, label=f"{label}: Pareto front")
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], marker, color=colour, ms=6, ls="none")
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], marker + "-", color=colour, lw=1.6, ms=6, label=label)
     off = [i for i in range(len(pts)) if i not in on]
     if off:
-        ax.plot([xs[i] for i in off], [ys[i] for i in off], marker, ls="none", ms=6, mfc="white", mec=colour,
-                label=f"{label}: dominated")
+        ax.plot([xs[i] for i in off], [ys[i] for i in off], marker, ls="none", ms=6, mfc="white", mec=colour)
 
 
 def short_label(name: str) -> str:
@@ -209,12 +208,12 @@ def plot_tradeoff(report: EvalReport, path: PathLike, title: Optional[str] = Non
         ax.set_ylabel("COCO AP, AP50 (%)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right", title=_LEGEND_TITLE, title_fontsize=6.5)
     fig.suptitle(title or f"{report.model} @ {report.imgsz} px on {report.dataset} ({report.num_images} images): "
-                 "one set of weights, every depth", fontsize=9)
-    fig.text(0.5, 1 - 0.36 / fig_h, _subtitle(report), fontsize=7, ha="center", color="dimgray")
+                 "one set of weights, every depth", fontsize=9, y=1 - 0.08 / fig_h, va="top")
+    fig.text(0.5, 1 - 0.42 / fig_h, _subtitle(report), fontsize=7, ha="center", color="dimgray")
     _code_key(fig, report.rows)
-    fig.tight_layout(rect=(0, key_h / fig_h, 1, 1 - 0.36 / fig_h))
+    fig.tight_layout(rect=(0, key_h / fig_h, 1, 1 - 0.45 / fig_h))
     return _save(fig, path)
 
 
@@ -253,12 +252,12 @@ def plot_comparison(reports: Mapping[str, EvalReport], path: PathLike, title: Op
             ax.set_ylabel(f"COCO {metric} (%)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6.5, loc="lower right")
+            ax.legend(fontsize=6.5, loc="lower right", title=_LEGEND_TITLE, title_fontsize=6.5)
     fig.suptitle(title or f"{first.model} @ {first.imgsz} px on {first.dataset} ({first.num_images} images)",
-                 fontsize=9)
-    fig.text(0.5, 1 - 0.36 / fig_h, _subtitle(first), fontsize=7, ha="center", color="dimgray")
+                 fontsize=9, y=1 - 0.08 / fig_h, va="top")
+    fig.text(0.5, 1 - 0.42 / fig_h, _subtitle(first), fontsize=7, ha="center", color="dimgray")
     _code_key(fig, first.rows)
-    fig.tight_layout(rect=(0, key_h / fig_h, 1, 1 - 0.36 / fig_h))
+    fig.tight_layout(rect=(0, key_h / fig_h, 1, 1 - 0.45 / fig_h))
     return _save(fig, path)
 
 
