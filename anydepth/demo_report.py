@@ -26,6 +26,7 @@ STAGE_LABELS = {"distill": "stage 2, distillation on", "no-distill": "stage 2, d
                 "static": "stage 1 (static model)"}
 
 PROFILE_ROUNDS = 15
+DATASET_NAME = "synthetic shapes (data/val)"
 
 
 def latency_profile(out: str, model, imgsz: int, progress: bool = True):
@@ -57,6 +58,7 @@ def evaluate_run(out: str, tag: str, model, val, imgsz: int, latency: bool = Tru
     profile = latency_profile(out, model, imgsz, progress) if latency else None
     report = evaluate(model, val, imgsz=imgsz, batch_size=8, device="cpu", progress=progress,
                       measure_latency=latency, latency_batch=1, profile=profile)
+    report.dataset = DATASET_NAME  # not the temporary path of --out
     run_dir = os.path.join(out, tag)
     pictures = {}
     try:

@@ -339,8 +339,11 @@ def test_cli_synth_train_eval(tmp_path):
     assert json.loads((run / "log.json").read_text())["epochs"][-1]["epoch"] == 2
 
 
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
+    import anydepth.demo_report
     from anydepth.demo import DemoRun, run_demo
+
+    monkeypatch.setattr(anydepth.demo_report, "PROFILE_ROUNDS", 2)  # the shared latency profile: 2 rounds
 
     ft = {"recipe": "finetune", "nbs": 3}
     runs = [DemoRun("yolov12n-static", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0, shallow="none", stage="static"),

@@ -208,7 +208,7 @@ def plot_tradeoff(report: EvalReport, path: PathLike, title: Optional[str] = Non
         ax.set_ylabel("COCO AP, AP50 (%)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="lower right", title=_LEGEND_TITLE, title_fontsize=6.5)
+        ax.legend(fontsize=7, loc="best", title=_LEGEND_TITLE, title_fontsize=6.5)
     fig.suptitle(title or f"{report.model} @ {report.imgsz} px on {report.dataset} ({report.num_images} images): "
                  "one set of weights, every depth", fontsize=9, y=1 - 0.08 / fig_h, va="top")
     fig.text(0.5, 1 - 0.42 / fig_h, _subtitle(report), fontsize=7, ha="center", color="dimgray")
@@ -252,7 +252,7 @@ def plot_comparison(reports: Mapping[str, EvalReport], path: PathLike, title: Op
             ax.set_ylabel(f"COCO {metric} (%)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6.5, loc="lower right", title=_LEGEND_TITLE, title_fontsize=6.5)
+            ax.legend(fontsize=6.5, loc="best", title=_LEGEND_TITLE, title_fontsize=6.5)
     fig.suptitle(title or f"{first.model} @ {first.imgsz} px on {first.dataset} ({first.num_images} images)",
                  fontsize=9, y=1 - 0.08 / fig_h, va="top")
     fig.text(0.5, 1 - 0.42 / fig_h, _subtitle(first), fontsize=7, ha="center", color="dimgray")
