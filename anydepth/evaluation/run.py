@@ -349,6 +349,9 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
         given = _given_profile(profile, model, imgsz, configs) if profile is not None else None
         can_time = given is not None or (measure_latency and _can_time(model, is_module)
                                          and len(configs) == len(entries))
+        stride = getattr(model, "stride", 1)
+        off_stride = given is None and can_time and isinstance(stride, int) and stride > 1 and imgsz % stride != 0
+        can_time = can_time and not off_stride  # profile_depths times stride multiples only: known now, not later
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
         bar = _progress_bar(len(entries) * len(batches), progress)
 
@@ -398,6 +401,8 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
     finally:
         if is_module and was_training:
             model.train()
-    notes = _run_notes(model, measure_latency or profile is not None, can_time, imgsz, latency)
+    notes = _run_notes(model, measure_latency or profile is not None, can_time or off_stride, imgsz, latency)
+    if off_stride:
+        notes.append(f"latency not measured: imgsz {imgsz} is not a multiple of the model's stride {stride}")
     return _build_report(model, dataset, n, imgsz, batch_size, conf, max_det, dev,
                          latency_batch if can_time else None, backend, rows, notes, latency)
