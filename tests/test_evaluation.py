@@ -644,3 +644,30 @@ def test_comparison_plot_picture_depths_and_missing_matplotlib(ladder_run, tmp_p
     assert paths["png"] is None
     with open(paths["md"]) as f:
         assert 'matplotlib is not installed, pip install "anydepth[plot]"' in f.read()
+
+
+def test_cli_eval_reads_latency_from_profile(tmp_path, capsys):
+    """`anydepth eval --profile FILE`: the latency columns are the profile's, the picture is written
+    beside the report; a profile of another size is refused with exit code 2."""
+    from anydepth import checkpoint
+    from anydepth.cli import main
+    from anydepth.data import synth
+
+    synth.generate(str(tmp_path / "data"), images=2, imgsz=64, seed=1, split="val", progress=False)
+    torch.manual_seed(0)
+    model = anydepth.create_model("yolov12n-anydepth", num_classes=5).eval()
+    checkpoint.save(model, tmp_path / "m.pt")
+    prof = model.profile_depths(imgsz=64, rounds=1, reps=1, warmup=0, overhead=False, configs=["base", "full"])
+    prof.save(tmp_path / "p64.json")
+    args = ["eval", "--weights", str(tmp_path / "m.pt"), "--data", str(tmp_path / "data" / "val"), "--imgsz", "64",
+            "--depths", "full,base", "--device", "cpu", "--quiet", "--pictures", "1", "--out", str(tmp_path / "ev")]
+    assert main(args + ["--profile", str(tmp_path / "p64.json")]) == 0
+    report = EvalReport.from_json(tmp_path / "ev" / "eval-yolov12n-anydepth-64.json")
+    assert [r.latency_ms for r in report.rows] == [prof.entry("full").median_ms, prof.entry("base").median_ms]
+    assert report.latency["source"] == "profile"
+    assert (tmp_path / "ev" / "eval-yolov12n-anydepth-64-depths.png").is_file()
+    assert "latency: from the depth profile" in capsys.readouterr().out
+    prof.imgsz = 96
+    prof.save(tmp_path / "p96.json")
+    assert main(args + ["--profile", str(tmp_path / "p96.json")]) == 2
+    assert "was measured at imgsz 96, not 64" in capsys.readouterr().err
