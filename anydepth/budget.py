@@ -61,8 +61,8 @@ class BudgetError(ValueError):
 @dataclass
 class ProfileEntry:
     """One ladder configuration: label (``base``/``ladder<i>``/``full``), config code, the
-    configuration, GFLOPs of one forward at the profile's shape, median and p90 latency (ms) and
-    the number of timed calls."""
+    configuration, GFLOPs of one forward at the profile's shape, median and p90 latency (ms), the
+    number of timed calls and the p10 latency (``None`` in profiles written before it was kept)."""
 
     name: str
     code: str
@@ -71,6 +71,7 @@ class ProfileEntry:
     median_ms: float
     p90_ms: float
     samples: int
+    p10_ms: Optional[float] = None
 
     def latency(self, stat: str = "median") -> float:
         _check_stat(stat)
@@ -78,7 +79,7 @@ class ProfileEntry:
 
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "code": self.code, "config": self.config.to_dict(), "gflops": self.gflops,
-                "median_ms": self.median_ms, "p90_ms": self.p90_ms, "samples": self.samples}
+                "median_ms": self.median_ms, "p90_ms": self.p90_ms, "samples": self.samples, "p10_ms": self.p10_ms}
 
 
 @dataclass
@@ -204,9 +205,12 @@ class DepthProfile:
                 config = DepthConfig.from_dict(e["config"])
                 if config.code != e["code"]:
                     raise ValueError(f"entry code {e['code']!r} does not match its configuration {config.code!r}")
+                p10 = None if e.get("p10_ms") is None else float(e["p10_ms"])
+                if p10 is not None and not (math.isfinite(p10) and 0 <= p10 <= med):
+                    raise ValueError(f"p10 latency of {e.get('code')!r} is not a finite number in [0, median]")
                 entries.append(ProfileEntry(str(e["name"]), str(e["code"]), config,
                                             None if e.get("gflops") is None else float(e["gflops"]),
-                                            med, p90, int(e["samples"])))
+                                            med, p90, int(e["samples"]), p10))
             if not entries:
                 raise ValueError("no entries")
             prof = cls(
@@ -319,18 +323,35 @@ def _form_callable(model, form: str, dev: torch.device, dtype: torch.dtype):
     raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
 
 
+def _unique_configs(model, configs: Sequence[Any], shape) -> List[DepthConfig]:
+    """``configs`` resolved by the model (``DepthConfig`` as given), duplicates dropped, in order."""
+    if isinstance(configs, (str, DepthConfig, Mapping)) or not isinstance(configs, Sequence):
+        raise TypeError(f"profile_depths: configs must be a list of depths, got {type(configs).__name__}")
+    out: List[DepthConfig] = []
+    for d in configs:
+        c = d if isinstance(d, DepthConfig) else model.resolve_depth(d, shape)
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise ValueError("profile_depths: configs is an empty list (None times the whole ladder)")
+    return out
+
+
 def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, torch.device, None] = None,
                    form: str = "eager", rounds: int = 10, reps: int = 2, warmup: int = 2,
                    dtype: Optional[torch.dtype] = None, weights: Optional[PathLike] = None,
                    path: Optional[PathLike] = None, progress: Union[bool, Callable[[str], None]] = False,
-                   seed: int = 0, overhead: bool = True) -> DepthProfile:
+                   seed: int = 0, overhead: bool = True, configs: Optional[Sequence[Any]] = None) -> DepthProfile:
     """Measure every configuration of ``model``'s ladder (see the module docstring); returns the
     :class:`DepthProfile`, also written to ``path``, or beside ``weights``
     (:func:`default_profile_path`) when given. ``device``: default the model's; ``dtype``: default
     its parameters'. ``progress``: True prints one line per step to stderr (or pass a callable
     taking the line). ``overhead``: also measure ``predict``'s pre/post-processing
     (``overhead_ms``; one extra ``predict`` and forward at base depth per round). The model's own
-    train/eval mode, device and weights are left unchanged."""
+    train/eval mode, device and weights are left unchanged. ``configs``: time these configurations
+    (depth-likes the model resolves; duplicates once) instead of the whole ladder; an entry is
+    labelled by its ladder label when it is on the ladder, else by its code, entries in FLOP order.
+    This is also how :func:`~anydepth.evaluation.evaluate` times the depths it scores."""
     space = getattr(model, "depth_space", None)
     if space is None or not callable(getattr(model, "depth_configs", None)):
         raise TypeError(f"profile_depths needs an any-depth model, got {type(model).__name__}")
@@ -363,12 +384,18 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
     try:
         log(f"profile: {name} at {imgsz}x{imgsz}, batch {batch}, {form} form, on {dev}: counting FLOPs of the ladder")
         ladder = model.depth_configs(shape)
-        labels = ["base" if i == 0 else "full" if i == len(ladder) - 1 else f"ladder{i}" for i in range(len(ladder))]
+        on_ladder = {c: "base" if i == 0 else "full" if i == len(ladder) - 1 else f"ladder{i}"
+                     for i, c in enumerate(ladder)}
+        if configs is not None:
+            ladder = _unique_configs(model, configs, shape)
         try:
             gflops: Dict[DepthConfig, Optional[float]] = {c: model.flops(c, (1, 3, imgsz, imgsz)) / 1e9
                                                           for c in ladder}
         except Exception:  # a model whose forward flop_counter cannot trace: latency still counts
             gflops = {c: None for c in ladder}
+        if configs is not None and all(g is not None for g in gflops.values()):
+            ladder = sorted(ladder, key=lambda c: gflops[c])  # stable: equal FLOPs keep the given order
+        labels = [on_ladder.get(c, c.code) for c in ladder]
         call, module = _form_callable(model, form, dev, dtype)
         x = torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
         timed = timer(dev)
@@ -399,7 +426,7 @@ def profile_depths(model, imgsz: int = 640, batch: int = 1, device: Union[str, t
     finally:
         model.train(was_training)
     entries = [ProfileEntry(lab, c.code, c, gflops[c], statistics.median(times[c]), _percentile(times[c], 0.9),
-                            len(times[c])) for lab, c in zip(labels, ladder)]
+                            len(times[c]), _percentile(times[c], 0.1)) for lab, c in zip(labels, ladder)]
     profile = DepthProfile(
         model=name, model_kwargs=_jsonable(getattr(model, "model_kwargs", {}) or {}),
         switches=list(space.switches), knobs=_knob_table(space), imgsz=imgsz, batch=batch, device=str(dev),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import List, Optional
@@ -308,14 +309,33 @@ def _cmd_eval(args) -> int:
     depths = None if args.depths == "ladder" else [d.strip() for d in args.depths.split(",") if d.strip()]
     device = _device(args.device)
     model = model.to(device)
-    report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
-                      progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images)
+    try:
+        report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
+                          progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images,
+                          latency_rounds=args.latency_rounds, latency_form=args.latency_form, profile=args.profile)
+    except (FileNotFoundError, ValueError) as e:
+        if args.profile is None or "profile" not in str(e):
+            raise
+        print(f"anydepth eval: {e}", file=sys.stderr)
+        return 2
     n_images = len(dataset) if args.max_images is None else args.max_images
     print(f"{name} on {args.data} at {args.imgsz}, {n_images} images")
     print(report.table())
+    for note in report.notes:
+        print(f"- {note}")
     stem = f"eval-{name}-{args.imgsz}"
-    paths = report.save(args.out, stem)
-    print(f"written: {paths}")
+    pictures = {}
+    if args.pictures > 0:
+        from anydepth.evaluation.plots import depth_picture
+
+        try:
+            pictures["detections at base, the middle of the ladder and full depth"] = depth_picture(
+                model, dataset, os.path.join(args.out, f"{stem}-depths.png"), images=args.pictures, imgsz=args.imgsz,
+                report=report)
+        except ImportError as e:
+            print(f"anydepth eval: no picture: {e}", file=sys.stderr)
+    paths = report.save(args.out, stem, pictures=pictures)
+    print(f"written: {paths}" + (f", {list(pictures.values())}" if pictures else ""))
     return 0
 
 
@@ -585,6 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int, default=None)
     e.add_argument("--no-latency", action="store_true", help="skip the per-depth latency measurement")
+    e.add_argument("--latency-rounds", type=int, default=10,
+                   help="interleaved timing rounds over the scored depths (2 calls each per round, after 2 warm-up)")
+    e.add_argument("--latency-form", choices=["eager", "fused", "compiled", "cuda-graph"], default="eager",
+                   help="the form whose latency is measured (as `anydepth profile --form`)")
+    e.add_argument("--profile", default=None,
+                   help="read the latency from this depth profile (JSON of `anydepth profile`, e.g. measured on the "
+                        "deployment device) instead of measuring it")
+    e.add_argument("--pictures", type=int, default=3,
+                   help="validation images in the per-depth detections picture (<stem>-depths.png; 0: none)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)

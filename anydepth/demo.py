@@ -9,7 +9,9 @@
    ``alpha_base * GT + (1 - alpha_base) * KD``) and off (both depths on ground truth);
 4. the same for ``rtdetr-r18`` at a smaller size (fewer queries, smaller images);
 5. evaluates every configuration of each depth ladder on the validation split (COCO AP, GFLOPs,
-   latency) and writes ``RESULTS.md`` + ``results.json`` + one AP-vs-latency plot per run.
+   latency from one depth profile per model) and writes ``RESULTS.md`` + ``results.json``, per run
+   its report, AP-vs-GFLOPs/latency plot and detections picture (base | middle | full), per model
+   the distillation on/off comparison plot (:mod:`anydepth.demo_report`).
 
 What the paper leads one to expect: base with distillation >= base without, and full depth
 within 1 AP of the stage-1 model. The budget is fixed by epochs/steps (the two stage-2 runs of a
@@ -84,7 +86,7 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
              runs: Optional[List[DemoRun]] = None, workers: int = 1, seed: int = 0,
              progress: bool = True, latency: bool = True) -> Dict[str, object]:
     from .data import open_dataset, synth
-    from .evaluation import evaluate
+    from .demo_report import evaluate_run
     from .train import TrainConfig, Trainer
 
     t_start = time.time()
@@ -120,9 +122,8 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
                   f"(of {trainer.total_steps}); its numbers are not the planned budget's", flush=True)
         model = trainer.eval_model().eval()
         val = open_dataset(os.path.join(data, "val"), imgsz=run.imgsz, mode=trainer.mode, augment=False)
-        report = evaluate(model, val, imgsz=run.imgsz, batch_size=8, device="cpu", progress=progress,
-                          measure_latency=latency, latency_batch=1)
-        paths = report.save(os.path.join(out, run.tag), f"eval-{run.tag}")
+        evaluated = evaluate_run(out, run.tag, model, val, run.imgsz, latency=latency, progress=progress)
+        report = evaluated.pop("_report")
         results["runs"][run.tag] = {
             "model": run.model, "imgsz": run.imgsz, "distill": run.distill, "stage": run.stage or run.tag,
             "shallow": run.shallow,
@@ -130,9 +131,7 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
             "optimizer": trainer.config.optimizer, "alpha_base": trainer.config.alpha_base,
             "epochs": summary["epochs"], "steps": summary["steps"],
             "stopped_early": summary["stopped_early"], "train_minutes": round(train_min, 2),
-            "rows": [{"name": r.name, "code": r.code, "gflops": r.gflops, "latency_ms": r.latency_ms,
-                      **{k: r.metrics.get(k) for k in ("AP", "AP50", "AP75")}} for r in report.rows],
-            "report": paths,
+            **evaluated,  # rows, report files, plots, latency (anydepth.demo_report.evaluate_run)
         }
         print(report.table(), flush=True)
         _write_results(out, results, imgsz, images, t_start)  # after every run: a cut demo keeps its runs
@@ -141,10 +140,14 @@ def run_demo(out: str = "runs/demo", images: int = 1000, val_images: int = 200, 
     return merged
 
 
-def _write_results(out: str, results: Dict[str, object], imgsz: int, images: int, t_start: float):
-    """Write results.json + RESULTS.md; runs of an earlier results.json in ``out`` (same data) that
-    were not re-run now are kept. Returns (markdown, the merged results)."""
-    results["total_minutes"] = round((time.time() - t_start) / 60, 2)
+def _write_results(out: str, results: Dict[str, object], imgsz: int, images: int, t_start: Optional[float]):
+    """Write results.json + RESULTS.md (+ the comparison plots); runs of an earlier results.json in
+    ``out`` (same data) that were not re-run now are kept. ``t_start`` None: the results' own
+    ``total_minutes`` stands (re-evaluation). Returns (markdown, the merged results)."""
+    from .demo_report import UNITS, comparison_plots
+
+    if t_start is not None:
+        results["total_minutes"] = round((time.time() - t_start) / 60, 2)
     merged = dict(results)
     previous = os.path.join(out, "results.json")
     if os.path.isfile(previous):  # runs done earlier into the same directory (not re-run now) are kept
@@ -156,6 +159,8 @@ def _write_results(out: str, results: Dict[str, object], imgsz: int, images: int
                 merged["runs"] = {**kept, **results["runs"]}
                 merged["total_minutes"] = round(results["total_minutes"] + sum(
                     v.get("train_minutes", 0) for v in kept.values()), 2)
+    merged["units"] = dict(UNITS)
+    merged["comparisons"] = comparison_plots(out, merged)
     with open(previous, "w") as f:
         json.dump(merged, f, indent=1, default=str)
     md = render_results(merged)
@@ -190,12 +195,17 @@ def summary_rows(results: Dict[str, object]) -> List[Dict[str, object]]:
 def render_results(results: Dict[str, object]) -> str:
     """Markdown: the stage-1 / distillation on / off summary, then one table per run (every
     ladder configuration)."""
+    from .demo_report import image_lines, run_images
+
     lines = [f"Synthetic shapes, {results['train_images']} training / {results['val_images']} validation images, "
-             f"CPU; total {results.get('total_minutes', '?')} min.", ""]
+             f"CPU; total {results.get('total_minutes', '?')} min.", "",
+             "AP, AP50, AP75 in percent (results.json and the eval-*.json reports keep fractions in [0, 1]); GFLOPs "
+             "of one image; latency: ms of one network forward at batch 1 (no pre/post-processing), median and "
+             "p10-p90 of the model's depth profile (profiles/), shared by its runs.", ""]
     runs = results["runs"]
     summary = summary_rows(results)
     if summary:
-        lines.append("| model | stage 1 (static) full AP | stage 1 base AP | distill on: full | base "
+        lines.append("| model | stage 1 (static) full AP % | stage 1 base AP % | distill on: full | base "
                      "| distill off: full | base | base on - off | full on - stage 1 |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in summary:
@@ -206,6 +216,7 @@ def render_results(results: Dict[str, object]) -> str:
                          f"{_pct(r['off_base'])} | {d(r['on_base'], r['off_base'])} | "
                          f"{d(r['on_full'], r['static_full'])} |")
         lines.append("")
+    lines += image_lines(results)
     for tag, r in runs.items():
         if r.get("shallow") == "none":
             what = "static: full depth only"
@@ -221,14 +232,17 @@ def render_results(results: Dict[str, object]) -> str:
         lines.append(f"**{tag}** ({r['model']}, {px} px, {what}, {r['epochs']} epoch(s), {r['steps']} steps, "
                      f"{r['train_minutes']} min{', stopped by the time limit' if r['stopped_early'] else ''})")
         lines.append("")
-        lines.append("| depth | code | GFLOPs | latency ms | AP | AP50 | AP75 |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        lines.append("| depth | code | GFLOPs | latency ms | p10-p90 ms | AP % | AP50 % | AP75 % |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for row in r["rows"]:
             g = "-" if row["gflops"] is None else f"{row['gflops']:.2f}"
             lat = "-" if row["latency_ms"] is None else f"{row['latency_ms']:.1f}"
-            lines.append(f"| {row['name']} | {row['code']} | {g} | {lat} | {_pct(row['AP'])} | {_pct(row['AP50'])} "
-                         f"| {_pct(row['AP75'])} |")
+            lo, hi = row.get("latency_p10_ms"), row.get("latency_p90_ms")
+            spread = "-" if lo is None or hi is None else f"{lo:.1f}-{hi:.1f}"
+            lines.append(f"| {row['name']} | {row['code']} | {g} | {lat} | {spread} | {_pct(row['AP'])} "
+                         f"| {_pct(row['AP50'])} | {_pct(row['AP75'])} |")
         lines.append("")
+        lines += run_images(r)
     return "\n".join(lines)
 
 
@@ -247,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--time-limit-scale", type=float, default=1.0,
                    help="multiply every run's time limit (a guard; a stage-1 run cut by it is reported)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency column (a busy machine)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate again the runs whose final.pt is in --out (with --only: those) and "
+                        "rewrite their reports, plots and RESULTS.md")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", default=None, help="comma-separated run tags to run (the others are kept from "
                    "an earlier results.json in --out)")
@@ -265,6 +282,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if unknown:
             p.error(f"unknown run tag(s) {unknown}; the runs are {[r.tag for r in runs]}")
         runs = [r for r in runs if r.tag in wanted]
+    if a.eval_only:
+        from .demo_report import reevaluate
+
+        def write(results):
+            md, _ = _write_results(a.out, results, results["imgsz"], results["train_images"], None)
+            print("\n" + md)
+
+        reevaluate(a.out, runs, latency=not a.no_latency, progress=not a.quiet, write=write)
+        return 0
     run_demo(a.out, a.images, a.val_images, a.imgsz, runs, workers=a.workers, progress=not a.quiet,
              latency=not a.no_latency)
     return 0

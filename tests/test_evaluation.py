@@ -1,6 +1,8 @@
 """COCO evaluation: metric values on hand-built cases, evaluate() end to end, the report."""
 import json
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -280,7 +282,7 @@ def test_evaluate_yolov12_two_depths_matches_manual_pipeline():
     model = yolo_tiny()
     model.train()  # evaluate puts it in eval mode and gives the mode back
     report = evaluate(model, ds, depths=["full", "base"], imgsz=64, batch_size=2, max_images=3, progress=False,
-                      latency_batch=2, latency_reps=2)
+                      latency_batch=2, latency_reps=2, latency_rounds=2)
     assert model.training
     model.eval()
     assert [r.name for r in report.rows] == ["full", "base"]
@@ -309,7 +311,7 @@ def test_evaluate_rtdetr_two_depths():
     ds = TinyDataset()
     base_cfg = model.depth_space.base()
     report = evaluate(model, ds, depths=[base_cfg, 1.0], imgsz=64, batch_size=2, max_images=2, progress=False,
-                      latency_reps=1, latency_warmup=0)
+                      latency_reps=1, latency_warmup=0, latency_rounds=2)
     assert [r.name for r in report.rows] == ["base", "full"]
     base, full = report.rows
     assert base.knobs["decoder_layers"] < full.knobs["decoder_layers"] == model.num_decoder_layers
@@ -406,13 +408,13 @@ def test_report_table():
     lines = report.table().splitlines()
     assert len(lines) == 4
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert head[:4] == ["depth", "code", "skipped", "GFLOPs"] and head[5:] == ["AP %", "AP50 %", "AP75 %", "AP_S %",
-                                                                               "AP_M %", "AP_L %"]
+    assert head[:4] == ["depth", "code", "skipped", "GFLOPs"] and head[5] == "p10-p90 ms"
+    assert head[6:] == ["AP %", "AP50 %", "AP75 %", "AP_S %", "AP_M %", "AP_L %"]
     assert set(lines[1]) <= set("|-:")
     full = [c.strip() for c in lines[2].strip("|").split("|")]
     base = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert full[0] == "full" and full[3] == "-" and full[4] == "-" and full[5:8] == ["100.0", "100.0", "100.0"]
-    assert base[0] == "base" and base[5:8] == ["30.0", "100.0", "0.0"]
+    assert full[0] == "full" and full[3:6] == ["-", "-", "-"] and full[6:9] == ["100.0", "100.0", "100.0"]
+    assert base[0] == "base" and base[6:9] == ["30.0", "100.0", "0.0"]
 
 
 def test_report_json_round_trip_plot_and_save(tmp_path):
@@ -447,8 +449,11 @@ def test_report_with_latency_plots_against_latency(tmp_path):
     ds = TinyDataset()
     model = yolo_tiny().eval()
     report = evaluate(model, ds, depths=["base", "full"], imgsz=64, max_images=1, progress=False,
-                      latency_reps=1, latency_warmup=0)
+                      latency_reps=1, latency_warmup=0, latency_rounds=3)
     assert all(r.latency_ms is not None and math.isfinite(r.latency_ms) for r in report.rows)
+    assert all(r.latency_p10_ms <= r.latency_ms <= r.latency_p90_ms for r in report.rows)
+    assert report.latency["source"] == "measured" and report.latency["rounds"] == 3
+    assert report.latency["samples"] == 3 and report.latency["form"] == "eager"
     kind, xs = report.plot_axis()
     assert kind == "latency" and xs == [r.latency_ms for r in report.rows]
     png = report.plot(tmp_path / "lat.png")
@@ -461,3 +466,208 @@ def test_report_with_latency_plots_against_latency(tmp_path):
     no_lat = EvalReport.from_json(dict(d, rows=[dict(r, latency_ms=None) for r in d["rows"]]))
     assert no_lat.plot_axis() == ("gflops", [r.gflops for r in report.rows])
     assert oracle_report().plot_axis() == ("depth", [0, 1])
+
+
+# -------------------------------------------------------------------------------------------------
+# latency as the benchmarks measure it, the report files and their units
+
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory):
+    """yolov12n's whole ladder on 2 tiny images, latency measured (2 interleaved rounds), the report
+    saved with its per-depth picture."""
+    from anydepth.evaluation.plots import depth_picture
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds = TinyDataset()
+        model = yolo_tiny().eval()
+        report = evaluate(model, ds, imgsz=64, max_images=2, progress=False, latency_rounds=2, latency_reps=1,
+                          latency_warmup=0)
+        out = tmp_path_factory.mktemp("report")
+        pic = depth_picture(model, ds, out / "y-depths.png", imgsz=64, report=report)
+        paths = report.save(out, "y", pictures={"detections per depth": pic})
+    finally:
+        torch.set_num_threads(threads)
+    return model, ds, report, paths, pic
+
+
+def _check_png(path, max_bytes=300_000):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        size = im.size
+    assert 0 < os.path.getsize(path) <= max_bytes
+    return size
+
+
+def _md_table(md):
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return head, [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_report_files_exist_and_are_valid(ladder_run):
+    model, ds, report, paths, pic = ladder_run
+    with open(paths["json"]) as f:
+        d = json.load(f)
+    assert EvalReport.from_json(d) == report
+    assert d["latency"]["source"] == "measured" and d["latency"]["rounds"] == 2
+    assert [r["name"] for r in d["rows"]][0] == "base" and d["rows"][-1]["name"] == "full"
+    w, h = _check_png(paths["png"])
+    assert w >= 2 * h  # two panels side by side: against GFLOPs and against latency
+    pw, ph = _check_png(pic)
+    assert pw > ph  # 2 images x (ground truth + base, middle, full)
+    with open(paths["md"]) as f:
+        md = f.read()
+    assert report.table() in md
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert links == ["y.png", "y-depths.png"]
+    assert all(os.path.isfile(os.path.join(os.path.dirname(paths["md"]), p)) for p in links)
+
+
+def test_report_units_consistent(ladder_run):
+    """Table = percent of the JSON's fractions, GFLOPs and latency as in the JSON; the notes and
+    the JSON's units say which is which, no note calls the table's numbers fractions."""
+    _, _, report, paths, _ = ladder_run
+    with open(paths["json"]) as f:
+        d = json.load(f)
+    with open(paths["md"]) as f:
+        md = f.read()
+    head, cells = _md_table(md)
+    assert [c["depth"] for c in cells] == [r["name"] for r in d["rows"]]
+    for c, r in zip(cells, d["rows"]):
+        for m in ("AP", "AP50", "AP75"):
+            assert 0.0 <= r["metrics"][m] <= 1.0
+            assert c[f"{m} %"] == f"{100 * r['metrics'][m]:.1f}"
+        assert c["GFLOPs"] == f"{r['gflops']:.2f}"
+        assert c["latency ms (b1)"] == f"{r['latency_ms']:.1f}"
+        assert c["p10-p90 ms"] == f"{r['latency_p10_ms']:.1f}-{r['latency_p90_ms']:.1f}"
+        assert r["latency_p10_ms"] <= r["latency_ms"] <= r["latency_p90_ms"]
+    assert "fractions in [0, 1]" in d["units"]["metrics"] and "percent" in d["units"]["metrics"]
+    ap_notes = [n for n in d["notes"] if "AP" in n]
+    assert ap_notes and all("percent" in n for n in ap_notes)
+    assert "metrics are fractions" not in md
+    assert any(n.startswith("latency:") and "interleaved rounds" in n and "p10-p90" in n for n in d["notes"])
+    assert any(n.startswith("GFLOPs: one forward of one 64x64 image") for n in d["notes"])
+
+
+def test_latency_order_base_below_full_measured_like_the_benchmark():
+    """rtdetr-r18 at 128 px: full depth costs 1.75x base's FLOPs (every backbone stage and two
+    decoder layers), a gap no load on a shared machine hides from a median of interleaved rounds.
+    An ordering, not a time."""
+    torch.manual_seed(0)
+    model = anydepth.create_model("rtdetr-r18-anydepth", num_classes=3, num_queries=10).eval()
+    ds = TinyDataset()
+    report = evaluate(model, ds, depths=["base", "full"], imgsz=128, max_images=1, progress=False,
+                      latency_rounds=7, latency_reps=1, latency_warmup=1)
+    base, full = report.rows
+    assert full.gflops > 1.6 * base.gflops
+    assert base.latency_ms < full.latency_ms
+    assert report.latency["samples"] == 7
+
+
+def test_evaluate_reads_latency_from_a_profile(tmp_path):
+    from anydepth.budget import DepthProfile
+
+    model = yolo_tiny().eval()
+    ds = TinyDataset()
+    prof = model.profile_depths(imgsz=64, rounds=2, reps=1, warmup=0, overhead=False, configs=["full", "base", "full"])
+    assert [e.name for e in prof.entries] == ["base", "full"]  # FLOP order, ladder labels, once each
+    assert all(e.p10_ms <= e.median_ms <= e.p90_ms for e in prof.entries)
+    path = prof.save(tmp_path / "p.json")
+    report = evaluate(model, ds, depths=["full", "base"], imgsz=64, max_images=1, progress=False, profile=path,
+                      measure_latency=False)
+    for r in report.rows:
+        e = prof.entry(r.code)
+        assert (r.latency_ms, r.latency_p10_ms, r.latency_p90_ms) == (e.median_ms, e.p10_ms, e.p90_ms)
+    assert report.latency["source"] == "profile" and report.latency["profile"] == path
+    assert report.latency_batch == 1 and any("from the depth profile" in n for n in report.notes)
+    # checked before anything runs: configurations the profile lacks, another imgsz, not a profile
+    ds2 = TinyDataset()
+    with pytest.raises(ValueError, match="lacks the configurations"):
+        evaluate(model, ds2, imgsz=64, profile=prof, progress=False)
+    with pytest.raises(ValueError, match="imgsz 64, not 96"):
+        evaluate(model, ds2, depths=["full"], imgsz=96, profile=prof, progress=False)
+    with pytest.raises(TypeError, match="profile must be a DepthProfile"):
+        evaluate(model, ds2, imgsz=64, profile=3, progress=False)
+    with pytest.raises(ValueError, match="latency_form"):
+        evaluate(model, ds2, imgsz=64, latency_form="onnx", progress=False)
+    assert ds2.load_calls == 0
+    # p10 is kept in the JSON; a profile written before it existed still loads
+    with open(path) as f:
+        d = json.load(f)
+    assert DepthProfile.from_json(d).entries[0].p10_ms == prof.entries[0].p10_ms
+    for e in d["entries"]:
+        del e["p10_ms"]
+    assert DepthProfile.from_json(d).entries[0].p10_ms is None
+
+
+def test_pareto_front():
+    from anydepth.evaluation.plots import pareto_front
+
+    assert pareto_front([1, 2, 3, 4], [1, 3, 2, 4]) == [0, 1, 3]
+    assert pareto_front([3, 1, 2], [5, 5, 6]) == [1, 2]
+    assert pareto_front([1, 1, 2], [2, 2, 2]) == [0]  # ties: the first; as good but costlier: dominated
+    assert pareto_front([], []) == []
+    with pytest.raises(ValueError, match="1 costs but 0 values"):
+        pareto_front([1], [])
+
+
+def test_comparison_plot_picture_depths_and_missing_matplotlib(ladder_run, tmp_path, monkeypatch):
+    import sys
+
+    from anydepth.evaluation.plots import depth_picture, picture_depths, plot_comparison
+
+    model, ds, report, _, _ = ladder_run
+    d = report.to_json()
+    worse = EvalReport.from_json(dict(d, rows=[dict(r, metrics={k: v and v / 2 for k, v in r["metrics"].items()})
+                                               for r in d["rows"]]))
+    w, h = _check_png(plot_comparison({"distillation on": report, "distillation off": worse}, tmp_path / "c.png"))
+    assert w > h  # AP and AP50 rows, GFLOPs and latency columns
+    ladder = model.depth_configs((1, 3, 64, 64))
+    assert picture_depths(model, 64) == [("base", ladder[0]), ("ladder4", ladder[4]), ("full", ladder[-1])]
+    with pytest.raises(ValueError, match="image indices"):
+        depth_picture(model, ds, tmp_path / "x.png", images=[9], imgsz=64)
+    with pytest.raises(TypeError, match="are not EvalReports"):
+        plot_comparison({"a": d}, tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"anydepth\[plot\]"):
+        report.plot(tmp_path / "x.png")
+    with pytest.raises(ImportError, match=r"anydepth\[plot\]"):
+        depth_picture(model, ds, tmp_path / "x.png", imgsz=64)
+    paths = report.save(tmp_path / "nompl", "r")
+    assert paths["png"] is None
+    with open(paths["md"]) as f:
+        assert 'matplotlib is not installed, pip install "anydepth[plot]"' in f.read()
+
+
+def test_cli_eval_reads_latency_from_profile(tmp_path, capsys):
+    """`anydepth eval --profile FILE`: the latency columns are the profile's, the picture is written
+    beside the report; a profile of another size is refused with exit code 2."""
+    from anydepth import checkpoint
+    from anydepth.cli import main
+    from anydepth.data import synth
+
+    synth.generate(str(tmp_path / "data"), images=2, imgsz=64, seed=1, split="val", progress=False)
+    torch.manual_seed(0)
+    model = anydepth.create_model("yolov12n-anydepth", num_classes=5).eval()
+    checkpoint.save(model, tmp_path / "m.pt")
+    prof = model.profile_depths(imgsz=64, rounds=1, reps=1, warmup=0, overhead=False, configs=["base", "full"])
+    prof.save(tmp_path / "p64.json")
+    args = ["eval", "--weights", str(tmp_path / "m.pt"), "--data", str(tmp_path / "data" / "val"), "--imgsz", "64",
+            "--depths", "full,base", "--device", "cpu", "--quiet", "--pictures", "1", "--out", str(tmp_path / "ev")]
+    assert main(args + ["--profile", str(tmp_path / "p64.json")]) == 0
+    report = EvalReport.from_json(tmp_path / "ev" / "eval-yolov12n-anydepth-64.json")
+    assert [r.latency_ms for r in report.rows] == [prof.entry("full").median_ms, prof.entry("base").median_ms]
+    assert report.latency["source"] == "profile"
+    assert (tmp_path / "ev" / "eval-yolov12n-anydepth-64-depths.png").is_file()
+    assert "latency: from the depth profile" in capsys.readouterr().out
+    prof.imgsz = 96
+    prof.save(tmp_path / "p96.json")
+    assert main(args + ["--profile", str(tmp_path / "p96.json")]) == 2
+    assert "was measured at imgsz 96, not 64" in capsys.readouterr().err

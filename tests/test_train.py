@@ -3,6 +3,7 @@ data parallel on 2 CPU processes (gloo), the CLI."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -332,13 +333,17 @@ def test_cli_synth_train_eval(tmp_path):
                  str(tmp_path / "eval")]) == 0
     files = os.listdir(tmp_path / "eval")
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
+    assert "eval-yolov12n-anydepth-64-depths.png" in files  # the per-depth detections picture
     assert main(["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--out", str(run),
                  "--progress", "off"]) == 0
     assert json.loads((run / "log.json").read_text())["epochs"][-1]["epoch"] == 2
 
 
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
+    import anydepth.demo_report
     from anydepth.demo import DemoRun, run_demo
+
+    monkeypatch.setattr(anydepth.demo_report, "PROFILE_ROUNDS", 2)  # the shared latency profile: 2 rounds
 
     ft = {"recipe": "finetune", "nbs": 3}
     runs = [DemoRun("yolov12n-static", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0, shallow="none", stage="static"),
@@ -356,6 +361,34 @@ def test_demo_end_to_end_tiny(tmp_path):
     on = results["runs"]["yolov12n-distill"]
     assert (on["optimizer"], on["alpha_base"], on["init_from"]) == ("sgd", 0.2, "yolov12n-static")
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["runs"].keys() == results["runs"].keys()
+    # the report side: one latency profile shared by the runs, per-run plots and pictures, the
+    # comparison plot, all embedded in RESULTS.md
+    demo = tmp_path / "demo"
+    assert results["comparisons"] == {"yolov12n-anydepth": "compare-yolov12n-anydepth.png"}
+    for tag in ("yolov12n-static", "yolov12n-distill", "yolov12n-no-distill"):
+        plots = results["runs"][tag]["plots"]
+        assert plots == {"tradeoff": f"{tag}/eval-{tag}.png", "depths": f"{tag}/eval-{tag}-depths.png"}
+        assert results["runs"][tag]["latency"]["source"] == "profile"
+    lat = [[r["latency_ms"] for r in results["runs"][t]["rows"]] for t in ("yolov12n-distill", "yolov12n-no-distill")]
+    assert lat[0] == lat[1] and all(x > 0 for x in lat[0])
+    embedded = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert "compare-yolov12n-anydepth.png" in embedded
+    assert "yolov12n-distill/eval-yolov12n-distill-depths.png" in embedded
+    for rel in embedded:
+        with open(demo / rel, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "AP, AP50, AP75 in percent (results.json and the eval-*.json reports keep fractions" in md
+    # --eval-only: the finished runs evaluated again from their final.pt, training fields kept
+    from anydepth.demo import main as demo_main
+
+    before = json.loads((demo / "results.json").read_text())
+    assert demo_main(["--out", str(demo), "--eval-only", "--only", "yolov12n-distill", "--no-latency", "--quiet",
+                      "--imgsz", str(IMGSZ), "--yolo-imgsz", str(IMGSZ), "--images", "6", "--val-images", "3"]) == 0
+    after = json.loads((demo / "results.json").read_text())
+    run_after, run_before = after["runs"]["yolov12n-distill"], before["runs"]["yolov12n-distill"]
+    assert run_after["steps"] == run_before["steps"] and run_after["train_minutes"] == run_before["train_minutes"]
+    assert [r["AP"] for r in run_after["rows"]] == [r["AP"] for r in run_before["rows"]]
+    assert all(r["latency_ms"] is None for r in run_after["rows"])
 
 
 def _coco_results(model, x, depth):

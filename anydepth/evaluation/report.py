@@ -13,9 +13,9 @@ class EvalRow:
     """One depth configuration: its label (``base``/``ladder<i>``/``full`` on the model's ladder,
     the preset or number given otherwise, else the config code), config code, the switches it
     skips, knob values, GFLOPs of one ``imgsz`` x ``imgsz`` image (``None`` when the model cannot
-    count them), network latency in ms at ``latency_batch`` (``None`` when not measured), the
-    COCO metrics (fractions, ``None`` = undefined), the number of detections scored and the
-    seconds spent in ``predict``."""
+    count them), network latency in ms at ``latency_batch`` (median; ``None`` when not measured),
+    the COCO metrics (fractions, ``None`` = undefined), the number of detections scored, the
+    seconds spent in ``predict`` and the 10th/90th percentiles of the latency."""
 
     name: str
     code: str
@@ -27,6 +27,8 @@ class EvalRow:
     metrics: Dict[str, Optional[float]] = field(default_factory=dict)
     num_detections: int = 0
     predict_s: float = 0.0
+    latency_p10_ms: Optional[float] = None
+    latency_p90_ms: Optional[float] = None
 
     @property
     def ap(self) -> Optional[float]:
@@ -37,6 +39,16 @@ class EvalRow:
         return self.metrics.get("AP50")
 
 
+#: What the numbers of a report are (written into its JSON as ``units``; the notes say the same).
+UNITS = {
+    "metrics": "fractions in [0, 1] in the JSON and the API (rows[].metrics); percent (0-100) in the tables and "
+               "plots; None = undefined (no ground-truth object of that size)",
+    "gflops": "GFLOPs (1e9 FLOPs, a multiply-add = 2) of one forward of one imgsz x imgsz image",
+    "latency_ms": "milliseconds of one network forward model(x, depth=...) of a batch of latency_batch images, "
+                  "no pre/post-processing: median, latency_p10_ms-latency_p90_ms its 10th-90th percentile",
+}
+
+
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 _SHORT = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
 
@@ -44,7 +56,9 @@ _SHORT = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
 @dataclass
 class EvalReport:
     """Result of :func:`evaluate`: one :class:`EvalRow` per requested depth, in order, plus the
-    settings it was run with. Metrics are fractions in [0, 1]; the table and plot show percent."""
+    settings it was run with. Metrics are fractions in [0, 1]; the table and plots show percent
+    (``units`` says so in the JSON). ``latency``: how the latency was obtained (``source``
+    ``"measured"`` or ``"profile"``, form, batch, device, rounds, reps, warm-up); empty when not."""
 
     model: str
     dataset: str
@@ -59,6 +73,8 @@ class EvalReport:
     rows: List[EvalRow]
     machine: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    latency: Dict[str, object] = field(default_factory=dict)
+    units: Dict[str, str] = field(default_factory=lambda: dict(UNITS))
 
     def row(self, name: str) -> EvalRow:
         """The row labelled ``name`` (``"full"``, ``"base"``, ...)."""
@@ -69,15 +85,16 @@ class EvalReport:
 
     def table(self) -> str:
         """A Markdown table (readable as plain text): depth, code, switches skipped, GFLOPs,
-        latency and the COCO AP metrics in percent ('-' = not available / undefined)."""
-        head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})"]
+        latency (median and p10-p90) and the COCO AP metrics in percent ('-' = not available /
+        undefined)."""
+        head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})", "p10-p90 ms"]
         head += [f"{_SHORT.get(m, m)} %" for m in TABLE_METRICS]
         body = []
         for r in self.rows:
             skipped = f"{len(r.skipped)}/{r.num_switches}" if r.num_switches is not None else "-"
             cells = [r.name, r.code, skipped,
                      f"{r.gflops:.2f}" if r.gflops is not None else "-",
-                     f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-"]
+                     f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-", _spread(r)]
             cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in TABLE_METRICS]
             body.append(cells)
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -110,7 +127,8 @@ class EvalReport:
             with open(source) as f:
                 d = json.load(f)
         names = {f.name for f in fields(cls)}
-        missing = {f.name for f in fields(cls) if f.name not in d and f.name not in ("machine", "notes")}
+        optional = ("machine", "notes", "latency", "units")  # reports written before they existed
+        missing = {f.name for f in fields(cls) if f.name not in d and f.name not in optional}
         if missing:
             raise ValueError(f"not an evaluation report: missing {sorted(missing)}")
         row_names = {f.name for f in fields(EvalRow)}
@@ -127,56 +145,49 @@ class EvalReport:
         return "depth", list(range(len(self.rows)))
 
     def plot(self, path: Union[str, os.PathLike]) -> str:
-        """PNG of AP (and AP50) in percent against latency, or against GFLOPs when latency was not
-        measured (or against the depth order when neither is known). Returns ``path``."""
-        from .._optional import require
+        """PNG of AP and AP50 (percent) against GFLOPs and, when measured, against latency (p10-p90
+        bars), points labelled by their ladder label with a key of the config codes, the Pareto
+        front marked (:func:`anydepth.evaluation.plots.plot_tradeoff`). Returns ``path``; an
+        ``ImportError`` naming the ``plot`` extra without matplotlib."""
+        from .plots import plot_tradeoff
 
-        require("matplotlib", "EvalReport.plot").use("Agg")
-        import matplotlib.pyplot as plt
+        return plot_tradeoff(self, path)
 
-        kind, xs = self.plot_axis()
-        xlabel = {"latency": f"latency (ms, batch {self.latency_batch}, {self.device})",
-                  "gflops": "GFLOPs (multiply-add = 2)", "depth": "depth configuration"}[kind]
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for key, style in (("AP", "o-"), ("AP50", "s--")):
-            pts = [(x, 100 * r.metrics[key]) for x, r in zip(xs, self.rows) if r.metrics.get(key) is not None]
-            if pts:
-                order = sorted(pts)
-                ax.plot([p[0] for p in order], [p[1] for p in order], style, label=f"{key} (one set of weights)")
-        for x, r in zip(xs, self.rows):
-            if r.metrics.get("AP") is not None:
-                ax.annotate(r.name, (x, 100 * r.metrics["AP"]), textcoords="offset points", xytext=(4, -10),
-                            fontsize=7)
-        if kind == "depth":
-            ax.set_xticks(xs, [r.name for r in self.rows], fontsize=7)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("COCO AP, AP50 (%)")
-        ax.set_title(f"{self.model} @ {self.imgsz} on {self.dataset} ({self.num_images} images)", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
-
-    def save(self, out_dir: Union[str, os.PathLike], stem: str = "eval") -> Dict[str, Optional[str]]:
-        """Write ``<stem>.json``, ``<stem>.md`` (the table) and ``<stem>.png`` (the plot) in
-        ``out_dir``; returns their paths (``png`` is ``None`` without matplotlib)."""
+    def save(self, out_dir: Union[str, os.PathLike], stem: str = "eval",
+             pictures: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[str]]:
+        """Write ``<stem>.json``, ``<stem>.png`` (the trade-off plot, :meth:`plot`) and
+        ``<stem>.md`` (the table, its notes and the plot embedded) in ``out_dir``; ``pictures``:
+        more images to embed in the Markdown (caption -> path, e.g. the per-depth detections of
+        :func:`~anydepth.evaluation.plots.depth_picture`). Returns the paths (``png`` is ``None``
+        without matplotlib, and the Markdown says so)."""
         if not stem or os.sep in stem:
             raise ValueError(f"stem must be a file name without directories, got {stem!r}")
         os.makedirs(out_dir, exist_ok=True)
         base = os.path.join(os.fspath(out_dir), stem)
         self.to_json(base + ".json")
+        try:
+            png: Optional[str] = self.plot(base + ".png")
+        except ImportError:
+            png = None
         with open(base + ".md", "w") as f:
             f.write(f"{self.model} @ {self.imgsz} on {self.dataset}, {self.num_images} images, {self.device}\n\n")
             f.write(self.table() + "\n")
             for n in self.notes:
                 f.write(f"\n- {n}")
             f.write("\n")
-        try:
-            png = self.plot(base + ".png")
-        except ImportError:
-            png = None
+            if png is None:
+                f.write("\n(no plot: matplotlib is not installed, pip install \"anydepth[plot]\")\n")
+            images = ({"AP against GFLOPs and latency": png} if png else {}) | dict(pictures or {})
+            for caption, path in images.items():
+                rel = os.path.relpath(os.fspath(path), os.fspath(out_dir))
+                f.write(f"\n![{caption}]({rel})\n")
         return {"json": base + ".json", "md": base + ".md", "png": png}
+
+
+def _spread(r: EvalRow) -> str:
+    """``p10-p90`` of a row's latency, ``-`` when not measured (``?`` for a bound a profile lacks)."""
+    if r.latency_p10_ms is None and r.latency_p90_ms is None:
+        return "-"
+    lo = "?" if r.latency_p10_ms is None else f"{r.latency_p10_ms:.1f}"
+    hi = "?" if r.latency_p90_ms is None else f"{r.latency_p90_ms:.1f}"
+    return f"{lo}-{hi}"

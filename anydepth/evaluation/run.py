@@ -4,7 +4,6 @@ and collects one :class:`~anydepth.evaluation.report.EvalRow` per depth into the
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -14,7 +13,7 @@ import torch
 
 from ..depth import DepthConfig
 from .coco import BACKENDS, coco_evaluate
-from .report import EvalReport, EvalRow
+from .report import UNITS, EvalReport, EvalRow
 
 
 def _check_dataset(dataset) -> None:
@@ -90,28 +89,66 @@ def _to_coco_results(preds, image_ids: Sequence, category_of) -> List[dict]:
     return out
 
 
-def _latency_ms(model, depth, shape, device, reps: int, warmup: int) -> float:
-    from anydepth_kernels.benchmark import timer
+def _given_profile(profile, model, imgsz: int, configs: List[DepthConfig]):
+    """The :class:`~anydepth.budget.DepthProfile` given to :func:`evaluate` (or the path of its
+    JSON), checked against the model and ``imgsz``; it must hold every configuration scored."""
+    from ..budget import DepthProfile
 
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    timed = timer(device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x, depth=depth)
-        samples = [timed(lambda: model(x, depth=depth)) for _ in range(reps)]
-    return statistics.median(samples)
+    if isinstance(profile, (str, os.PathLike)):
+        profile = DepthProfile.load(profile)
+    if not isinstance(profile, DepthProfile):
+        raise TypeError(f"evaluate: profile must be a DepthProfile or the path of its JSON, "
+                        f"got {type(profile).__name__}")
+    if getattr(model, "depth_space", None) is None:
+        raise TypeError(f"evaluate: a depth profile needs an any-depth model; {type(model).__name__} has no "
+                        "depth_space")
+    profile.check(model, imgsz=imgsz)
+    have = {e.config for e in profile.entries}
+    missing = [c.code for c in configs if c not in have]
+    if missing:
+        raise ValueError(f"evaluate: the depth profile {profile.path or ''!s} lacks the configurations {missing}; it "
+                         f"has {[e.code for e in profile.entries]} (profile them: model.profile_depths(configs=...))")
+    return profile
+
+
+def _can_time(model, is_module: bool) -> bool:
+    return is_module and getattr(model, "depth_space", None) is not None and \
+        callable(getattr(model, "depth_configs", None)) and callable(getattr(model, "resolve_depth", None))
+
+
+def _measure_latency(model, configs: List[DepthConfig], imgsz: int, batch: int, dev, form: str, rounds: int,
+                     reps: int, warmup: int):
+    """Every configuration scored, timed as the benchmarks time (:func:`anydepth.budget.profile_depths`:
+    warm-up, then ``rounds`` interleaved rounds of ``reps`` calls each)."""
+    from ..budget import profile_depths
+
+    return profile_depths(model, imgsz=imgsz, batch=batch, device=dev, form=form, rounds=rounds, reps=reps,
+                          warmup=warmup, overhead=False, configs=configs)
+
+
+def _fill_latency(rows: List[EvalRow], depths: List[Any], profile) -> None:
+    for row, depth in zip(rows, depths):
+        e = profile.entry(depth)
+        row.latency_ms, row.latency_p10_ms, row.latency_p90_ms = e.median_ms, e.p10_ms, e.p90_ms
+
+
+def _latency_info(profile, given: bool) -> Dict[str, Any]:
+    return {"source": "profile" if given else "measured", "profile": profile.path if given else None,
+            "form": profile.form, "batch": profile.batch, "imgsz": profile.imgsz, "device": profile.device,
+            "device_name": profile.device_name, "dtype": profile.dtype, "rounds": profile.rounds,
+            "reps": profile.reps, "warmup": profile.warmup, "samples": min(e.samples for e in profile.entries),
+            "torch": profile.torch, "created": profile.created}
 
 
 def _check_args(model, dataset, imgsz, batch_size, conf, max_det, latency_batch, max_images, backend,
-                latency_reps, latency_warmup) -> None:
+                latency_reps, latency_warmup, latency_rounds, latency_form) -> None:
     if not callable(getattr(model, "predict", None)):
         raise TypeError(f"evaluate: the model ({type(model).__name__}) has no predict(images, depth=, conf=, imgsz=, "
                         "max_det=) method")
     _check_dataset(dataset)
     for name, value in (("imgsz", imgsz), ("batch_size", batch_size), ("max_det", max_det),
-                        ("latency_batch", latency_batch), ("latency_reps", latency_reps)):
+                        ("latency_batch", latency_batch), ("latency_reps", latency_reps),
+                        ("latency_rounds", latency_rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"evaluate: {name} must be a positive int, got {value!r}")
     if isinstance(latency_warmup, bool) or not isinstance(latency_warmup, int) or latency_warmup < 0:
@@ -120,6 +157,10 @@ def _check_args(model, dataset, imgsz, batch_size, conf, max_det, latency_batch,
         raise ValueError(f"evaluate: conf must be in [0, 1], got {conf!r}")
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"evaluate: max_images must be a positive int or None, got {max_images!r}")
+    from ..budget import FORMS
+
+    if latency_form not in FORMS:
+        raise ValueError(f"evaluate: latency_form must be one of {list(FORMS)}, got {latency_form!r}")
     if backend not in BACKENDS:
         raise ValueError(f"evaluate: unknown COCO evaluation backend {backend!r}; valid: {list(BACKENDS)}")
 
@@ -165,35 +206,43 @@ def _restrict_ground_truth(gt_all: Mapping, image_ids: List, n: int) -> dict:
     return gt
 
 
-def _depth_row(model, label: str, depth, metrics, num_detections: int, predict_s: float, shape, can_time: bool,
-               latency_shape, dev, latency_reps: int, latency_warmup: int) -> EvalRow:
-    """One report row: the scored metrics plus the depth's GFLOPs and latency."""
+def _depth_row(model, label: str, depth, metrics, num_detections: int, predict_s: float, shape) -> EvalRow:
+    """One report row: the scored metrics plus the depth's GFLOPs (latency is filled in later, when
+    every depth has been scored: :func:`_fill_latency`)."""
     gflops = None
     if callable(getattr(model, "flops", None)):
         gflops = model.flops(depth, shape) / 1e9
-    latency = None
-    if can_time:
-        latency = _latency_ms(model, depth, latency_shape, dev, latency_reps, latency_warmup)
     if isinstance(depth, DepthConfig):
         code, skipped = depth.code, [k for k, v in depth.skip.items() if v]
         num_switches, knobs = len(depth.skip), dict(depth.knobs)
     else:
         code, skipped, num_switches, knobs = (str(depth) if depth is not None else "full"), [], None, {}
-    return EvalRow(label, code, skipped, num_switches, knobs, gflops, latency, metrics, num_detections, predict_s)
+    return EvalRow(label, code, skipped, num_switches, knobs, gflops, None, metrics, num_detections, predict_s)
 
 
-def _run_notes(model, measure_latency: bool, can_time: bool, latency_reps: int, latency_batch: int, imgsz: int,
-               latency_warmup: int) -> List[str]:
+def _run_notes(model, measure_latency: bool, can_time: bool, imgsz: int, latency: Optional[Dict[str, Any]]
+               ) -> List[str]:
     notes: List[str] = []
     if measure_latency and not can_time:
         notes.append("latency not measured: the model is not an AnyDepthModel module (model(x, depth=...))")
     if not callable(getattr(model, "flops", None)):
         notes.append("GFLOPs not counted: the model has no flops()")
-    notes.append("metrics are fractions in [0, 1] (COCO protocol, at most 100 detections per image and class "
-                 "counted); None = undefined (no ground-truth object of that size)")
-    if can_time:
-        notes.append(f"latency: median of {latency_reps} network forwards (batch {latency_batch}, "
-                     f"{imgsz}x{imgsz}, no pre/post-processing) after {latency_warmup} warm-up")
+    else:
+        notes.append(f"GFLOPs: one forward of one {imgsz}x{imgsz} image (multiply-add = 2 FLOPs)")
+    notes.append("AP columns in percent (0-100; the JSON keeps fractions in [0, 1]), COCO protocol: at most 100 "
+                 "detections per image and class counted; '-' = undefined (no ground-truth object of that size)")
+    if latency is not None:
+        how = (f"{latency['rounds']} interleaved rounds (every depth {latency['reps']} call(s) per round, "
+               f"{latency['samples']} timed calls each) after {latency['warmup']} warm-up call(s)")
+        what = (f"network forward only (batch {latency['batch']}, {latency['imgsz']}x{latency['imgsz']}, "
+                f"{latency['form']} form, {latency['dtype']}, no pre/post-processing)")
+        if latency["source"] == "profile":
+            notes.append(f"latency: from the depth profile {latency['profile']} measured on {latency['device']} "
+                         f"({latency['device_name']}, torch {latency['torch']}, {latency['created']}): {what}; "
+                         f"median and p10-p90 of {how}")
+        else:
+            notes.append(f"latency: {what} on {latency['device']} ({latency['device_name']}), measured after "
+                         f"scoring: median and p10-p90 of {how}")
     return notes
 
 
@@ -206,7 +255,8 @@ def _progress_bar(total: int, progress: bool):
 
 
 def _build_report(model, dataset, n: int, imgsz: int, batch_size: int, conf: float, max_det: int, dev,
-                  latency_batch: Optional[int], backend: str, rows: List[EvalRow], notes: List[str]) -> EvalReport:
+                  latency_batch: Optional[int], backend: str, rows: List[EvalRow], notes: List[str],
+                  latency: Optional[Dict[str, Any]]) -> EvalReport:
     if backend == "faster":
         try:
             import faster_coco_eval  # noqa: F401
@@ -225,13 +275,14 @@ def _build_report(model, dataset, n: int, imgsz: int, batch_size: int, conf: flo
     if getattr(dataset, "images_dir", None) is not None and not getattr(dataset, "name", None):
         dname = f"{dname}({os.fspath(dataset.images_dir)})"
     return EvalReport(str(name), str(dname), n, imgsz, batch_size, float(conf), max_det, str(dev),
-                      latency_batch, backend, rows, machine, notes)
+                      latency_batch, backend, rows, machine, notes, latency=latency or {}, units=dict(UNITS))
 
 
 def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8, conf: float = 0.001,
              max_det: int = 300, device=None, progress: bool = True, measure_latency: bool = True,
              latency_batch: int = 1, max_images: Optional[int] = None, backend: str = "pycocotools",
-             latency_reps: int = 5, latency_warmup: int = 1, verbose: bool = False) -> EvalReport:
+             latency_reps: int = 2, latency_warmup: int = 2, verbose: bool = False, latency_rounds: int = 10,
+             latency_form: str = "eager", profile=None) -> EvalReport:
     """COCO metrics, GFLOPs and latency of ``model`` at each depth on ``dataset``.
 
     * ``depths``: ``None`` = the model's ladder ``model.depth_configs`` (base .. full; just full
@@ -245,20 +296,29 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
     * Detections become COCO results (xywh, score, ``dataset.category_id(label)``) scored by
       :func:`coco_evaluate` (``backend``) against ``dataset.coco_ground_truth()``.
     * ``gflops``: ``model.flops(depth, (1, 3, imgsz, imgsz)) / 1e9`` (one image) when the model
-      has ``flops``. ``latency_ms`` (``measure_latency``): median of ``latency_reps`` timed network
-      forwards ``model(x, depth=...)`` of a random ``[latency_batch, 3, imgsz, imgsz]`` batch after
-      ``latency_warmup`` (pre/post-processing excluded; CUDA-event timed on GPU), for
-      :class:`~anydepth.model.AnyDepthModel`-like modules only.
+      has ``flops``.
+    * Latency (``latency_ms`` = median, ``latency_p10_ms``/``latency_p90_ms``) of the network
+      forward ``model(x, depth=...)`` on a random ``[latency_batch, 3, imgsz, imgsz]`` batch, no
+      pre/post-processing, for :class:`~anydepth.model.AnyDepthModel`-like modules. Either read
+      from ``profile`` (a :class:`~anydepth.budget.DepthProfile` or the path of its JSON, e.g. one
+      measured on the deployment device: it must be this model's, at ``imgsz``, and hold every
+      configuration scored; its batch replaces ``latency_batch``), or (``measure_latency``)
+      measured after every depth has been scored, as the benchmarks measure
+      (:func:`anydepth.budget.profile_depths` over the scored configurations, in ``latency_form``):
+      ``latency_warmup`` calls per configuration, then ``latency_rounds`` rounds in which every
+      configuration runs ``latency_reps`` times in turn, so that drift of the machine hits them
+      alike (CUDA-event timed on GPU). The notes and ``report.latency`` say which.
     * ``device``: where to run (a module is moved there); default the model's device.
       A module is put in eval mode for the run and its train/eval mode restored afterwards.
     * ``progress``: a tqdm bar over depths x batches (stderr). ``verbose``: pycocotools' output.
 
     Raises ``TypeError`` for a model without ``predict`` or a dataset missing the contract's
     methods, ``ValueError`` for an empty dataset, a ground truth without annotations or image ids
-    the ground truth lacks, bad sizes; errors of ``predict`` itself propagate.
+    the ground truth lacks, bad sizes, a profile of another model / size or lacking a
+    configuration (before anything runs); errors of ``predict`` itself propagate.
     """
     _check_args(model, dataset, imgsz, batch_size, conf, max_det, latency_batch, max_images, backend,
-                latency_reps, latency_warmup)
+                latency_reps, latency_warmup, latency_rounds, latency_form)
     n_total = len(dataset)
     if n_total == 0:
         raise ValueError("evaluate: the dataset is empty (0 images)")
@@ -285,8 +345,13 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
         model.eval()
     try:
         entries = _resolve_depths(model, depths, shape)
-        can_time = measure_latency and is_module and callable(getattr(model, "resolve_depth", None))
-        notes = _run_notes(model, measure_latency, can_time, latency_reps, latency_batch, imgsz, latency_warmup)
+        configs = [d for _, d in entries if isinstance(d, DepthConfig)]
+        given = _given_profile(profile, model, imgsz, configs) if profile is not None else None
+        can_time = given is not None or (measure_latency and _can_time(model, is_module)
+                                         and len(configs) == len(entries))
+        stride = getattr(model, "stride", 1)
+        off_stride = given is None and can_time and isinstance(stride, int) and stride > 1 and imgsz % stride != 0
+        can_time = can_time and not off_stride  # profile_depths times stride multiples only: known now, not later
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
         bar = _progress_bar(len(entries) * len(batches), progress)
 
@@ -319,14 +384,25 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
             if gt is None:
                 gt = _restrict_ground_truth(gt_all, ids_seen, n)
             metrics = coco_evaluate(gt, results, backend=backend, verbose=verbose)
-            row = _depth_row(model, label, depth, metrics, len(results), predict_s, shape, can_time,
-                             (latency_batch, 3, imgsz, imgsz), dev, latency_reps, latency_warmup)
+            row = _depth_row(model, label, depth, metrics, len(results), predict_s, shape)
             done[key] = row
             rows.append(row)
+        latency = None
+        if can_time:
+            if bar is not None:
+                bar.set_postfix_str(f"latency ({latency_rounds} rounds)" if given is None else "latency: profile")
+            timing = given if given is not None else _measure_latency(
+                model, configs, imgsz, latency_batch, dev, latency_form, latency_rounds, latency_reps, latency_warmup)
+            _fill_latency(rows, configs, timing)
+            latency = _latency_info(timing, given is not None)
+            latency_batch = timing.batch
         if bar is not None:
             bar.close()
     finally:
         if is_module and was_training:
             model.train()
+    notes = _run_notes(model, measure_latency or profile is not None, can_time or off_stride, imgsz, latency)
+    if off_stride:
+        notes.append(f"latency not measured: imgsz {imgsz} is not a multiple of the model's stride {stride}")
     return _build_report(model, dataset, n, imgsz, batch_size, conf, max_det, dev,
-                         latency_batch if can_time else None, backend, rows, notes)
+                         latency_batch if can_time else None, backend, rows, notes, latency)
