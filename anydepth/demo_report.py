@@ -157,7 +157,9 @@ def reevaluate(out: str, runs, latency: bool = True, progress: bool = True, writ
         if not os.path.isfile(weights) or run.tag not in results.get("runs", {}):
             continue
         model = anydepth.load(weights).eval()
-        val = open_dataset(os.path.join(out, "data", "val"), imgsz=run.imgsz, mode=family_of(model).preprocess,
+        data_imgsz = results["runs"][run.tag].get("data_imgsz") or results.get("imgsz")
+        data = "data" if data_imgsz in (None, results.get("imgsz")) else f"data-{data_imgsz}"  # as run_demo
+        val = open_dataset(os.path.join(out, data, "val"), imgsz=run.imgsz, mode=family_of(model).preprocess,
                            augment=False)
         print(f"\n== {run.tag}: evaluating {weights} at every depth ==", flush=True)
         fields = evaluate_run(out, run.tag, model, val, run.imgsz, latency=latency, progress=progress)

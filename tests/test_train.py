@@ -391,6 +391,27 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch):
     assert all(r["latency_ms"] is None for r in run_after["rows"])
 
 
+
+def test_demo_run_on_its_own_synthetic_size(tmp_path):
+    """A run with ``data_imgsz`` (RT-DETR's 64-px set in ``make demo``) trains and is evaluated on a
+    set drawn at that size, next to the main set, and says so in results.json."""
+    from anydepth.demo import DemoRun, default_runs, run_demo
+
+    runs = [DemoRun("yolov12n-static", "yolov12n-anydepth", False, 1, 3, IMGSZ, 5.0, shallow="none",
+                    stage="static", data_imgsz=IMGSZ)]
+    results = run_demo(str(tmp_path / "demo"), images=6, val_images=3, imgsz=96, runs=runs, workers=0,
+                       progress=False, latency=False)
+    for size, folder in ((96, "data"), (IMGSZ, f"data-{IMGSZ}")):
+        for split, n in (("train", 6), ("val", 3)):
+            ann = json.loads((tmp_path / "demo" / folder / split / "annotations.json").read_text())
+            assert len(ann["images"]) == n
+            assert max(max(im["width"], im["height"]) for im in ann["images"]) == size
+    run = results["runs"]["yolov12n-static"]
+    assert run["data_imgsz"] == IMGSZ and run["imgsz"] == IMGSZ
+    rt = {r.tag: r for r in default_runs() if r.model.startswith("rtdetr")}
+    assert {r.data_imgsz for r in rt.values()} == {64} and {r.imgsz for r in rt.values()} == {64}
+    assert rt["rtdetr-r18-distill"].init_from == rt["rtdetr-r18-no-distill"].init_from == "rtdetr-r18-static"
+
 def _coco_results(model, x, depth):
     """The model's raw queries as COCO detections (score = best class probability)."""
     with torch.no_grad():
