@@ -11,7 +11,7 @@ from .ops import BACKENDS, conv_norm_act, scale_bias_act
 from .ops.concat_conv import concat_conv1x1
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.attention import area_attention, attention
-from .optimize import OptimizeReport, optimize, register_swap, unregister_swap
+from .optimize import OptimizeReport, bf16_supported, optimize, register_swap, unregister_swap
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "activation_name",
     "area_attention",
     "attention",
+    "bf16_supported",
     "concat_conv1x1",
     "conv_norm_act",
     "extension_info",
