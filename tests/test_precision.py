@@ -164,3 +164,19 @@ def test_optimize_quantize_int8_returns_per_depth_graphs(yolo):
     q, report = ak.optimize(yolo, quantize="int8", calibration=_images(2, 3), depths=["base"], return_report=True)
     assert [c for c in q.depths] == [yolo.resolve_depth("base")]
     assert report.swapped == {"int8 PT2E graphs (one per depth)": 1}
+
+
+def test_bench_summary_reads_precision_rows_and_the_best_peer_row():
+    from anydepth.benchmark import ModelReport, Row
+
+    rows = [Row("base", "T", 1.0, 1.0, 50.0, 49, 51), Row("full", "F", 2.0, 2.0, 100.0, 99, 101),
+            Row("full+compiled", "F", 2.0, 2.0, 80.0, 79, 81), Row("full+bf16", "F", 2.0, 2.0, 50.0, 49, 51),
+            Row("full+int8", "F", 2.0, 2.0, 40.0, 39, 41), Row("peer", "p", None, 2.0, 120.0, 119, 121),
+            Row("peer+compiled", "p", None, 2.0, 90.0, 89, 91)]
+    lines = ModelReport("m", 64, 1, "cpu", "float32", 1, {}, rows, peer="ultralytics").summary()
+    assert "full: bf16 compiled vs float32 compiled: 1.60x (50.0 ms vs 80.0 ms)" in lines
+    assert "full: int8 compiled vs float32 compiled: 2.00x (40.0 ms vs 80.0 ms)" in lines
+    best = [line for line in lines if "best peer row" in line]
+    # every full-depth form of ours against the faster peer row (compiled), fastest first
+    assert len(best) == 4 and best[0].startswith("full+int8 vs the best peer row (ultralytics peer+compiled)")
+    assert "2.25x (40.0 ms vs 90.0 ms)" in best[0]
