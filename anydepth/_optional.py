@@ -25,6 +25,7 @@ OPTIONAL = {
     "onnxscript": ("onnxscript", "export"),
     "onnx_ir": ("onnxscript", "export"),
     "onnxruntime": ("onnxruntime", "export"),
+    "torchao": ("torchao", "quant"),
 }
 
 

@@ -13,8 +13,9 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,6 +95,12 @@ class ModelReport:
                     for r in self.rows if r.name.endswith("+ort")]
             out.append(f"multi-depth file vs per-depth files, same depth: {min(over):.2f}x-{max(over):.2f}x latency")
         for depth in ("full", "base"):
+            for form in ("bf16", "int8"):
+                if f"{depth}+{form}" in names and f"{depth}+compiled" in names:
+                    base_row, fast = self.row(f"{depth}+compiled"), self.row(f"{depth}+{form}")
+                    out.append(f"{depth}: {form} compiled vs float32 compiled: "
+                               f"{base_row.median_ms / fast.median_ms:.2f}x "
+                               f"({fast.median_ms:.1f} ms vs {base_row.median_ms:.1f} ms)")
             for form, what in (("fused", "fused inference form"), ("compiled", "optimize(compile=True)"),
                                ("ort", "onnxruntime (per-depth file)"), ("aoti", "AOTInductor package")):
                 if f"{depth}+{form}" in names:
@@ -122,6 +129,12 @@ class ModelReport:
                     out.append(f"full+{form} vs {self.peer} eager, same weights: "
                                f"{peer.median_ms / fast.median_ms:.2f}x "
                                f"({fast.median_ms:.1f} ms vs {peer.median_ms:.1f} ms)")
+            best_peer = min((r for r in self.rows if r.name.startswith("peer")), key=lambda r: r.median_ms)
+            ours = [r for r in self.rows if r.name.split("+")[0] == "full"]
+            for r in sorted(ours, key=lambda r: r.median_ms):
+                out.append(f"{r.name} vs the best peer row ({self.peer} {best_peer.name}), full depth, same "
+                           f"weights: {best_peer.median_ms / r.median_ms:.2f}x "
+                           f"({r.median_ms:.1f} ms vs {best_peer.median_ms:.1f} ms)")
         return out
 
     def to_json(self) -> dict:
@@ -155,7 +168,8 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
                         dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2,
                         peer: bool = True, fuse: bool = True, compile: bool = False,
                         progress: bool = True, onnx: bool = False, aoti: bool = False,
-                        export_dir: Optional[str] = None) -> ModelReport:
+                        export_dir: Optional[str] = None, precisions: Sequence[str] = (),
+                        calibration_batches: int = 4) -> ModelReport:
     """Per-depth latency of ``model_name`` (random well-conditioned weights): every ladder
     configuration eager, full/base in the fused inference form (``fuse``), full/base compiled with
     ``anydepth_kernels.optimize(model, compile=True)`` (``compile``; compile time is excluded and
@@ -164,7 +178,21 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     ``onnx``: also every ladder configuration in onnxruntime (CPU), from its per-depth file
     (``+ort``) and from the one multi-depth file (``+ort-multi``), exported by
     :func:`anydepth.export.export` (timed, not checked: the tests check) into ``export_dir`` (a temporary
-    directory by default). ``aoti``: full and base as AOTInductor packages (``+aoti``)."""
+    directory by default). ``aoti``: full and base as AOTInductor packages (``+aoti``).
+
+    ``precisions``: ``"bf16"`` adds full and base through ``optimize(model, dtype=torch.bfloat16)``
+    (``+bf16``), ``"int8"`` full and base through ``optimize(model, quantize="int8")`` calibrated on
+    ``calibration_batches`` random images per depth (``+int8``; random weights: a latency
+    measurement, not an accuracy one). Either one also times the float32 compiled rows, the
+    baseline they are read against."""
+    precisions = tuple(precisions)
+    unknown = set(precisions) - {"bf16", "int8"}
+    if unknown:
+        raise ValueError(f"precisions: unknown {sorted(unknown)} (known: bf16, int8)")
+    if precisions:
+        if dtype != torch.float32:
+            raise ValueError("the bf16 / int8 rows are read against float32 rows: run with dtype=torch.float32")
+        compile = True
     dev = torch.device(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
@@ -209,6 +237,43 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
             compile_notes.append(f"{tag}+compiled: first call (compilation) took {time.perf_counter() - t0:.0f} s")
             fns[f"{tag}+compiled"] = (lambda c=c: compiled(x, depth=c))
     extra_rows: List[Tuple[str, object]] = []
+    if "bf16" in precisions:
+        import copy
+        import time
+
+        from anydepth_kernels import optimize
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bf16 = optimize(copy.deepcopy(ours), dtype=torch.bfloat16)
+        compile_notes += [f"bf16: {w.message}" for w in caught]
+        for tag, c in (("full", ladder[-1]), ("base", ladder[0])):
+            log(f"compiling {tag} depth in bfloat16 ...")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                bf16(x, depth=c)
+            compile_notes.append(f"{tag}+bf16: first call (compilation) took {time.perf_counter() - t0:.0f} s")
+            fns[f"{tag}+bf16"] = (lambda c=c: bf16(x, depth=c))
+            extra_rows.append((f"{tag}+bf16", c))
+    if "int8" in precisions:
+        import time
+
+        from anydepth_kernels import optimize
+
+        g = torch.Generator().manual_seed(1)
+        calib = [torch.rand(shape, generator=g).to(dev) for _ in range(calibration_batches)]
+        log(f"quantizing to int8 (PT2E, {calibration_batches} calibration batches per depth) ...")
+        t0 = time.perf_counter()
+        int8 = optimize(ours, quantize="int8", calibration=calib, depths=[ladder[-1], ladder[0]])
+        compile_notes.append(f"int8: trace + calibration of 2 depths took {time.perf_counter() - t0:.0f} s")
+        for tag, c in (("full", ladder[-1]), ("base", ladder[0])):
+            log(f"compiling {tag} depth in int8 ...")
+            t0 = time.perf_counter()
+            int8(x, depth=c)
+            compile_notes.append(f"{tag}+int8: first call (compilation) took {time.perf_counter() - t0:.0f} s; "
+                                 f"max |int8 - fp32| on a calibration batch {int8.max_abs_diff[c]:.3g}")
+            fns[f"{tag}+int8"] = (lambda c=c: int8(x, depth=c))
+            extra_rows.append((f"{tag}+int8", c))
     if onnx or aoti:
         import tempfile
 
@@ -248,6 +313,19 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     if peer_model is not None:
         peer_model = peer_model.to(dev, dtype).eval()
         fns["peer"] = lambda: peer_call(peer_model, x)
+        if compile:
+            import copy
+            import time
+
+            # the peer under torch.compile with the same Inductor options as ours (weights frozen):
+            # what a user of the peer package would compare with
+            peer_compiled = torch.compile(copy.deepcopy(peer_model), options={"freezing": True})
+            log(f"compiling the peer ({peer_name}, torch.compile, Inductor with freezing) ...")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                peer_call(peer_compiled, x)
+            compile_notes.append(f"peer+compiled: first call (compilation) took {time.perf_counter() - t0:.0f} s")
+            fns["peer+compiled"] = lambda: peer_call(peer_compiled, x)
     timed = timer(dev)
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -276,9 +354,10 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     for n, c in extra_rows:
         rows.append(Row(n, c.code, gflops[c], params[c], med[n], pct(times[n], 0.1), pct(times[n], 0.9),
                         med["full"] / med[n], dict(c.skip), dict(c.knobs)))
-    if "peer" in fns:
-        rows.append(Row("peer", peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
-                        med["peer"], pct(times["peer"], 0.1), pct(times["peer"], 0.9), med["full"] / med["peer"]))
+    for n in ("peer", "peer+compiled"):
+        if n in fns:
+            rows.append(Row(n, peer_name, None, sum(p.numel() for p in peer_model.parameters()) / 1e6,
+                            med[n], pct(times[n], 0.1), pct(times[n], 0.9), med["full"] / med[n]))
     report = ModelReport(model_name, imgsz, batch, str(dev), str(dtype).replace("torch.", ""), rounds,
                          machine_info(dev), rows, peer_name, gemm_gflop_per_s=gemm_rate(dev, dtype))
     if note:

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _cmd_info(args) -> int:
@@ -105,10 +105,16 @@ def _bench_kernels(args, dtype) -> None:
 def _bench_model(args, name, dtype) -> None:
     from anydepth import benchmark
 
+    precisions = ["int8"] if args.int8 else []
+    if dtype == torch.bfloat16 and args.device == "cpu":
+        # on the CPU bf16 is a compiled path (optimize(model, dtype=torch.bfloat16)), timed beside
+        # the float32 rows it is read against
+        precisions.insert(0, "bf16")
+        dtype = torch.float32
     report = benchmark.run_model_benchmark(
         name, imgsz=args.imgsz, batch=args.batch, device=args.device, dtype=dtype,
         rounds=args.rounds, warmup=args.warmup, peer=not args.no_peer, compile=args.compile,
-        progress=not args.quiet, onnx=args.onnx, aoti=args.aoti,
+        progress=not args.quiet, onnx=args.onnx, aoti=args.aoti, precisions=precisions,
     )
     m = report.machine
     where = m.get("gpu") or m["cpu"]
@@ -561,7 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peer", action="store_true", help="do not time the Ultralytics/HF peer")
     b.add_argument("--kernels", action="store_true", help="kernel microbenchmarks")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="with --model on the CPU, bf16 (= bfloat16) adds full and base through "
+                        "optimize(model, dtype=torch.bfloat16) beside the float32 rows (eager, compiled, peers)")
+    b.add_argument("--int8", action="store_true",
+                   help="with --model: also full and base as int8 PT2E graphs calibrated per depth "
+                        "(optimize(model, quantize='int8'); needs the quant extra), beside the float32 compiled rows")
     b.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     b.add_argument("--reps", type=int, default=3, help="timed calls per backend per round")
     b.add_argument("--warmup", type=int, default=3)

@@ -98,6 +98,14 @@ class AnyDepthModel(nn.Module):
         if options:
             raise TypeError(f"{type(self).__name__}.to_inference() takes no options {sorted(options)}")
 
+    def quantize_int8(self, calibration, depths=None, max_batches: Optional[int] = None, compile: bool = True):
+        """int8 graphs of this model, calibrated per depth on ``calibration`` (image batches):
+        :func:`anydepth.quantize.quantize_int8` (what ``optimize(model, quantize="int8")`` calls).
+        The model itself is left unchanged."""
+        from .quantize import quantize_int8
+
+        return quantize_int8(self, calibration, depths=depths, max_batches=max_batches, compile=compile)
+
     def train(self, mode: bool = True):
         if mode and self.is_inference:
             raise RuntimeError("this model was fused for inference (model.to_inference()); rebuild it "

@@ -12,7 +12,7 @@ from .ops.concat_conv import concat_conv1x1
 from .ops.basis_conv import basis_conv_norm_act
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.attention import area_attention, attention
-from .optimize import OptimizeReport, optimize, register_swap, unregister_swap
+from .optimize import OptimizeReport, bf16_supported, optimize, register_swap, unregister_swap
 from .shared_basis import (
     FactoredConvNormAct,
     SharedBasis,
@@ -38,6 +38,7 @@ __all__ = [
     "activation_name",
     "area_attention",
     "attention",
+    "bf16_supported",
     "concat_conv1x1",
     "conv_norm_act",
     "extension_info",

@@ -422,8 +422,38 @@ def _with_recompile_limit(fn: Callable, limit: int) -> Callable:
     return call
 
 
+def bf16_supported(device: Any = "cpu") -> bool:
+    """Whether ``device`` runs bfloat16 matrix multiplies and convolutions natively: on the CPU
+    oneDNN's check (AVX-512 BF16 / AMX, or AVX-512 with the emulation oneDNN accepts:
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), on CUDA ``torch.cuda.is_bf16_supported()``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return False
+
+
+def _to_dtype(dtype: torch.dtype) -> Callable[[Any], Any]:
+    def cast(t: Any) -> Any:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+    return cast
+
+
+def _bf16_hooks(model: nn.Module) -> None:
+    """Inputs cast to bfloat16 on the way in, floating-point outputs back to float32 on the way out
+    (callers keep passing and receiving float32; inside ``model.compile`` the casts are graph ops)."""
+    from torch.utils._pytree import tree_map
+
+    to_bf16, to_f32 = _to_dtype(torch.bfloat16), _to_dtype(torch.float32)
+    model.register_forward_pre_hook(lambda m, args, kwargs: (tree_map(to_bf16, args), tree_map(to_bf16, kwargs)),
+                                    with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: tree_map(to_f32, out))
+
+
 def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, return_report: bool = False,
-             compile: bool = False):
+             compile: Optional[bool] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+             calibration: Any = None, depths: Any = None):
     """Return ``model`` with fused modules in place (modified in place; eval mode).
 
     ``backend``: ``"auto"`` (the best compiled kernels for the model's device, reference
@@ -438,14 +468,65 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
     kernels are opaque to Inductor, so the two are alternatives: on this project's 2-core CPU
     compiling measured the faster of the two (see the README), on CUDA the swaps plus CUDA
     graphs are the path we ship.
+    ``dtype=torch.bfloat16``: bfloat16 weights and activations through the compiled path
+    (``compile`` defaults to True; Inductor lowers the convolutions and matrix multiplies to
+    oneDNN's bf16 kernels): the model's parameters become bfloat16, float inputs are cast to
+    bfloat16 on the way in and floating outputs back to float32 on the way out. Where the device
+    has no native bf16 (:func:`bf16_supported`) it warns and stays float32. The swapped fused
+    modules are not a bf16 path (their CPU epilogue has a scalar bf16 loop only and the CPU
+    deformable-attention kernel is float32/float64), so ``compile=False`` with bf16 is an error.
+    ``quantize="int8"``: post-training static int8 quantization (PT2E, ``X86InductorQuantizer``,
+    needs ``torchao``: ``pip install "anydepth[quant]"``), calibrated on ``calibration`` (an
+    iterable of image batches, or of tuples / lists whose first item is the batch) separately for
+    every depth in ``depths`` (default: full and base), compiled lazily by Inductor; returns the
+    per-depth runner of ``model.quantize_int8`` (an any-depth model is required).
     ``verbose=True`` prints what was done and what was left alone; ``return_report=True``
     returns ``(model, OptimizeReport)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(compile, bool):
+    if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"optimize: compile must be True or False, got {compile!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"optimize: dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"optimize: quantize must be 'int8' or None, got {quantize!r}")
+        if dtype not in (None, torch.float32) or compile is False:
+            raise ValueError("optimize: quantize='int8' is its own compiled path; pass neither dtype nor compile=False")
+        runner = getattr(model, "quantize_int8", None)
+        if runner is None:
+            raise TypeError(f"optimize: quantize='int8' needs an any-depth model (with quantize_int8), got "
+                            f"{type(model).__name__}")
+        if calibration is None:
+            raise ValueError("optimize: quantize='int8' needs calibration= (an iterable of image batches)")
+        q = runner(calibration, depths=depths)
+        report = OptimizeReport(swapped={"int8 PT2E graphs (one per depth)": len(q.graphs)},
+                                notes=["compiled lazily: the first call per depth compiles"])
+        if verbose:
+            print(report)
+        return (q, report) if return_report else q
+    if calibration is not None or depths is not None:
+        raise ValueError("optimize: calibration= and depths= go with quantize='int8'")
     report = OptimizeReport()
+    if dtype == torch.bfloat16:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if not bf16_supported(device):
+            import warnings
+
+            warnings.warn(f"optimize: {device} has no native bfloat16 support; the model stays float32",
+                          stacklevel=2)
+            report.notes.append(f"bfloat16 requested, {device} has no native support: float32 kept")
+        else:
+            if compile is False:
+                raise ValueError("optimize: dtype=torch.bfloat16 runs through the compiled path (the fused "
+                                 "modules have no fast bf16 CPU kernels); leave compile at its default")
+            compile = True
+            model.to(torch.bfloat16)
+            _bf16_hooks(model)
+            report.notes.append("bfloat16 weights and activations (inputs cast in, outputs cast to float32)")
+    compile = bool(compile)
     if model.training:
         report.notes.append("model switched to eval mode (norms are folded with their running statistics)")
     model.eval()
