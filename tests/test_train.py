@@ -280,6 +280,68 @@ def test_fine_tune_from_checkpoint_with_other_classes(synth_dir, tmp_path):
     torch.testing.assert_close(t.model.layers[0].conv.weight, src.layers[0].conv.weight)
 
 
+def _finite_losses_and_changed(trainer, before):
+    row = trainer.history[-1]
+    losses = {k: v for k, v in row.items() if k.startswith("train/") and k.endswith("loss")}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    after = trainer.model.state_dict()
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
+    assert changed, "no weight changed"
+    return changed
+
+
+def test_fine_tune_from_authors_yolo_builds_their_model(synth_dir, tmp_path):
+    """`anydepth train --weights <the authors' file>` (no --model) builds the model the weights
+    belong to: split="official" and their multipliers, every tensor loaded; two steps train it and
+    the checkpoints record those options. Another --model is refused, naming the weights' model."""
+    from helpers import load_authors_fixture
+
+    from anydepth.convert import from_authors_yolo
+
+    fx, sd = load_authors_fixture("authors_yolo_s.npz")
+    path = tmp_path / "yolo-ad_sd.pt"
+    torch.save({"model": sd}, path)   # what their one-line extraction writes (weights_only)
+    cfg = _config(synth_dir, tmp_path / "ft", model=None, weights=str(path), epochs=1, batch_size=2,
+                  max_steps_per_epoch=2, warmup_epochs=0.0, ema=False, augment=False, recipe="finetune")
+    t = Trainer(cfg)
+    assert t.config.model == "yolov12n-anydepth"  # the scale letter their widths read as (infer_yolo_config)
+    assert t.config.model_kwargs == {"split": "official", "multipliers": [0.5, 0.25, 256]}
+    assert t.model.split == "official" and t.model.multipliers == (0.5, 0.25, 256)
+    ref = from_authors_yolo(sd).state_dict()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert before.keys() == ref.keys()
+    differ = [k for k, v in before.items() if not torch.equal(v, ref[k])]
+    assert differ and all(k.startswith("layers.21.cv3.") for k in differ)  # only the class heads (other classes)
+    t.fit()
+    changed = _finite_losses_and_changed(t, before)
+    assert any(".bn_skip." in k for k in changed)  # the shallow pass trains its own norms
+    for name in ("final.pt", "last.pt"):
+        again = anydepth.load(str(tmp_path / "ft" / name))
+        assert again.split == "official" and again.multipliers == (0.5, 0.25, 256)
+    with pytest.raises(ValueError, match="leave the model unset"):
+        Trainer(_config(synth_dir, tmp_path / "other", model="yolov12s-anydepth", weights=str(path)))
+
+
+def test_fine_tune_from_authors_rtdetr_builds_their_model(synth_dir, tmp_path):
+    """The same for the authors' RT-DETR (their training checkpoint): rtdetr-r50, split="official";
+    an option the state dict cannot hold (the query count) is set with model_kwargs."""
+    from helpers import load_authors_fixture
+
+    fx, sd = load_authors_fixture("authors_rtdetr_r50.npz")
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": sd, "ema": {"module": sd, "updates": 1}}, path)
+    cfg = _config(synth_dir, tmp_path / "rt", model=None, weights=str(path), epochs=1, batch_size=2,
+                  max_steps_per_epoch=1, warmup_epochs=0.0, ema=False, augment=False,
+                  model_kwargs={"num_queries": fx["num_queries"]})
+    t = Trainer(cfg)
+    assert t.config.model == "rtdetr-r50-anydepth" and t.model.split == "official"
+    assert t.config.model_kwargs["split"] == "official" and t.model.num_queries == fx["num_queries"]
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    _finite_losses_and_changed(t, before)
+    assert anydepth.load(str(tmp_path / "rt" / "final.pt")).split == "official"
+
+
 # -- distributed: 2 CPU processes, gloo ---------------------------------------------------------
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
