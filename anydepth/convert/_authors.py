@@ -1,4 +1,4 @@
-"""The authors' released any-depth checkpoints -> our models (``split="official"``).
+"""The authors' released any-depth checkpoints (YOLOv12, RT-DETR) -> our models (``split="official"``).
 
 Source: ``HyungseopLee/Dynamic-Routing-AnyDepthYOLO`` (arXiv 2605.09407), folder
 ``anydepth-yolov12/``, an Ultralytics fork (AGPL; none of its code is used or copied here: this
@@ -50,6 +50,18 @@ Or extract the weights once where their code is installed::
     torch.save((c.get('ema') or c['model']).float().state_dict(), 'yolo-ad_sd.pt')"
 
 and pass ``yolo-ad_sd.pt`` (or the state dict itself).
+
+RT-DETR (:func:`from_authors_rtdetr`): folder ``anydepth-rt-detr/`` (an RT-DETR fork, upstream
+Apache-2.0), whose backbone ``ResNet_ADN`` and ``depth``-taking decoder are read from
+``anydepth-detr/`` of the same repository (``anydepth-rt-detr/`` lacks both files). It maps onto
+:class:`~anydepth.models.rtdetr.AnyDepthRTDETR` with ``split="official"`` (R50/R101): their 7x7
+stem, their one-norm projection shortcuts; backbone split, encoder split (1 of 3 RepVGG blocks
+essential), skip-aware norms and decoder depth are ours. Keys: ``backbone.conv1/bn1`` -> the stem,
+``backbone.layer{s}.{j}.conv{k}/bn{k}/bn{k}_skip`` -> ``backbone.stage{s}.essential|refinement``,
+``downsample.{conv,norm}`` -> ``shortcut.conv``, ``norm``/``norm_skippable`` -> ``bn.bn``/``bn.bn_skip``
+(``ln``/``ln_skip`` for the AIFI LayerNorms), the packed ``nn.MultiheadAttention`` ``in_proj`` ->
+``q_proj``/``k_proj``/``v_proj``, ``decoder.decoder.layers`` -> ``decoder.layers``,
+``dec_score_head``/``dec_bbox_head`` -> ``class_embed``/``bbox_embed``.
 """
 from __future__ import annotations
 

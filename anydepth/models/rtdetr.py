@@ -32,6 +32,10 @@ Any-depth split (the AnyDepth-DETR paper):
   value is ``max(1, L - 2)``: 4 for the 6-layer R50/R101 (the published base = every switch
   skipped + 4 decoder layers), 1 for R18 (3 layers) and 2 for R34 (4 layers).
 
+``split="official"`` builds what the authors' released code builds (R50/R101: a 7x7 stem and
+one-norm projection shortcuts), so that their checkpoints load exactly
+(:func:`anydepth.convert.from_authors_rtdetr`); see :class:`AnyDepthRTDETR`.
+
 Training: :meth:`AnyDepthRTDETR.forward_train` returns every decoder layer's outputs (auxiliary
 losses), the encoder's top-k query outputs and, when targets are given, the outputs of contrastive
 denoising queries (:func:`build_denoising_queries`) built with the denoising class embedding
