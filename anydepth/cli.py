@@ -196,10 +196,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from anydepth.train import TrainConfig
 
     helps = {
-        "model": "registered model name (anydepth models)", "data": "training set directory (COCO-JSON or YOLO-txt)",
+        "model": "registered model name (anydepth models); default: the model of --weights (with its options, "
+                 "e.g. split=official for the authors' files), else yolov12n-anydepth",
+        "data": "training set directory (COCO-JSON or YOLO-txt)",
         "val_data": "validation set, evaluated at full and base depth", "out": "output directory",
         "distill": "on: distil the shallow pass from the full pass; off: both on ground truth (the ablation)",
-        "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, or HF RT-DETR directory",
+        "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, HF RT-DETR directory, or the "
+                   "authors' any-depth YOLO12 / RT-DETR file; the model built is the one they belong to",
         "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5", "model_kwargs": "model options, e.g. num_queries=100",
         "amp": "mixed precision on CUDA: off, bf16, fp16", "time_limit": "stop (checkpointed) after this many minutes",
         "lr": "peak learning rate (default: the family's)", "clip_grad": "max gradient norm, 0 = off",

@@ -81,3 +81,41 @@ def aot_compile(tmp_path, families=None, triton=None):
             f"sm_{arch} AOT compilation with Triton {triton.label} failed:\n{stderr[-6000:]}"
         names[arch] += json.loads(stdout.strip().splitlines()[-1])
     return names
+
+
+# -- the authors' fixtures (tests/fixtures/authors_*.npz, made by tools/authors_fixtures.py) --------
+AUTHORS_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def authors_weight(key, shape, seed):
+    """A weight the fixture stores as (key, shape) only: redrawn from a generator seeded by its
+    state-dict key (``tools/authors_fixtures.py``'s ``conv_weight``)."""
+    import math
+    import zlib
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    fan_in = math.prod(shape[1:])
+    return torch.randn(tuple(shape), generator=g) * (1.0 / fan_in) ** 0.5
+
+
+def load_authors_fixture(name):
+    """``(fixture dict, their state dict)`` of ``tests/fixtures/<name>``: plain arrays + JSON
+    metadata (``np.load(allow_pickle=False)``); ``outputs`` (and ``outputs64`` where stored) become
+    {depth key: output}; the redrawn weights are put back into the state dict."""
+    import json
+
+    import numpy as np
+
+    with np.load(os.path.join(AUTHORS_FIXTURES, name), allow_pickle=False) as z:
+        fx = json.loads(str(z["meta"]))
+        fx.update({k: torch.from_numpy(z[k]) for k in ("input", "outputs", "outputs64") if k in z.files})
+        fx["state_dict"] = {k.split("/", 1)[1]: torch.from_numpy(z[k]) for k in z.files
+                            if k.startswith("state_dict/")}
+    assert fx["format"] == "anydepth-authors-fixture"
+    fx["outputs"] = dict(zip(fx["depths"], fx["outputs"]))
+    if "outputs64" in fx:
+        fx["outputs64"] = dict(zip(fx["depths64"], fx["outputs64"]))
+    sd = dict(fx["state_dict"])
+    for key, shape in fx["drawn"].items():
+        sd[key] = authors_weight(key, shape, fx["weight_seed"])
+    return fx, sd

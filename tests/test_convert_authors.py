@@ -3,52 +3,31 @@
 Fixtures (``tests/fixtures/authors_*.npz``: plain arrays + JSON metadata, made once by
 ``tools/authors_fixtures.py`` running the authors' code on small random-weight models): a fixed
 input, their state dict and their outputs at every depth configuration their code supports. Conv
-weights are stored as (key, shape) and redrawn here from a generator seeded by the key
-(``conv_weight`` below, the tool's own rule); every other tensor is stored as it is. Outputs must
-match to 1e-5 relative in fp32.
+weights (and, for RT-DETR, every weight of 2+ dimensions) are stored as (key, shape) and redrawn
+from a generator seeded by the key (``helpers.authors_weight``, the tool's own rule); every other
+tensor is stored as it is. Outputs must match to 1e-5 relative in fp32.
 """
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
-import zlib
 
-import numpy as np
 import pytest
 import torch
-from helpers import rel_err
+from helpers import load_authors_fixture, rel_err
 
 import anydepth
-from anydepth.convert import from_authors_yolo
-from anydepth.convert._authors import infer_yolo_config
+from anydepth.convert import from_authors_rtdetr, from_authors_yolo
+from anydepth.convert._authors import infer_rtdetr_config, infer_yolo_config
+from anydepth.depth import DepthConfig
+from anydepth.models import rtdetr as rtdetr_mod
 from anydepth.models.yolov12 import SWITCHES
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 YOLO_FIXTURES = {"authors_yolo_s.npz": ("n", [0.5, 0.25, 256]), "authors_yolo_l.npz": ("l", [1.0, 0.25, 256])}
 TOL = 1e-5
 
 
-def conv_weight(key, shape, seed):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    fan_in = math.prod(shape[1:])
-    return torch.randn(tuple(shape), generator=g) * (1.0 / fan_in) ** 0.5
-
-
 def load_fixture(name):
-    with np.load(os.path.join(FIXTURES, name), allow_pickle=False) as z:
-        fx = json.loads(str(z["meta"]))
-        fx.update({k: torch.from_numpy(z[k]) for k in ("input", "outputs", "outputs64")})
-        fx["state_dict"] = {k.split("/", 1)[1]: torch.from_numpy(z[k]) for k in z.files
-                            if k.startswith("state_dict/")}
-    assert fx["format"] == "anydepth-authors-fixture"
-    fx["outputs"] = dict(zip(fx["depths"], fx["outputs"]))  # skip list ("TFFFFFFF"...) -> output
-    fx["outputs64"] = dict(zip(fx["depths64"], fx["outputs64"]))
-    sd = dict(fx["state_dict"])
-    for key, shape in fx["drawn"].items():
-        sd[key] = conv_weight(key, shape, fx["weight_seed"])
-    return fx, sd
+    return load_authors_fixture(name)
 
 
 def max_rel(out, ref):
@@ -270,3 +249,167 @@ def test_yolo_official_inference_form_matches_eager(yolo_case):
             for key in ("F" * 8, "T" * 8, "TFTFTFTF"):
                 depth = {n: c == "T" for n, c in zip(names, key)}
                 assert rel_err(fused(fx["input"], depth=depth), eager(fx["input"], depth=depth)) <= TOL
+
+
+# ------------------------------------------------------------------------------------------ RT-DETR
+RTDETR_FIXTURE = "authors_rtdetr_r50.npz"
+
+
+@pytest.fixture(scope="module")
+def rtdetr_case():
+    fx, sd = load_fixture(RTDETR_FIXTURE)
+    return fx, sd
+
+
+def rtdetr_converted(fx, sd):
+    """from_authors_rtdetr(sd) once (the fixture's 30 queries: a state dict does not hold the count)."""
+    if RTDETR_FIXTURE not in _CONVERTED:
+        _CONVERTED[RTDETR_FIXTURE] = from_authors_rtdetr(sd, num_queries=fx["num_queries"])
+    return _CONVERTED[RTDETR_FIXTURE]
+
+
+def rtdetr_depth(key):
+    """Fixture key ("FTFF" backbone skips + "T" encoder skip + "4" decoder depth) -> our DepthConfig."""
+    return DepthConfig({n: c == "T" for n, c in zip(rtdetr_mod.SWITCHES, key[:5])}, {"decoder_layers": int(key[5:])})
+
+
+def test_rtdetr_every_depth_matches_authors(rtdetr_case):
+    """All 192 depths their code runs (4 backbone skips x encoder skip x decoder depth 1..6). The
+    features are computed once per switch setting and the decoder run at each depth (the forward
+    is that composition: checked bit-exact at a few depths)."""
+    fx, sd = rtdetr_case
+    model = rtdetr_converted(fx, sd)
+    assert (model.variant, model.split, model.num_decoder_layers) == ("r50", "official", 6)
+    assert len(fx["outputs"]) == 2 ** 5 * 6
+    x, nc = fx["input"], fx["num_classes"]
+    worst = {"norm": 0.0, "max": 0.0, "boxes": 0.0, "classes": 0.0}
+    feats = {}
+    with torch.no_grad():
+        for key, ref in fx["outputs"].items():
+            depth = rtdetr_depth(key)
+            if key[:5] not in feats:
+                feats[key[:5]] = model.features(x, depth)
+            o = model.decoder(feats[key[:5]], depth.knob("decoder_layers"))
+            out = torch.cat([o["logits"], o["pred_boxes"]], -1)[0]
+            assert out.shape == ref.shape
+            errs = {"norm": rel_err(out, ref), "max": max_rel(out, ref),
+                    "boxes": rel_err(out[:, nc:], ref[:, nc:]), "classes": rel_err(out[:, :nc], ref[:, :nc])}
+            for what, err in errs.items():
+                assert err <= TOL, f"depth {key}: {what} relative error {err:.2e}"
+                worst[what] = max(worst[what], err)
+        for key in ("FFFFF6", "TTTTT1", "TFTFT4"):
+            full = model(x, depth=rtdetr_depth(key))
+            o = model.decoder(feats[key[:5]], int(key[5:]))
+            assert torch.equal(full["logits"], o["logits"]) and torch.equal(full["pred_boxes"], o["pred_boxes"])
+    print(f"{RTDETR_FIXTURE}: worst relative errors over {len(fx['outputs'])} depths: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+def test_rtdetr_official_split_is_theirs(rtdetr_case):
+    """What split='official' changes: their 7x7 stem, one norm on the projection shortcut, their
+    backbone split min(n - 1, (n + 1) // 2) and encoder split (n + 1) // 2 - 1 = 1 of 3; and every
+    switch and the decoder knob change the output, as in their code."""
+    fx, sd = rtdetr_case
+    model = rtdetr_converted(fx, sd)
+    stem = model.backbone.stem
+    assert len(stem) == 1 and stem[0].conv.kernel_size == (7, 7) and stem[0].conv.stride == (2, 2)
+    assert [len(getattr(model.backbone, f"stage{i}").essential) for i in range(1, 5)] == [2, 2, 3, 2]
+    first = model.backbone.stage2.essential.blocks[0]
+    assert not first.shortcut.conv.skip_aware and first.conv1.skip_aware
+    assert first.shortcut.pool is not None  # their variant 'd': avg-pool + 1x1 conv
+    assert len(model.encoder.fpn_blocks[0].bottlenecks.essential) == 1
+    outs = fx["outputs"]
+    for i in range(5):  # one switch at a time, then the decoder depth
+        key = "F" * i + "T" + "F" * (4 - i) + "6"
+        assert not torch.equal(outs[key], outs["FFFFF6"]), key
+    assert not torch.equal(outs["FFFFF5"], outs["FFFFF6"])
+    assert fx["their_code_cannot_build"]["ResNet_ADN(18)"].startswith("AssertionError")
+    assert "skip" in fx["their_code_cannot_build"]["HybridEncoderADN(expansion=0.5)"]
+    with pytest.raises(ValueError, match="ResNet-50/101 only"):
+        anydepth.create_model("rtdetr-r18-anydepth", split="official")
+    with pytest.raises(ValueError, match="hidden_expansion=1.0"):
+        anydepth.create_model("rtdetr-r50-anydepth", split="official", hidden_expansion=0.5)
+    with pytest.raises(ValueError, match="split must be one of"):
+        anydepth.create_model("rtdetr-r50-anydepth", split="authors")
+
+
+def test_rtdetr_infer_config_and_reload(tmp_path, rtdetr_case):
+    fx, sd = rtdetr_case
+    variant, opts = infer_rtdetr_config(sd)
+    o = fx["options"]
+    assert variant == "r50" and opts == {"num_classes": 3, "split": "official", "encoder_hidden_dim": o["hidden_dim"],
+                                         "encoder_ffn_dim": o["dim_feedforward"], "d_model": o["d_model"],
+                                         "decoder_ffn_dim": o["decoder_ffn"]}
+    model = rtdetr_converted(fx, sd)
+    assert model.model_kwargs == {**opts, "num_queries": fx["num_queries"]}
+    path = tmp_path / "m.pt"
+    anydepth.save(model, path)
+    again = anydepth.load(path)
+    assert again.split == "official" and again.num_queries == fx["num_queries"]
+    ref = model.state_dict()
+    assert again.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) for k, v in again.state_dict().items())
+
+
+def test_rtdetr_reads_their_training_checkpoint(tmp_path, rtdetr_case):
+    """Their solver's checkpoint ({"model": sd, "ema": {"module": sd, ...}, ...}): the EMA weights,
+    from a weights_only file; `anydepth eval --weights` recognises it (family import)."""
+    fx, sd = rtdetr_case
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}  # a smaller file
+    ema = dict(half)  # sharing storage with "model" (saved once) except two tensors
+    for k in ("backbone.conv1.weight", "decoder.dec_score_head.5.bias"):
+        ema[k] = half[k] + 1
+    path = tmp_path / "checkpoint0071.pth"
+    torch.save({"model": half, "ema": {"module": ema, "updates": 7, "warmups": 2000}, "last_epoch": 71,
+                "date": "2025-05-21"}, path)
+    model = from_authors_rtdetr(str(path), num_queries=fx["num_queries"])
+    ref = model.state_dict()
+    assert torch.equal(ref["backbone.stem.0.conv.weight"], ema["backbone.conv1.weight"].float())  # the EMA's
+    assert torch.equal(ref["decoder.class_embed.5.bias"], ema["decoder.dec_score_head.5.bias"].float())
+    from anydepth.family import import_weights
+
+    imported = import_weights(str(path))  # their configs' 300 queries
+    assert imported.model_name == "rtdetr-r50-anydepth" and imported.split == "official"
+    assert imported.num_queries == 300
+    assert all(torch.equal(v, ref[k]) for k, v in imported.state_dict().items())
+
+
+def test_rtdetr_bad_checkpoints_name_the_problem(rtdetr_case):
+    fx, sd = rtdetr_case
+    q = fx["num_queries"]
+    with pytest.raises(ValueError, match="bn1_skip"):  # not any-depth
+        from_authors_rtdetr({k: v for k, v in sd.items() if "_skip." not in k}, num_queries=q)
+    presnet = {k.replace("backbone.conv1.", "backbone.conv1.conv1_1.conv."): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="PResNet"):
+        from_authors_rtdetr(presnet, num_queries=q)
+    missing = dict(sd)
+    del missing["backbone.layer3.1.bn2_skip.running_var"]
+    with pytest.raises(ValueError, match=r"backbone\.layer3\.1\.bn2_skip\.running_var"):
+        from_authors_rtdetr(missing, num_queries=q)
+    extra = dict(sd, **{"decoder.extra_head.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"no place.*decoder\.extra_head\.weight"):
+        from_authors_rtdetr(extra, num_queries=q)
+    bad = dict(sd)
+    bad["encoder.lateral_convs.0.norm_skippable.bias"] = bad["encoder.lateral_convs.0.norm_skippable.bias"][:-1]
+    with pytest.raises(ValueError, match=r"shape mismatch.*encoder\.lateral_convs\.0\.bn\.bn_skip\.bias"):
+        from_authors_rtdetr(bad, num_queries=q)
+    variant_a = {k.replace("downsample.1.", "downsample.0.") if ".0.downsample.1." in k and "layer1" not in k
+                 else k: v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="variant 'a'"):
+        from_authors_rtdetr(variant_a, num_queries=q)
+    with pytest.raises(ValueError, match="num_heads"):
+        from_authors_rtdetr(sd, num_queries=q, num_heads=5)
+    with pytest.raises(ValueError, match="num_queries"):
+        from_authors_rtdetr(sd, num_queries=0)
+
+
+def test_rtdetr_official_inference_form_matches_eager(rtdetr_case):
+    """to_inference() (folded convs: the 7x7 stem, the one-norm shortcuts) keeps their outputs."""
+    fx, sd = rtdetr_case
+    eager = rtdetr_converted(fx, sd)
+    fused = copy.deepcopy(eager).to_inference()
+    with torch.no_grad():
+        for key in ("FFFFF6", "TTTTT4"):
+            ref = fx["outputs"][key]
+            o = fused(fx["input"], depth=rtdetr_depth(key))
+            assert rel_err(torch.cat([o["logits"], o["pred_boxes"]], -1)[0], ref) <= TOL, key

@@ -281,6 +281,76 @@ def test_fine_tune_from_checkpoint_with_other_classes(synth_dir, tmp_path):
     torch.testing.assert_close(t.model.layers[0].conv.weight, src.layers[0].conv.weight)
 
 
+def _finite_losses_and_changed(trainer, before):
+    row = trainer.history[-1]
+    losses = {k: v for k, v in row.items() if k.startswith("train/") and k.endswith("loss")}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    after = trainer.model.state_dict()
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
+    assert changed, "no weight changed"
+    return changed
+
+
+def test_fine_tune_from_authors_yolo_builds_their_model(synth_dir, tmp_path):
+    """`anydepth train --weights <the authors' file>` (no --model) builds the model the weights
+    belong to: split="official" and their multipliers, every tensor loaded; one step trains it and
+    the checkpoints record those options. Another --model is refused, naming the weights' model."""
+    from helpers import load_authors_fixture
+
+    from anydepth.convert import from_authors_yolo
+
+    fx, sd = load_authors_fixture("authors_yolo_s.npz")
+    path = tmp_path / "yolo-ad_sd.pt"
+    torch.save({"model": sd}, path)   # what their one-line extraction writes (weights_only)
+    cfg = _config(synth_dir, tmp_path / "ft", model=None, weights=str(path), epochs=1, batch_size=2,
+                  max_steps_per_epoch=1, warmup_epochs=0.0, ema=False, augment=False, recipe="finetune")
+    t = Trainer(cfg)
+    assert t.config.model == "yolov12n-anydepth"  # the scale letter their widths read as (infer_yolo_config)
+    assert t.config.model_kwargs == {"split": "official", "multipliers": [0.5, 0.25, 256]}
+    assert t.model.split == "official" and t.model.multipliers == (0.5, 0.25, 256)
+    ref = from_authors_yolo(sd).state_dict()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert before.keys() == ref.keys()
+    differ = [k for k, v in before.items() if not torch.equal(v, ref[k])]
+    assert differ and all(k.startswith("layers.21.cv3.") for k in differ)  # only the class heads (other classes)
+    t.fit()
+    changed = _finite_losses_and_changed(t, before)
+    assert any(".bn_skip." in k for k in changed)  # the shallow pass trains its own norms
+    again = anydepth.load(str(tmp_path / "ft" / "final.pt"))
+    assert again.split == "official" and again.multipliers == (0.5, 0.25, 256)
+    with pytest.raises(ValueError, match="leave the model unset"):
+        Trainer(_config(synth_dir, tmp_path / "other", model="yolov12s-anydepth", weights=str(path)))
+
+
+def test_fine_tune_from_authors_rtdetr_builds_their_model(synth_dir, tmp_path):
+    """The same for the authors' RT-DETR (their training checkpoint): rtdetr-r50, split="official",
+    their weights loaded (the class heads excepted: other classes); an option the state dict cannot
+    hold (the query count) is set with model_kwargs. (Building only: an R50 step with its
+    checkpoints costs more than this suite affords; the YOLO test above trains.)"""
+    from helpers import load_authors_fixture
+
+    fx, sd = load_authors_fixture("authors_rtdetr_r50.npz")
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}  # a smaller file
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": sd, "ema": {"module": sd, "updates": 1}}, path)
+    cfg = _config(synth_dir, tmp_path / "rt", model=None, weights=str(path), epochs=1, batch_size=2,
+                  ema=False, model_kwargs={"num_queries": fx["num_queries"]})
+    t = Trainer(cfg)
+    assert t.config.model == "rtdetr-r50-anydepth" and t.model.split == "official"
+    assert t.config.model_kwargs == {"split": "official", "encoder_hidden_dim": 64, "encoder_ffn_dim": 128,
+                                     "d_model": 64, "decoder_ffn_dim": 128, "num_queries": fx["num_queries"]}
+    own = t.model.state_dict()
+    for ours, theirs in (("backbone.stem.0.conv.weight", "backbone.conv1.weight"),
+                         ("backbone.stage3.essential.blocks.2.conv2.bn.bn_skip.running_var",
+                          "backbone.layer3.2.bn2_skip.running_var"),
+                         ("encoder.pan_blocks.1.bottlenecks.refinement.blocks.1.conv1.conv.weight",
+                          "encoder.pan_blocks.1.bottlenecks.2.conv1.conv.weight"),
+                         ("decoder.layers.5.encoder_attn.sampling_offsets.weight",
+                          "decoder.decoder.layers.5.cross_attn.sampling_offsets.weight")):
+        assert torch.equal(own[ours], sd[theirs].float()), ours
+    assert own["decoder.class_embed.0.weight"].shape[0] != sd["decoder.dec_score_head.0.weight"].shape[0]
+
+
 # -- distributed: 2 CPU processes, gloo ---------------------------------------------------------
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch

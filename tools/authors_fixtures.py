@@ -26,9 +26,22 @@ publicly and are reconstructed here from how their code uses them (documented in
   ``DetectionModelAnyDepth._predict_once`` rule (a standalone ``SwitchableConv`` takes the skip
   flag of the next switchable module).
 
+RT-DETR (``--rtdetr DIR``): ``DIR`` is upstream's ``rtdetr_pytorch/`` (``lyuwenyu/RT-DETR``,
+Apache-2.0) with the authors' any-depth files laid over it, copied verbatim: from
+``anydepth-rt-detr/``: ``src/zoo/rtdetr/hybrid_encoder.py`` (``HybridEncoderADN``) and
+``src/zoo/rtdetr/rtdetr.py``; from ``anydepth-detr/`` (``anydepth-rt-detr`` has neither):
+``src/nn/backbone/resnet_adn.py`` (``ResNet_ADN``) and ``src/zoo/rtdetr/rtdetr_decoder.py`` (the
+decoder with a ``depth`` argument). Glue only: ``src/__init__.py`` imports ``nn`` and ``zoo`` (not
+upstream's data pipeline, which needs an older torchvision) and ``src/nn/backbone/__init__.py``
+also imports ``resnet_adn``. The model is built as their ``rtdetr_r50vd_adn.yml`` builds it
+(``ResNet_ADN`` depth 50, variant ``d``, frozen norms; ``HybridEncoderADN`` expansion 1.0;
+``RTDETRTransformer`` 6 layers) with smaller transformer widths and query count, and run at
+every depth their code supports: 4 backbone skips x encoder skip x decoder depth 1..6.
+
 Usage::
 
-    python tools/authors_fixtures.py --yolo /tmp/authors/y12 --out tests/fixtures
+    python tools/authors_fixtures.py --yolo /tmp/authors/y12 --rtdetr /work/scratch_i15/rtdetr_pytorch \
+        --out tests/fixtures
 """
 from __future__ import annotations
 
@@ -197,12 +210,13 @@ def randomize(model, forward_full, forward_base, seed, imgsz=64, batch=32, bn_ga
         m.running_var.mul_(torch.rand(m.num_features, generator=g) * 0.2 + 0.9)
 
 
-def compact_state_dict(model, seed):
-    """(tensors stored as they are, {key: shape} of the conv weights that ``conv_weight`` redraws);
-    checks that every redrawn weight is bit-identical to the model's."""
+def compact_state_dict(model, seed, min_dim=4):
+    """(tensors stored as they are, {key: shape} of the weights that ``conv_weight`` redraws:
+    conv weights, or every weight of ``min_dim`` dimensions or more); checks that every redrawn
+    weight is bit-identical to the model's."""
     sd, drawn = {}, {}
     for k, v in model.state_dict().items():
-        if v.dim() == 4 and torch.equal(v, conv_weight(k, v.shape, seed)):
+        if v.dim() >= min_dim and torch.equal(v, conv_weight(k, v.shape, seed)):
             drawn[k] = list(v.shape)
         else:
             sd[k] = v.detach().clone()
@@ -244,7 +258,173 @@ def yolo_fixture(folder, scale, mult, nc, seed, imgsz):
                              "layer 17", "layer 20"]}
 
 
-#: array entries of a fixture; everything else is JSON metadata
+# -------------------------------------------------------------------------------------- RT-DETR
+#: the small configuration of the RT-DETR fixture (their r50 backbone in full; narrower transformer)
+RTDETR_OPTIONS = dict(depth=50, hidden_dim=64, dim_feedforward=128, d_model=64, decoder_ffn=128,
+                      num_queries=30, num_classes=3, decoder_layers=6, nhead=8, imgsz=64)
+
+
+def import_authors_rtdetr(folder):
+    """Their modules, imported from the scratch folder (``rtdetr_pytorch/`` with their files)."""
+    sys.path.insert(0, folder)
+    importlib.import_module("src")
+    backbone = importlib.import_module("src.nn.backbone.resnet_adn")
+    common = importlib.import_module("src.nn.backbone.common")
+    encoder = importlib.import_module("src.zoo.rtdetr.hybrid_encoder")
+    decoder = importlib.import_module("src.zoo.rtdetr.rtdetr_decoder")
+    rtdetr = importlib.import_module("src.zoo.rtdetr.rtdetr")
+    return dict(ResNet_ADN=backbone.ResNet_ADN, FrozenBatchNorm2d=common.FrozenBatchNorm2d,
+                HybridEncoderADN=encoder.HybridEncoderADN, RTDETRTransformer=decoder.RTDETRTransformer,
+                RTDETR=rtdetr.RTDETR, Bottleneck=backbone.Bottleneck)
+
+
+def build_authors_rtdetr(mods, o):
+    """Their any-depth RT-DETR as ``rtdetr_r50vd_adn.yml`` builds it (widths from ``o``)."""
+    size = [o["imgsz"], o["imgsz"]]
+    backbone = mods["ResNet_ADN"](o["depth"], variant="d", return_idx=[1, 2, 3], freeze_at=0, freeze_norm=True,
+                                  pretrained=False)
+    encoder = mods["HybridEncoderADN"](in_channels=backbone.out_channels, feat_strides=[8, 16, 32],
+                                       hidden_dim=o["hidden_dim"], nhead=o["nhead"],
+                                       dim_feedforward=o["dim_feedforward"], expansion=1.0, eval_spatial_size=size)
+    decoder = mods["RTDETRTransformer"](num_classes=o["num_classes"], hidden_dim=o["d_model"],
+                                        num_queries=o["num_queries"], feat_channels=[o["hidden_dim"]] * 3,
+                                        feat_strides=[8, 16, 32], num_levels=3, nhead=o["nhead"],
+                                        num_decoder_layers=o["decoder_layers"], dim_feedforward=o["decoder_ffn"],
+                                        eval_spatial_size=size)
+    return mods["RTDETR"](backbone, encoder, decoder)
+
+
+def what_their_code_cannot_build(mods, o):
+    """The configurations their code refuses (recorded in the fixture): a ResNet-18 backbone and
+    the encoder of r18/r34 (expansion 0.5)."""
+    fails = {}
+    try:
+        mods["ResNet_ADN"](18, variant="d", return_idx=[1, 2, 3], pretrained=False)
+        fails["ResNet_ADN(18)"] = "builds"
+    except Exception as e:  # noqa: BLE001 - recorded
+        fails["ResNet_ADN(18)"] = f"{type(e).__name__}: {e}"
+    try:
+        mods["HybridEncoderADN"](in_channels=[128, 256, 512], hidden_dim=o["hidden_dim"], expansion=0.5)
+        fails["HybridEncoderADN(expansion=0.5)"] = "builds"
+    except Exception as e:  # noqa: BLE001 - recorded
+        fails["HybridEncoderADN(expansion=0.5)"] = f"{type(e).__name__}: {e}"
+    return fails
+
+
+def _norms(model):
+    return [m for m in model.modules() if isinstance(getattr(m, "running_var", None), torch.Tensor)]
+
+
+@torch.no_grad()
+def randomize_rtdetr(model, mods, seed, imgsz, batch=8, bn_gain=(0.5, 0.8), residual_gain=0.05, box_gain=0.1,
+                     mean_fraction=0.5, var_floor=1.0):
+    """Non-trivial random weights for their model, well conditioned as trained networks are: every
+    weight of 2+ dimensions redrawn by ``conv_weight`` (so the fixture stores its key and shape
+    only), norms with gains below 1, a small gain on each bottleneck's last norm (residual branch)
+    and on the last layer of every box head (trained box heads make small refinements), biases
+    N(0, 0.1); norm statistics calibrated on a random batch (their backbone norms are frozen: set
+    by a hook from the batch), base depth first, then full depth (norms used at both keep the
+    full-depth statistics), then perturbed.
+
+    The calibration centres by half the batch mean (``mean_fraction``, the variance taking the
+    rest: ``var + (1 - f)^2 mean^2``) and floors every variance at the layer's median
+    (``var_floor``): deep features of random-noise images vary little around a large mean, and
+    full centring divides that cancellation by a small standard deviation, which made the fp32
+    rounding of their own model (against its fp64 run) reach ~1e-5 of the outputs; with these
+    settings it stays near 1e-6 (measured on our port in fp32 and fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(conv_weight(name, p.shape, seed))
+    for mod in model.modules():
+        if isinstance(mod, nn.LayerNorm):
+            mod.weight.copy_(torch.rand(mod.normalized_shape, generator=g) * 0.5 + 0.75)
+            mod.bias.copy_(torch.randn(mod.normalized_shape, generator=g) * 0.1)
+        elif isinstance(getattr(mod, "running_var", None), torch.Tensor):
+            lo, hi = bn_gain
+            mod.weight.copy_(torch.rand(mod.num_features, generator=g) * (hi - lo) + lo)
+            mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+        elif isinstance(mod, nn.Linear) and mod.bias is not None:
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        elif isinstance(mod, nn.MultiheadAttention):
+            mod.in_proj_bias.copy_(torch.randn(mod.in_proj_bias.shape, generator=g) * 0.1)
+    for mod in model.modules():
+        if isinstance(mod, mods["Bottleneck"]):
+            for name in ("bn3", "bn3_skip"):
+                if hasattr(mod, name):
+                    getattr(mod, name).weight.mul_(residual_gain)
+    dec = model.decoder
+    for head in [dec.enc_bbox_head, *dec.dec_bbox_head]:
+        head.layers[-1].bias.mul_(box_gain)
+    box_weights = {f"decoder.enc_bbox_head.layers.{len(dec.enc_bbox_head.layers) - 1}.weight"} | {
+        f"decoder.dec_bbox_head.{i}.layers.{len(h.layers) - 1}.weight" for i, h in enumerate(dec.dec_bbox_head)}
+    for name, p in model.named_parameters():
+        if name in box_weights:  # scaled after the draw: stored in the fixture, not redrawn
+            p.mul_(box_gain)
+
+    def calibrate(mod, args):
+        x = args[0]
+        mean = x.mean((0, 2, 3))
+        mod.running_mean.copy_(mean_fraction * mean)
+        mod.running_var.copy_(x.var((0, 2, 3)) + (1.0 - mean_fraction) ** 2 * mean ** 2)
+
+    norms = _norms(model)
+    hooks = [m.register_forward_pre_hook(calibrate) for m in norms]
+    model.eval()
+    x = torch.rand(batch, 3, imgsz, imgsz, generator=g)
+    model(x, backbone_skip=[True] * 4, encoder_skip=[True], decoder_depth=1)
+    model(x, backbone_skip=[False] * 4, encoder_skip=[False], decoder_depth=1)
+    for h in hooks:
+        h.remove()
+    for m in norms:
+        m.running_var.clamp_(min=var_floor * m.running_var.median().item())
+        m.running_mean.add_(torch.randn(m.num_features, generator=g) * 0.05 * m.running_var.sqrt())
+        m.running_var.mul_(torch.rand(m.num_features, generator=g) * 0.2 + 0.9)
+
+
+def rtdetr_depths(decoder_layers):
+    """Every depth their code runs: (backbone skip list, encoder skip, decoder depth), and its key
+    (``"TFTF" + "T" + "4"``: the four backbone skips, the encoder skip, the decoder depth)."""
+    for bs in itertools.product((False, True), repeat=4):
+        for es in (False, True):
+            for d in range(1, decoder_layers + 1):
+                key = "".join("T" if s else "F" for s in bs) + ("T" if es else "F") + str(d)
+                yield key, list(bs), es, d
+
+
+def rtdetr_fixture(folder, seed=0, options=None):
+    o = dict(RTDETR_OPTIONS, **(options or {}))
+    mods = import_authors_rtdetr(folder)
+    fails = what_their_code_cannot_build(mods, o)
+    torch.manual_seed(seed)
+    model = build_authors_rtdetr(mods, o)
+    randomize_rtdetr(model, mods, seed, o["imgsz"])
+    model.eval()
+    x = torch.rand(1, 3, o["imgsz"], o["imgsz"], generator=torch.Generator().manual_seed(seed + 1))
+    scores = []
+    hook = model.decoder.enc_score_head.register_forward_hook(lambda m, a, out: scores.append(out.detach()))
+    outputs, gaps = {}, {}
+    with torch.no_grad():
+        for key, bs, es, d in rtdetr_depths(o["decoder_layers"]):
+            out = model(x, backbone_skip=bs, encoder_skip=[es], decoder_depth=d)
+            outputs[key] = torch.cat([out["pred_logits"], out["pred_boxes"]], -1)[0].clone()
+            # the query selection's margin: the smallest gap between consecutive sorted scores of
+            # the top num_queries + 1 (a near tie could reorder the queries under rounding)
+            top = scores[-1].max(-1).values[0].sort(descending=True).values[:o["num_queries"] + 1]
+            gaps[key[:5]] = float((top[:-1] - top[1:]).min())
+    hook.remove()
+    sd, drawn = compact_state_dict(model, seed, min_dim=2)
+    return {"format": "anydepth-authors-fixture", "family": "rtdetr", "options": o, "variant": "d",
+            "num_classes": o["num_classes"], "num_queries": o["num_queries"], "input": x, "state_dict": sd,
+            "drawn": drawn, "weight_seed": seed, "depths": list(outputs),
+            "outputs": torch.stack(list(outputs.values())), "output_layout": "logits (num_classes) | boxes cxcywh",
+            "min_topk_gap": min(gaps.values()), "their_code_cannot_build": fails,
+            "source": {"anydepth-rt-detr": ["src/zoo/rtdetr/hybrid_encoder.py", "src/zoo/rtdetr/rtdetr.py"],
+                       "anydepth-detr": ["src/nn/backbone/resnet_adn.py", "src/zoo/rtdetr/rtdetr_decoder.py"],
+                       "upstream": "lyuwenyu/RT-DETR rtdetr_pytorch/ (the rest)"}}
+
+
+#: array entries of a fixture (those it has); everything else is JSON metadata
 ARRAYS = ("input", "outputs", "outputs64")
 
 
@@ -252,7 +432,7 @@ def save_npz(fx, path):
     """A fixture as plain arrays (``state_dict/<key>``, input, outputs) and one JSON string of the
     rest: test data, read back with ``np.load(allow_pickle=False)``."""
     meta = {k: v for k, v in fx.items() if k not in ARRAYS and k != "state_dict"}
-    arrays = {k: fx[k].numpy() for k in ARRAYS}
+    arrays = {k: fx[k].numpy() for k in ARRAYS if k in fx}
     arrays.update({f"state_dict/{k}": v.numpy() for k, v in fx["state_dict"].items()})
     np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -260,6 +440,7 @@ def save_npz(fx, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--yolo", help="folder holding authors_blocks.py (their block classes)")
+    ap.add_argument("--rtdetr", help="upstream rtdetr_pytorch/ folder with the authors' files laid over it")
     ap.add_argument("--out", default="tests/fixtures")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -275,6 +456,15 @@ def main(argv=None):
             n = sum(v.numel() for v in fx["state_dict"].values())
             print(f"{path}: {n} stored + {len(fx['drawn'])} redrawn tensors, {len(fx['outputs'])} depths, "
                   f"{os.path.getsize(path) / 1e6:.2f} MB")
+    if args.rtdetr:
+        fx = rtdetr_fixture(args.rtdetr, seed=0)
+        path = os.path.join(args.out, "authors_rtdetr_r50.npz")
+        save_npz(fx, path)
+        n = sum(v.numel() for v in fx["state_dict"].values())
+        print(f"{path}: {n} stored + {len(fx['drawn'])} redrawn tensors, {len(fx['outputs'])} depths, "
+              f"smallest top-k score gap {fx['min_topk_gap']:.2e}, {os.path.getsize(path) / 1e6:.2f} MB")
+        for what, why in fx["their_code_cannot_build"].items():
+            print(f"their code, {what}: {why}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 * :func:`from_authors_yolo` — the authors' released AnyDepth-YOLOv12 checkpoints (their
   Ultralytics fork, arXiv 2605.09407) to ``yolov12{n,s,m,l,x}-anydepth`` with ``split="official"``:
   their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
+* :func:`from_authors_rtdetr` — the authors' AnyDepth-RT-DETR checkpoints (their RT-DETR fork) to
+  ``rtdetr-r{50,101}-anydepth`` with ``split="official"``: their outputs at every depth.
 
 Both peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
@@ -27,10 +29,16 @@ def from_authors_yolo(state_dict_or_path, **kwargs):
     return impl(state_dict_or_path, **kwargs)
 
 
+def from_authors_rtdetr(state_dict_or_path, **kwargs):
+    from ._authors import from_authors_rtdetr as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
 def from_transformers(model_or_state_dict, **kwargs):
     from ._transformers import from_transformers as impl
 
     return impl(model_or_state_dict, **kwargs)
 
 
-__all__ = ["from_authors_yolo", "from_transformers", "from_ultralytics"]
+__all__ = ["from_authors_rtdetr", "from_authors_yolo", "from_transformers", "from_ultralytics"]

@@ -1,4 +1,4 @@
-"""The authors' released any-depth checkpoints -> our models (``split="official"``).
+"""The authors' released any-depth checkpoints (YOLOv12, RT-DETR) -> our models (``split="official"``).
 
 Source: ``HyungseopLee/Dynamic-Routing-AnyDepthYOLO`` (arXiv 2605.09407), folder
 ``anydepth-yolov12/``, an Ultralytics fork (AGPL; none of its code is used or copied here: this
@@ -50,6 +50,18 @@ Or extract the weights once where their code is installed::
     torch.save((c.get('ema') or c['model']).float().state_dict(), 'yolo-ad_sd.pt')"
 
 and pass ``yolo-ad_sd.pt`` (or the state dict itself).
+
+RT-DETR (:func:`from_authors_rtdetr`): folder ``anydepth-rt-detr/`` (an RT-DETR fork, upstream
+Apache-2.0), whose backbone ``ResNet_ADN`` and ``depth``-taking decoder are read from
+``anydepth-detr/`` of the same repository (``anydepth-rt-detr/`` lacks both files). It maps onto
+:class:`~anydepth.models.rtdetr.AnyDepthRTDETR` with ``split="official"`` (R50/R101): their 7x7
+stem, their one-norm projection shortcuts; backbone split, encoder split (1 of 3 RepVGG blocks
+essential), skip-aware norms and decoder depth are ours. Keys: ``backbone.conv1/bn1`` -> the stem,
+``backbone.layer{s}.{j}.conv{k}/bn{k}/bn{k}_skip`` -> ``backbone.stage{s}.essential|refinement``,
+``downsample.{conv,norm}`` -> ``shortcut.conv``, ``norm``/``norm_skippable`` -> ``bn.bn``/``bn.bn_skip``
+(``ln``/``ln_skip`` for the AIFI LayerNorms), the packed ``nn.MultiheadAttention`` ``in_proj`` ->
+``q_proj``/``k_proj``/``v_proj``, ``decoder.decoder.layers`` -> ``decoder.layers``,
+``dec_score_head``/``dec_bbox_head`` -> ``class_embed``/``bbox_embed``.
 """
 from __future__ import annotations
 
@@ -59,6 +71,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..models.rtdetr import VARIANTS, AnyDepthRTDETR
 from ..models.yolov12 import SCALES, AnyDepthYOLOv12
 
 EXTRACT_HINT = (
@@ -165,6 +178,13 @@ def read_pickled_checkpoint(path) -> Dict[str, torch.Tensor]:
     except Exception as e:
         raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(ckpt, Mapping):
+        for key in ("ema", "model"):  # a dict of state dicts (RT-DETR's solver: {"ema": {"module": sd}})
+            inner = ckpt.get(key)
+            if isinstance(inner, Mapping) and isinstance(inner.get("module"), Mapping):
+                inner = inner["module"]
+            if isinstance(inner, Mapping) and inner and all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inner.items()):
+                return {k: (v.float() if v.is_floating_point() else v) for k, v in inner.items()}
         obj = ckpt.get("ema") if isinstance(ckpt.get("ema"), _Inert) else ckpt.get("model")
     else:
         obj = ckpt
@@ -198,6 +218,8 @@ def _state_dict(obj, what: str, restricted_unpickle: bool = True) -> Dict[str, t
     if isinstance(obj, Mapping):
         for key in ("ema", "model", "state_dict"):
             inner = obj.get(key)
+            if isinstance(inner, Mapping) and isinstance(inner.get("module"), Mapping):
+                inner = inner["module"]  # an RT-DETR solver checkpoint: {"ema": {"module": sd, "updates": n}}
             if isinstance(inner, torch.nn.Module):
                 return {k: v.detach() for k, v in inner.state_dict().items()}
             if isinstance(inner, Mapping):
@@ -337,3 +359,207 @@ def from_authors_yolo(state_dict_or_path, restricted_unpickle: bool = True) -> A
     model.model_kwargs = {"num_classes": nc, "split": "official",
                           **({"multipliers": list(mult)} if mult is not None else {})}
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------- RT-DETR
+#: backbone stage depths of their ``ResNet_ADN`` (``resnet_adn.py``: ResNet-50 and -101 only)
+_ADN_DEPTHS = {(3, 4, 6, 3): "r50", (3, 4, 23, 3): "r101"}
+
+
+def infer_rtdetr_config(sd: Mapping[str, torch.Tensor]) -> Tuple[str, Dict[str, object]]:
+    """``(variant, model options)`` of an authors' AnyDepth-RT-DETR state dict, from tensor shapes
+    alone (options off :class:`~anydepth.models.rtdetr.AnyDepthRTDETR`'s defaults only, plus
+    ``num_classes`` and ``split="official"``). ``ValueError`` naming the problem if it is not one.
+    The query count and the attention head counts are not in a state dict: see
+    :func:`from_authors_rtdetr`."""
+    if "backbone.conv1.weight" not in sd:
+        hint = (": a PResNet (ResNet-vd) backbone, i.e. their static baseline or an upstream RT-DETR"
+                if any(k.startswith("backbone.conv1.conv1_1.") for k in sd) else "")
+        raise ValueError(f"not an authors' AnyDepth-RT-DETR state dict: no 'backbone.conv1.weight' (the 7x7 "
+                         f"stem of their ResNet_ADN){hint}")
+    if tuple(sd["backbone.conv1.weight"].shape) != (64, 3, 7, 7):
+        raise ValueError(f"backbone.conv1.weight has shape {tuple(sd['backbone.conv1.weight'].shape)}; their "
+                         "ResNet_ADN stem is (64, 3, 7, 7)")
+    if "backbone.layer1.0.bn1_skip.weight" not in sd:
+        raise ValueError("not an any-depth checkpoint: no shallow-path norm 'backbone.layer1.0.bn1_skip.weight'")
+    for key in ("encoder.input_proj.0.conv.weight", "decoder.enc_score_head.weight",
+                "encoder.input_proj.0.norm_skippable.weight"):
+        if key not in sd:
+            raise ValueError(f"not an authors' AnyDepth-RT-DETR state dict (HybridEncoderADN + RTDETRTransformer): "
+                             f"no {key!r}")
+    depths = tuple(_count(sd, f"backbone.layer{i}.") for i in range(1, 5))
+    if depths not in _ADN_DEPTHS:
+        raise ValueError(f"backbone stages of {list(depths)} blocks; their ResNet_ADN has [3, 4, 6, 3] (R50) or "
+                         "[3, 4, 23, 3] (R101)")
+    variant = _ADN_DEPTHS[depths]
+    if sd.get("backbone.layer2.0.downsample.0.weight") is not None:
+        raise ValueError("backbone.layer2.0.downsample.0 is a strided 1x1 conv (their ResNet_ADN variant 'a'); "
+                         "only variant 'd' (avg-pool + 1x1 conv, their rtdetr_r50vd_adn.yml) is supported")
+    if _count(sd, "encoder.encoder.") != 1:
+        raise ValueError(f"{_count(sd, 'encoder.encoder.')} transformer encoders (use_encoder_idx); "
+                         "only one, on the stride-32 map, is supported")
+    if _count(sd, "encoder.input_proj.") != 3 or _count(sd, "decoder.input_proj.") != 3:
+        raise ValueError("only 3 feature levels (strides 8, 16, 32) are supported")
+    if "decoder.tgt_embed.weight" in sd:
+        raise ValueError("learnt_init_query (decoder.tgt_embed) is not supported")
+    for block in ("fpn_blocks", "pan_blocks"):
+        n = _count(sd, f"encoder.{block}.0.bottlenecks.")
+        if n != 3:
+            raise ValueError(f"encoder.{block} CSP blocks of {n} RepVGG blocks; only 3 (depth_mult 1) are supported")
+    if any(k.startswith("encoder.fpn_blocks.0.conv3.") for k in sd):
+        raise ValueError("encoder CSP blocks with an output conv (expansion != 1) are not supported")
+    hidden = int(sd["encoder.input_proj.0.conv.weight"].shape[0])
+    d_model = int(sd["decoder.input_proj.0.conv.weight"].shape[0])
+    layers = _count(sd, "decoder.decoder.layers.")
+    v = VARIANTS[variant]
+    found = {
+        "encoder_hidden_dim": hidden,
+        "encoder_ffn_dim": int(sd["encoder.encoder.0.layers.0.linear1.weight"].shape[0]),
+        "aifi_layers": _count(sd, "encoder.encoder.0.layers."),
+        "hidden_expansion": int(sd["encoder.fpn_blocks.0.conv1.conv.weight"].shape[0]) / hidden,
+        "d_model": d_model,
+        "decoder_ffn_dim": int(sd["decoder.decoder.layers.0.linear1.weight"].shape[0]),
+        "decoder_layers": layers,
+        "denoising": "decoder.denoising_class_embed.weight" in sd,
+    }
+    defaults = {"encoder_hidden_dim": v["encoder_hidden_dim"], "encoder_ffn_dim": v["encoder_ffn_dim"],
+                "aifi_layers": 1, "hidden_expansion": 1.0, "d_model": 256, "decoder_ffn_dim": 1024,
+                "decoder_layers": v["decoder_layers"], "denoising": True}
+    opts: Dict[str, object] = {"num_classes": int(sd["decoder.enc_score_head.weight"].shape[0]), "split": "official"}
+    opts.update({k: val for k, val in found.items() if val != defaults[k]})
+    return variant, opts
+
+
+def _rtdetr_source(ours: str, essential: Mapping[int, int]) -> Tuple[str, Optional[int]]:
+    """Their key for our key ``ours`` of ``split="official"``, and which third of a packed
+    attention input projection (``in_proj_weight`` rows ``[q; k; v]``) it is, or ``None``.
+    ``essential``: stage -> essential blocks."""
+    m = re.match(r"backbone\.stem\.0\.(conv|bn)\.(.*)$", ours)
+    if m:
+        return ("backbone.conv1." if m.group(1) == "conv" else "backbone.bn1.") + m.group(2), None
+    m = re.match(r"backbone\.stage(\d)\.(essential|refinement)\.blocks\.(\d+)\.(.*)$", ours)
+    if m:
+        s, path, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        block = j if path == "essential" else essential[s] + j
+        head = f"backbone.layer{s}.{block}."
+        m2 = re.match(r"shortcut\.conv\.(conv|bn)\.(.*)$", rest)
+        if m2:  # their downsample: [AvgPool2d,] conv1x1, norm (the pool only where the stride is 2)
+            i = (0 if s == 1 else 1) + (m2.group(1) == "bn")
+            return f"{head}downsample.{i}.{m2.group(2)}", None
+        m2 = re.match(r"conv(\d)\.(conv|bn)\.(bn_skip\.|bn\.)?(.*)$", rest)
+        if m2:
+            k, part, norm, leaf = m2.groups()
+            if part == "conv":
+                return f"{head}conv{k}.{leaf}", None
+            return f"{head}bn{k}{'_skip' if norm == 'bn_skip.' else ''}.{leaf}", None
+        return ours, None
+    m = re.match(r"encoder\.aifi\.(\d+)\.(.*)$", ours)
+    if m:
+        head, rest = f"encoder.encoder.0.layers.{m.group(1)}.", m.group(2)
+        return _attention_source(head, rest, {"self_attn_layer_norm.ln.": "norm1.",
+                                              "self_attn_layer_norm.ln_skip.": "norm1_skippable.",
+                                              "final_layer_norm.ln.": "norm2.",
+                                              "final_layer_norm.ln_skip.": "norm2_skippable.",
+                                              "mlp.fc1.": "linear1.", "mlp.fc2.": "linear2."})
+    if ours.startswith("encoder."):
+        key = re.sub(r"bottlenecks\.essential\.blocks\.(\d+)\.", lambda mm: f"bottlenecks.{mm.group(1)}.", ours)
+        key = re.sub(r"bottlenecks\.refinement\.blocks\.(\d+)\.",
+                     lambda mm: f"bottlenecks.{1 + int(mm.group(1))}.", key)  # their 1 essential block
+        key = key.replace(".bn.bn_skip.", ".norm_skippable.").replace(".bn.bn.", ".norm.")
+        return key.replace(".bn.", ".norm."), None
+    m = re.match(r"decoder\.layers\.(\d+)\.(.*)$", ours)
+    if m:
+        head, rest = f"decoder.decoder.layers.{m.group(1)}.", m.group(2)
+        return _attention_source(head, rest, {"self_attn_layer_norm.": "norm1.", "encoder_attn_layer_norm.": "norm2.",
+                                              "final_layer_norm.": "norm3.", "encoder_attn.": "cross_attn.",
+                                              "mlp.fc1.": "linear1.", "mlp.fc2.": "linear2."})
+    for a, b in (("decoder.enc_output_norm.", "decoder.enc_output.1."),
+                 ("decoder.enc_output.", "decoder.enc_output.0."),
+                 ("decoder.class_embed.", "decoder.dec_score_head."),
+                 ("decoder.bbox_embed.", "decoder.dec_bbox_head.")):
+        if ours.startswith(a):
+            return b + ours[len(a):], None
+    if ours.startswith("decoder.input_proj."):
+        return ours.replace(".bn.", ".norm."), None
+    return ours, None
+
+
+def _attention_source(head: str, rest: str, renames: Mapping[str, str]) -> Tuple[str, Optional[int]]:
+    m = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+    if m:  # nn.MultiheadAttention: one in_proj [q; k; v]
+        return f"{head}self_attn.in_proj_{m.group(2)}", "qkv".index(m.group(1))
+    if rest.startswith("self_attn.o_proj."):
+        return f"{head}self_attn.out_proj.{rest[len('self_attn.o_proj.'):]}", None
+    for a, b in renames.items():
+        if rest.startswith(a):
+            return head + b + rest[len(a):], None
+    return head + rest, None
+
+
+def from_authors_rtdetr(state_dict_or_path, num_queries: int = 300, encoder_heads: int = 8, num_heads: int = 8,
+                        restricted_unpickle: bool = True) -> AnyDepthRTDETR:
+    """An authors' AnyDepth-RT-DETR checkpoint -> ``rtdetr-r{50,101}-anydepth`` built with
+    ``split="official"``, giving their outputs at every depth their code runs (4 backbone skips x
+    encoder skip x decoder depth ``1..L``).
+
+    Accepts their model's ``state_dict()`` (keys ``backbone.layer{s}...``, ``encoder...``,
+    ``decoder...``), their training checkpoint (``{"ema": {"module": sd}, "model": sd, ...}``: the
+    EMA weights are taken), a file holding either (``weights_only``, or else read by the restricted
+    unpickler of :func:`read_pickled_checkpoint`), or their model object. Variant, widths, layer
+    counts and class count are read from tensor shapes; what a state dict does not hold is given
+    here: ``num_queries`` (their configs: 300), ``encoder_heads`` and ``num_heads`` (8). Every
+    tensor is used exactly once (a missing, extra or mis-shaped one raises ``ValueError`` naming
+    it); their frozen backbone norms carry no ``num_batches_tracked`` (ours start at 0). Returned in
+    eval mode.
+    """
+    sd = _state_dict(state_dict_or_path, "an authors' AnyDepth-RT-DETR checkpoint", restricted_unpickle)
+    variant, opts = infer_rtdetr_config(sd)
+    for name, value in (("num_queries", num_queries), ("encoder_heads", encoder_heads), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    aw = sd["decoder.decoder.layers.0.cross_attn.attention_weights.weight"]
+    points, rem = divmod(int(aw.shape[0]), 3 * num_heads)
+    if rem or points < 1:
+        raise ValueError(f"cross-attention weights of {aw.shape[0]} rows do not split into {num_heads} heads x 3 "
+                         "levels x points; give num_heads=")
+    extra = {"num_queries": num_queries, "encoder_heads": encoder_heads, "num_heads": num_heads,
+             "decoder_points": points}
+    defaults = {"num_queries": 300, "encoder_heads": 8, "num_heads": 8, "decoder_points": 4}
+    opts.update({k: val for k, val in extra.items() if val != defaults[k]})
+    model = AnyDepthRTDETR(variant, **opts)
+    essential = {i: len(getattr(model.backbone, f"stage{i}").essential) for i in range(1, 5)}
+    target = model.state_dict()
+    new: Dict[str, torch.Tensor] = {}
+    used = set()
+    for key, ref in target.items():
+        src, third = _rtdetr_source(key, essential)
+        if src not in sd:
+            if key.endswith("num_batches_tracked"):  # their frozen norms have none
+                new[key] = torch.zeros_like(ref)
+                continue
+            raise ValueError(f"the checkpoint has no {src!r} (needed for {key!r}); is it an authors' "
+                             f"AnyDepth-RT-DETR-{variant.upper()}?")
+        used.add(src)
+        t = sd[src]
+        if third is not None:
+            n = t.shape[0] // 3
+            t = t[third * n:(third + 1) * n]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"shape mismatch for {key!r}: the checkpoint's {src!r} gives {tuple(t.shape)}, "
+                             f"rtdetr-{variant}-anydepth (split='official', {opts}) expects {tuple(ref.shape)}")
+        new[key] = t.to(ref.dtype).clone()
+    unused = [k for k in sd if k not in used]
+    if unused:
+        raise ValueError(f"checkpoint tensors with no place in rtdetr-{variant}-anydepth (split='official'): "
+                         f"{unused[:8]}{'...' if len(unused) > 8 else ''}")
+    model.load_state_dict(new, strict=True)
+    model.model_name = f"rtdetr-{variant}-anydepth"
+    model.model_kwargs = dict(opts)
+    return model.eval()
+
+
+def is_authors_rtdetr(sd: Mapping[str, object]) -> bool:
+    """Whether a state dict looks like the authors' any-depth RT-DETR (their backbone's shallow
+    norms and their encoder's ``norm_skippable``)."""
+    return "backbone.layer1.0.bn1_skip.weight" in sd and any(
+        isinstance(k, str) and k.startswith("encoder.") and ".norm_skippable." in k for k in sd)

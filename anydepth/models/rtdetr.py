@@ -32,6 +32,10 @@ Any-depth split (the AnyDepth-DETR paper):
   value is ``max(1, L - 2)``: 4 for the 6-layer R50/R101 (the published base = every switch
   skipped + 4 decoder layers), 1 for R18 (3 layers) and 2 for R34 (4 layers).
 
+``split="official"`` builds what the authors' released code builds (R50/R101: a 7x7 stem and
+one-norm projection shortcuts), so that their checkpoints load exactly
+(:func:`anydepth.convert.from_authors_rtdetr`); see :class:`AnyDepthRTDETR`.
+
 Training: :meth:`AnyDepthRTDETR.forward_train` returns every decoder layer's outputs (auxiliary
 losses), the encoder's top-k query outputs and, when targets are given, the outputs of contrastive
 denoising queries (:func:`build_denoising_queries`) built with the denoising class embedding
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -61,12 +66,12 @@ from anydepth_kernels.cuda_graphs import keep_alive
 from .._optional import require
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
-from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, lazy, register_family
+from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, is_file, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
 from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, split_blocks
 from .rtdetr_denoising import build_denoising_queries
 
-__all__ = ["AnyDepthRTDETR", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
+__all__ = ["AnyDepthRTDETR", "SPLITS", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
 
 #: The official variants: backbone block type, stage depths, stage widths, encoder in-channels,
 #: CSP expansion, decoder layers, encoder hidden size and FFN size.
@@ -82,6 +87,11 @@ VARIANTS: Dict[str, Dict] = {
 }
 
 SWITCHES = ("backbone.stage1", "backbone.stage2", "backbone.stage3", "backbone.stage4", "encoder")
+
+#: ``"paper"``: our default (ResNet-vd stem, every norm of an essential block skip-aware).
+#: ``"official"``: what the authors' released AnyDepth-RT-DETR code builds, so that their
+#: checkpoints load exactly (:func:`anydepth.convert.from_authors_rtdetr`); see :class:`AnyDepthRTDETR`.
+SPLITS = ("paper", "official")
 _TRANSFORMER_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
@@ -156,11 +166,12 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """``relu(bn(conv1x1(relu(bn(conv3x3/s(relu(bn(conv1x1(x))))))) + shortcut(x))``."""
 
-    def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool):
+    def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool, shortcut_skip_aware: Optional[bool] = None):
         super().__init__()
         mid = cout // 4
         project = cin != cout or stride != 1
-        self.shortcut = Shortcut(cin, cout, stride, pool=stride == 2, skip_aware=skip_aware) if project else None
+        sc_aware = skip_aware if shortcut_skip_aware is None else shortcut_skip_aware
+        self.shortcut = Shortcut(cin, cout, stride, pool=stride == 2, skip_aware=sc_aware) if project else None
         self.pool_only = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if (stride == 2 and not project) else None
         self.conv1 = _conv_bn(cin, mid, 1, 1, "relu", skip_aware)
         self.conv2 = _conv_bn(mid, mid, 3, stride, "relu", skip_aware)
@@ -186,14 +197,22 @@ def _max_pool_3x3s2(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResNetVd(nn.Module):
+    """ResNet-vd (``official=False``), or the authors' ``ResNet_ADN`` (``official=True``): one 7x7/2
+    conv-BN-ReLU stem instead of three 3x3 convs, and a projection shortcut with one norm (not
+    skip-aware) in the first block of a stage; the rest (split, "vd" avg-pool shortcut, stride on
+    the 3x3 conv) is the same."""
+
     def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
-                 stem_size: int = 64):
+                 stem_size: int = 64, official: bool = False):
         super().__init__()
-        self.stem = nn.ModuleList([
-            _conv_bn(3, stem_size // 2, 3, 2, "relu"),
-            _conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
-            _conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
-        ])
+        if official:
+            self.stem = nn.ModuleList([_conv_bn(3, stem_size, 7, 2, "relu")])
+        else:
+            self.stem = nn.ModuleList([
+                _conv_bn(3, stem_size // 2, 3, 2, "relu"),
+                _conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
+                _conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
+            ])
         self.pool = nn.MaxPool2d(3, 2, 1)
         cin = stem_size
         for i, (n, cout) in enumerate(zip(depths, hidden_sizes)):
@@ -205,7 +224,8 @@ class ResNetVd(nn.Module):
                 if layer_type == "basic":
                     blocks.append(BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, aware))
                 else:
-                    blocks.append(Bottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, aware))
+                    blocks.append(Bottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, aware,
+                                             shortcut_skip_aware=False if official else None))
             refinement = Blocks(blocks[ess:]) if n > ess else None
             setattr(self, f"stage{i + 1}", SkippableStage(Blocks(blocks[:ess]), refinement))
             cin = cout
@@ -758,6 +778,16 @@ class AnyDepthRTDETR(AnyDepthModel):
     ``[B, num_queries, num_classes]`` (before the sigmoid) and ``pred_boxes``
     ``[B, num_queries, 4]`` (cx, cy, w, h normalised to [0, 1]). :meth:`predict` takes images of
     any size and returns :class:`~anydepth.detection.Detections`.
+
+    ``split``: ``"paper"`` (default) or ``"official"``: what the authors' released code builds
+    (``anydepth-rt-detr``: ``ResNet_ADN`` backbone, ``HybridEncoderADN``, decoder with a
+    ``depth`` argument), so that their checkpoints load exactly
+    (:func:`anydepth.convert.from_authors_rtdetr`). Same switches and knob; it differs in the
+    backbone only: a 7x7/2 conv stem (not the three 3x3 convs of ResNet-vd) and one norm (not
+    skip-aware) on the projection shortcut of a stage's first block. Their encoder split (1 of the
+    3 RepVGG blocks of a CSP block essential, ``(n + 1) // 2 - 1``) and their decoder are ours.
+    R50/R101 only (their backbone has no basic-block ResNet) and ``hidden_expansion=1.0`` (their
+    CSP block cannot build the output conv another expansion needs).
     """
 
     def __init__(self, variant: str = "r50", num_classes: int = 80, num_queries: int = 300,
@@ -768,10 +798,13 @@ class AnyDepthRTDETR(AnyDepthModel):
                  activation: str = "silu", encoder_activation: str = "gelu", decoder_activation: str = "relu",
                  layer_norm_eps: float = 1e-5, batch_norm_eps: float = 1e-5,
                  positional_temperature: float = 10000.0, denoising: bool = True,
-                 num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0):
+                 num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
+                 split: str = "paper"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown RT-DETR variant {variant!r}; valid: {list(VARIANTS)}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         v = VARIANTS[variant]
@@ -802,10 +835,18 @@ class AnyDepthRTDETR(AnyDepthModel):
         hidden = v["encoder_hidden_dim"] if encoder_hidden_dim is None else encoder_hidden_dim
         ffn = v["encoder_ffn_dim"] if encoder_ffn_dim is None else encoder_ffn_dim
         expansion = v["hidden_expansion"] if hidden_expansion is None else hidden_expansion
+        if split == "official":
+            if v["layer_type"] != "bottleneck":
+                raise ValueError(f'split="official" is the authors\' released code, whose backbone (ResNet_ADN) '
+                                 f"exists for ResNet-50/101 only: use rtdetr-r50/r101, not {variant!r}")
+            if expansion != 1.0:
+                raise ValueError(f'split="official" needs hidden_expansion=1.0: the authors\' encoder cannot '
+                                 f"build the CSP output conv that expansion {expansion} needs")
+        self.split = split
 
         self.depth_space = DepthSpace(
             SWITCHES, {"decoder_layers": KnobSpec(1, layers, decoder_base_layers(layers))})
-        self.backbone = ResNetVd(v["layer_type"], v["depths"], v["hidden_sizes"])
+        self.backbone = ResNetVd(v["layer_type"], v["depths"], v["hidden_sizes"], official=split == "official")
         self.encoder = HybridEncoder(self.backbone.out_channels, hidden, ffn, encoder_heads, aifi_layers,
                                      expansion, activation, encoder_activation, layer_norm_eps,
                                      batch_norm_eps, positional_temperature)
@@ -963,6 +1004,21 @@ def _import_transformers(path: str) -> AnyDepthRTDETR:
     return from_transformers(RTDetrForObjectDetection.from_pretrained(path)).eval()
 
 
+def _import_weights(path: str) -> AnyDepthRTDETR:
+    """A HuggingFace RT-DETR directory, or a file holding the authors' any-depth RT-DETR (their
+    state dict or training checkpoint: :func:`anydepth.convert.from_authors_rtdetr`, ``split="official"``,
+    their configs' 300 queries)."""
+    if os.path.isdir(path):
+        return _import_transformers(path)
+    from ..convert._authors import _state_dict, from_authors_rtdetr, is_authors_rtdetr
+
+    sd = _state_dict(path, "an RT-DETR checkpoint")
+    if not is_authors_rtdetr(sd):
+        raise ValueError("not the authors' any-depth RT-DETR (no shallow-path norms 'backbone.layer1.0.bn1_skip' "
+                         "and encoder 'norm_skippable'); a HuggingFace RT-DETR is a directory")
+    return from_authors_rtdetr(sd).eval()
+
+
 FAMILY = register_family(ModelFamily(
     name="rtdetr",
     model_class=AnyDepthRTDETR,
@@ -978,8 +1034,10 @@ FAMILY = register_family(ModelFamily(
                                   ("kd_warmup_epochs", 0.0)),
                         amp_warning="the any-depth RT-DETR recipe trains without mixed precision (the paper: "
                                     "'No mixed precision'); amp is on at your request"),
-    converters={"transformers": lazy("anydepth.convert:from_transformers")},
-    weight_import=WeightImport("a HuggingFace RT-DETR directory", is_dir, _import_transformers),
+    converters={"transformers": lazy("anydepth.convert:from_transformers"),
+                "authors": lazy("anydepth.convert:from_authors_rtdetr")},
+    weight_import=WeightImport("a HuggingFace RT-DETR directory (or the authors' any-depth RT-DETR file)",
+                               lambda path: is_dir(path) or is_file(path), _import_weights),
     peer=Peer("transformers", lazy("anydepth.convert._transformers:build_peer"),
               lambda m, x: m(pixel_values=x)),
 ))

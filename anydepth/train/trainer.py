@@ -32,6 +32,9 @@ from .step import parameter_groups, two_pass_step
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: the model trained when neither ``TrainConfig.model`` nor ``weights`` names one
+DEFAULT_MODEL = "yolov12n-anydepth"
+
 def model_family(name: str):
     """The :class:`~anydepth.family.ModelFamily` of model ``name``, if it has a training recipe."""
     from ..family import families, family_of
@@ -60,7 +63,7 @@ def __getattr__(name: str):
 class TrainConfig:
     """Everything a training run needs; every field has a command-line flag of the same name."""
 
-    model: str = "yolov12n-anydepth"
+    model: Optional[str] = None         # registered name; None = the model of `weights`, else DEFAULT_MODEL
     data: str = ""                      # training set: COCO-JSON or YOLO-txt directory
     val_data: Optional[str] = None      # validation set (evaluated at full and base depth)
     out: str = "runs/train"
@@ -149,7 +152,7 @@ class TrainConfig:
                              f"got {self.lr_scales!r}")
         if self.nbs is not None and (isinstance(self.nbs, bool) or not isinstance(self.nbs, int) or self.nbs < 1):
             raise ValueError(f"TrainConfig.nbs must be a positive int, got {self.nbs!r}")
-        model_family(self.model)
+        model_family(self.model or DEFAULT_MODEL)
 
     def with_recipe(self) -> "TrainConfig":
         """This config with ``recipe`` applied: every field of the family's fine-tuning recipe
@@ -161,7 +164,7 @@ class TrainConfig:
                           "(give weights=...); training from the initial weights instead", stacklevel=2)
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(self)}
-        changes = {k: v for k, v in model_family(self.model).train.finetune
+        changes = {k: v for k, v in model_family(self.model or DEFAULT_MODEL).train.finetune
                    if getattr(self, k) == defaults[k]}
         return dataclasses.replace(self, **changes)
 
@@ -232,10 +235,12 @@ def load_matching_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Te
     return copied, skipped
 
 
-def initial_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Weights to start from: an anydepth checkpoint, or a peer's weights that a model family
-    imports (:func:`anydepth.family.import_weights`: an Ultralytics YOLO12 ``.pt``, a HuggingFace
-    RT-DETR directory, converted with :mod:`anydepth.convert`)."""
+def initial_weights(path: str) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
+    """``(model name, model options, state dict)`` of the weights to start from: an anydepth
+    checkpoint (the name and options it records), or a peer's weights that a model family imports
+    (:func:`anydepth.family.import_weights`: an Ultralytics YOLO12 ``.pt``, a HuggingFace RT-DETR
+    directory, the authors' any-depth files, converted with :mod:`anydepth.convert`; the options
+    of the model they convert to, e.g. ``split="official"``)."""
     from .. import checkpoint
     from ..family import import_weights
 
@@ -243,15 +248,41 @@ def initial_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"initial weights {path!r} not found")
     if os.path.isfile(path):
         try:
-            return checkpoint.read(path)["state_dict"]
+            payload = checkpoint.read(path)
+            return payload["model"], dict(payload.get("kwargs", {})), payload["state_dict"]
         except ValueError:
             pass
     try:
-        return import_weights(path).state_dict()
+        model = import_weights(path)
     except ImportError as e:
         raise ValueError(str(e)) from e
     except ValueError as e:
         raise ValueError(f"{path!r} is not an anydepth checkpoint, and {e}") from e
+    name = getattr(model, "model_name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"{path!r}: the imported model has no registered name")
+    return name, dict(getattr(model, "model_kwargs", {})), model.state_dict()
+
+
+def initial_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict of :func:`initial_weights`."""
+    return initial_weights(path)[2]
+
+
+def model_of_weights(config: "TrainConfig", name: str, options: Dict[str, Any]) -> Tuple["TrainConfig", List[str]]:
+    """``config`` building the model that weights of model ``name`` with ``options`` belong to:
+    ``model`` = ``name`` (``config.model`` must be ``None`` or ``name``) and ``model_kwargs`` = the
+    weights' options (``num_classes`` excepted: the data set's) updated with ``config.model_kwargs``.
+    Returns the new config and the options the config overrides (``"split: official -> paper"``).
+    ``ValueError`` when ``config.model`` names another model."""
+    if config.model is not None and config.model != name:
+        shown = {k: v for k, v in options.items() if k != "num_classes"}
+        raise ValueError(f"the initial weights are a {name}{f' {shown}' if shown else ''} model, but model="
+                         f"{config.model!r}: leave the model unset (--model) to fine-tune the weights' own model, "
+                         f"or give {name!r}")
+    own = {k: v for k, v in options.items() if k != "num_classes"}
+    overridden = [f"{k}: {own[k]!r} -> {v!r}" for k, v in config.model_kwargs.items() if k in own and own[k] != v]
+    return dataclasses.replace(config, model=name, model_kwargs={**own, **config.model_kwargs}), overridden
 
 
 def collate_batch(samples):
@@ -343,6 +374,13 @@ class Trainer:
         if config is None:
             raise ValueError("Trainer needs a TrainConfig or resume=path")
         config.validate()
+        init = None
+        if config.weights and state is None:  # the model the weights belong to (their split, widths...)
+            name, options, init_sd = initial_weights(config.weights)
+            config, overridden = model_of_weights(config, name, options)
+            init = (name, overridden, init_sd)
+        elif config.model is None:
+            config = dataclasses.replace(config, model=DEFAULT_MODEL)
         config = config.with_recipe()
         self.config = cfg = config
         self.family = model_family(cfg.model)  # the ModelFamily spec
@@ -394,10 +432,14 @@ class Trainer:
             self.weight_decay *= cfg.batch_size * self.accumulate / cfg.nbs
 
         self.model = create_model(cfg.model, num_classes=nc, **cfg.model_kwargs)
-        if cfg.weights and state is None:
-            copied, skipped = load_matching_weights(self.model, initial_state_dict(cfg.weights))
-            self._print(f"initial weights {cfg.weights}: {copied} tensors loaded, {len(skipped)} skipped "
-                        f"(name or shape differs{', e.g. ' + ', '.join(skipped[:3]) if skipped else ''})")
+        if init is not None:
+            name, overridden, init_sd = init
+            copied, skipped = load_matching_weights(self.model, init_sd)
+            del init, init_sd
+            self._print(f"initial weights {cfg.weights}: {name} {cfg.model_kwargs or ''}; {copied} tensors loaded, "
+                        f"{len(skipped)} skipped (name or shape differs"
+                        f"{', e.g. ' + ', '.join(skipped[:3]) if skipped else ''})"
+                        + (f"; options set here, not the weights': {', '.join(overridden)}" if overridden else ""))
         self.model.to(self.device).train()
         loss_kw = dict(cfg.loss)
         if cfg.alpha_base is not None:
