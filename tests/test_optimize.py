@@ -18,10 +18,16 @@ def test_optimize_anydepth_yolov12_every_depth():
     exact = copy.deepcopy(m).double()
     opt, report = ak.optimize(copy.deepcopy(m), return_report=True)
     assert report.swapped and "to_inference()" in " ".join(report.notes)
-    x = torch.rand(1, 3, 64, 96)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for depth in ("full", "base", {"neck.p4_down": True}, 0.3):
-            assert rel_err(opt(x, depth=depth), exact(x.double(), depth=depth)) <= 1e-5
+            ref = exact(x.double(), depth=depth)
+            # This random network amplifies rounding: float32 eager itself is up to 1.2e-5 off the
+            # float64 run on some inputs (measured over 40 seeds; the fused form up to 2.3e-5 there).
+            # The fused form must be as exact as float32 eager: within 1e-5 plus twice eager's own
+            # float32 error on this input (two independent float32 roundings of the same function).
+            eager_err = rel_err(m(x, depth=depth), ref)
+            assert rel_err(opt(x, depth=depth), ref) <= 1e-5 + 2 * eager_err
 
 
 def _type_counts(model):
