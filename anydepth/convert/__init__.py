@@ -8,7 +8,11 @@
   Ultralytics fork, arXiv 2605.09407) to ``yolov12{n,s,m,l,x}-anydepth`` with ``split="official"``:
   their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
 
-Both peers are optional dependencies, imported only inside these adapters. The converted model
+* :func:`from_torchvision` — a torchvision ``resnet18/34/50/101`` or ``mobilenet_v2`` to
+  ``resnet*-anydepth`` / ``mobilenetv2-anydepth`` (:func:`from_torchvision_state_dict` from a
+  ``.pth`` state dict).
+
+The peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
 ones.
 """
@@ -33,4 +37,17 @@ def from_transformers(model_or_state_dict, **kwargs):
     return impl(model_or_state_dict, **kwargs)
 
 
-__all__ = ["from_authors_yolo", "from_transformers", "from_ultralytics"]
+def from_torchvision(model, **kwargs):
+    from ._torchvision import from_torchvision as impl
+
+    return impl(model, **kwargs)
+
+
+def from_torchvision_state_dict(state_dict_or_path, **kwargs):
+    from ._torchvision import from_torchvision_state_dict as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
+__all__ = ["from_authors_yolo", "from_torchvision", "from_torchvision_state_dict", "from_transformers",
+           "from_ultralytics"]
