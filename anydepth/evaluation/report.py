@@ -38,6 +38,8 @@ class EvalRow:
 
 
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+#: the metrics of a classifier's report (``task="classify"``): top-1 / top-5 accuracy
+CLASSIFY_METRICS = ("top1", "top5")
 _SHORT = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
 
 
@@ -59,6 +61,17 @@ class EvalReport:
     rows: List[EvalRow]
     machine: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    task: str = "detect"      # "classify": top-1/top-5 accuracy instead of COCO AP
+
+    @property
+    def metric_names(self) -> Tuple[str, ...]:
+        """The table's metric columns: COCO AP metrics, or ``top1``/``top5`` for a classifier."""
+        return CLASSIFY_METRICS if self.task == "classify" else TABLE_METRICS
+
+    @property
+    def main_metric(self) -> str:
+        """``"AP"``, or ``"top1"`` for a classifier (the plot's and the trainer's metric)."""
+        return "top1" if self.task == "classify" else "AP"
 
     def row(self, name: str) -> EvalRow:
         """The row labelled ``name`` (``"full"``, ``"base"``, ...)."""
@@ -71,14 +84,14 @@ class EvalReport:
         """A Markdown table (readable as plain text): depth, code, switches skipped, GFLOPs,
         latency and the COCO AP metrics in percent ('-' = not available / undefined)."""
         head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})"]
-        head += [f"{_SHORT.get(m, m)} %" for m in TABLE_METRICS]
+        head += [f"{_SHORT.get(m, m)} %" for m in self.metric_names]
         body = []
         for r in self.rows:
             skipped = f"{len(r.skipped)}/{r.num_switches}" if r.num_switches is not None else "-"
             cells = [r.name, r.code, skipped,
                      f"{r.gflops:.2f}" if r.gflops is not None else "-",
                      f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-"]
-            cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in TABLE_METRICS]
+            cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in self.metric_names]
             body.append(cells)
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
@@ -110,7 +123,7 @@ class EvalReport:
             with open(source) as f:
                 d = json.load(f)
         names = {f.name for f in fields(cls)}
-        missing = {f.name for f in fields(cls) if f.name not in d and f.name not in ("machine", "notes")}
+        missing = {f.name for f in fields(cls) if f.name not in d and f.name not in ("machine", "notes", "task")}
         if missing:
             raise ValueError(f"not an evaluation report: missing {sorted(missing)}")
         row_names = {f.name for f in fields(EvalRow)}
@@ -138,19 +151,20 @@ class EvalReport:
         xlabel = {"latency": f"latency (ms, batch {self.latency_batch}, {self.device})",
                   "gflops": "GFLOPs (multiply-add = 2)", "depth": "depth configuration"}[kind]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for key, style in (("AP", "o-"), ("AP50", "s--")):
+        main, second = (("top1", "top5") if self.task == "classify" else ("AP", "AP50"))
+        for key, style in ((main, "o-"), (second, "s--")):
             pts = [(x, 100 * r.metrics[key]) for x, r in zip(xs, self.rows) if r.metrics.get(key) is not None]
             if pts:
                 order = sorted(pts)
                 ax.plot([p[0] for p in order], [p[1] for p in order], style, label=f"{key} (one set of weights)")
         for x, r in zip(xs, self.rows):
-            if r.metrics.get("AP") is not None:
-                ax.annotate(r.name, (x, 100 * r.metrics["AP"]), textcoords="offset points", xytext=(4, -10),
+            if r.metrics.get(main) is not None:
+                ax.annotate(r.name, (x, 100 * r.metrics[main]), textcoords="offset points", xytext=(4, -10),
                             fontsize=7)
         if kind == "depth":
             ax.set_xticks(xs, [r.name for r in self.rows], fontsize=7)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("COCO AP, AP50 (%)")
+        ax.set_ylabel("top-1, top-5 accuracy (%)" if self.task == "classify" else "COCO AP, AP50 (%)")
         ax.set_title(f"{self.model} @ {self.imgsz} on {self.dataset} ({self.num_images} images)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

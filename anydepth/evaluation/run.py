@@ -232,7 +232,9 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
              max_det: int = 300, device=None, progress: bool = True, measure_latency: bool = True,
              latency_batch: int = 1, max_images: Optional[int] = None, backend: str = "pycocotools",
              latency_reps: int = 5, latency_warmup: int = 1, verbose: bool = False) -> EvalReport:
-    """COCO metrics, GFLOPs and latency of ``model`` at each depth on ``dataset``.
+    """COCO metrics, GFLOPs and latency of ``model`` at each depth on ``dataset``. For a classifier
+    (``model.task == "classify"``): top-1/top-5 accuracy instead, see
+    :func:`anydepth.evaluation.classify.evaluate_classifier`.
 
     * ``depths``: ``None`` = the model's ladder ``model.depth_configs`` (base .. full; just full
       for a model without one), or a list of depth-likes (``"full"``, ``"base"``, a float in
@@ -257,6 +259,12 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
     methods, ``ValueError`` for an empty dataset, a ground truth without annotations or image ids
     the ground truth lacks, bad sizes; errors of ``predict`` itself propagate.
     """
+    if getattr(model, "task", None) == "classify":   # an any-depth classifier: top-1/top-5 accuracy
+        from .classify import evaluate_classifier
+
+        return evaluate_classifier(model, dataset, depths=depths, imgsz=imgsz, batch_size=batch_size, device=device,
+                                   progress=progress, measure_latency=measure_latency, latency_batch=latency_batch,
+                                   max_images=max_images, latency_reps=latency_reps, latency_warmup=latency_warmup)
     _check_args(model, dataset, imgsz, batch_size, conf, max_det, latency_batch, max_images, backend,
                 latency_reps, latency_warmup)
     n_total = len(dataset)

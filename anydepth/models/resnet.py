@@ -265,10 +265,11 @@ def _import_torchvision_file(path: str):
     return from_torchvision_state_dict(path).eval()
 
 
-#: the authors' ImageNet recipe (train_adn.py defaults: SGD, lr 0.1, momentum 0.9, wd 1e-4); for
-#: fine-tuning from trained weights (``recipe="finetune"``): SGD, lr 1e-3
-_TRAIN = TrainDefaults(lr=0.1, weight_decay=1e-4, clip_grad=0.0,
-                       finetune=(("optimizer", "sgd"), ("lr", 1e-3), ("warmup_epochs", 0.0)))
+#: AdamW 1e-3 by default (the trainer's optimizer); the authors' ImageNet script (train_adn.py) is
+#: SGD lr 0.1, momentum 0.9, weight decay 1e-4 (``--optimizer sgd --lr 0.1``). Fine-tuning from
+#: trained weights (``recipe="finetune"``): SGD lr 0.01, no warm-up.
+_TRAIN = TrainDefaults(lr=1e-3, weight_decay=1e-4, clip_grad=0.0,
+                       finetune=(("optimizer", "sgd"), ("lr", 1e-2), ("warmup_epochs", 0.0)))
 
 FAMILY = register_family(ModelFamily(
     name="resnet",
