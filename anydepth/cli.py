@@ -115,6 +115,13 @@ def _bench_model(args, name, dtype) -> None:
 
 def _cmd_bench(args) -> int:
     dtype = DTYPES[args.dtype]
+    if args.imgsz is None:   # 640 for the detectors, 224 when every --model is a classifier
+        from anydepth.family import family_of
+
+        names = list(args.model or [])
+        classify = bool(names) and all(family_of(n, None) is not None and family_of(n).task == "classify"
+                                       for n in names)
+        args.imgsz = 224 if classify else 640
     if args.imgsz % 32 or args.imgsz <= 0:
         print(f"anydepth bench: --imgsz must be a positive multiple of 32, got {args.imgsz}", file=sys.stderr)
         return 2
@@ -548,9 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", action="append", metavar="NAME",
                    help="per-depth benchmark of a registered model (repeatable; default yolov12s-anydepth "
                         "unless --kernels is given)")
-    b.add_argument("--imgsz", type=int, default=640, help="square input size for --model")
+    b.add_argument("--imgsz", type=int, default=None,
+                   help="square input size for --model (default 640; 224 for classifiers)")
     b.add_argument("--batch", type=int, default=1, help="batch size for --model")
-    b.add_argument("--no-peer", action="store_true", help="do not time the Ultralytics/HF peer")
+    b.add_argument("--no-peer", action="store_true", help="do not time the Ultralytics/HF/torchvision peer")
     b.add_argument("--kernels", action="store_true", help="kernel microbenchmarks")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -185,3 +185,70 @@ def test_forward_train_outputs():
     m.eval()
     with pytest.raises(RuntimeError, match="training mode"):
         m.forward_train(torch.rand(2, 3, 64, 64))
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    """A tiny synthetic classification set (ImageFolder, 32 px crops)."""
+    from anydepth.data import classify
+
+    root = tmp_path_factory.mktemp("cls")
+    classify.synth(root, images=24, imgsz=32, split="train", progress=False)
+    classify.synth(root, images=10, imgsz=32, seed=1, split="val", progress=False)
+    return root
+
+
+def test_synthetic_classification_set(cls_data):
+    from anydepth.data import classify
+
+    ds = classify.open_image_folder(cls_data / "train", imgsz=32, augment=True, seed=0)
+    assert len(ds) == 24 and ds.classes == sorted(ds.classes) and ds.num_classes <= 5
+    img, label = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and 0 <= label < ds.num_classes
+    assert torch.equal(ds[3][0], ds[3][0])                       # augmentation: a function of (seed, epoch, i)
+    x, y = classify.collate([ds[0], ds[1]])
+    assert x.shape == (2, 3, 32, 32) and y.dtype == torch.long
+    with pytest.raises(ValueError, match="not an image folder"):
+        classify.open_image_folder(cls_data)
+
+
+def test_train_and_eval_classifier(cls_data, tmp_path):
+    """Two self-distillation steps, top-1 validation at full and base, then `anydepth eval`."""
+    import json
+
+    from anydepth.cli import main
+    from anydepth.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(model="resnet18-anydepth", data=str(cls_data / "train"), val_data=str(cls_data / "val"),
+                      out=str(tmp_path / "run"), epochs=1, batch_size=8, imgsz=32, workers=0,
+                      max_steps_per_epoch=2, progress=False, device="cpu", ema=False)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    row = summary["history"][-1]
+    assert row["train/base/kd_logits"] >= 0 and row["train/full/ce"] > 0
+    assert 0 <= row["val/full/top1"] <= 1 and 0 <= row["val/base/top5"] <= 1
+    assert main(["eval", "--weights", summary["final"], "--data", str(cls_data / "val"), "--imgsz", "32",
+                 "--no-latency", "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval-resnet18-anydepth-32.json").read_text())
+    assert report["task"] == "classify" and [r["code"] for r in report["rows"]][::4] == ["TTTT", "FFFF"]
+    assert all(0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 1 for r in report["rows"])
+
+
+@needs_torchvision
+def test_finetune_from_torchvision_weights(cls_data, tmp_path, peers):
+    """`anydepth train --weights resnet18.pth`: every tensor but the 10-class head is loaded, the
+    shallow-path norms start as copies of torchvision's."""
+    from anydepth.train import TrainConfig, Trainer
+
+    tv_model, _ = peers("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv_model.state_dict(), path)
+    trainer = Trainer(TrainConfig(model="resnet18-anydepth", data=str(cls_data / "train"), out=str(tmp_path / "r"),
+                                  weights=str(path), imgsz=32, workers=0, progress=False, device="cpu",
+                                  recipe="finetune"))
+    m = trainer.model
+    assert trainer.config.optimizer == "sgd" and trainer.lr == 1e-2
+    assert torch.equal(m.backbone.stem[0].conv.weight, tv_model.conv1.weight)
+    bn = m.backbone.stage2.essential.blocks[0].conv1.bn
+    assert torch.equal(bn.bn_skip.running_var, tv_model.layer2[0].bn1.running_var)
+    assert m.fc.out_features == trainer.train_set.num_classes
