@@ -27,8 +27,8 @@ from typing import Dict, List, Optional
 
 
 def run_classify_demo(out: str = "runs/demo-classify", model: str = "resnet18-anydepth", images: int = 600,
-                      val_images: int = 200, imgsz: int = 64, batch_size: int = 32, static_steps: int = 300,
-                      finetune_steps: int = 100, seed: int = 0, workers: int = 0, progress: bool = True,
+                      val_images: int = 200, imgsz: int = 32, batch_size: int = 32, static_steps: int = 200,
+                      finetune_steps: int = 80, seed: int = 0, workers: int = 0, progress: bool = True,
                       time_limit: float = 15.0) -> Dict[str, object]:
     from .data import classify
     from .evaluation import evaluate
@@ -118,10 +118,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", default="resnet18-anydepth")
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--val-images", type=int, default=200)
-    p.add_argument("--imgsz", type=int, default=64)
+    p.add_argument("--imgsz", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--static-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--static-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=80)
     p.add_argument("--time-limit", type=float, default=15.0, help="minutes per run (a guard)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true")

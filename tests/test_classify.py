@@ -104,7 +104,8 @@ def test_split_and_skip_aware_norms():
 def test_resnet50_flops_match_the_paper():
     """Adaptive Depth Networks, ResNet-50 at 224x224: FFFF 4.11 G, TTTT 2.58 G multiply-adds (our
     counter counts convolutions and matmuls, 2 FLOPs per multiply-add; within 1%)."""
-    m = anydepth.create_model("resnet50-anydepth")
+    m = anydepth.create_model("resnet50-anydepth")                 # 1000 classes (the factory's default)
+    assert m.num_classes == 1000 and m.model_kwargs == {"num_classes": 1000}
     full, base = m.flops("full") / 2e9, m.flops("base") / 2e9
     assert abs(full - 4.11) / 4.11 < 0.01, full
     assert abs(base - 2.58) / 2.58 < 0.01, base

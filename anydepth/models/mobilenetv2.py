@@ -23,9 +23,9 @@ from torch import nn
 
 from ..classify import AnyDepthClassifier, classification_head, stage_switches
 from ..depth import DepthConfig, DepthSpace
-from ..family import ModelFamily, Peer, lazy, register_family
+from ..family import ModelFamily, Peer, WeightImport, lazy, register_family
 from ..nn import ConvNormAct, SkippableStage, split_blocks
-from .resnet import _TRAIN, Blocks
+from .resnet import _TRAIN, Blocks, _import_torchvision_file, _is_state_dict_file
 
 __all__ = ["AnyDepthMobileNetV2", "ConvReLU6", "InvertedResidual", "SETTING"]
 
@@ -129,5 +129,8 @@ FAMILY = register_family(ModelFamily(
     criterion=lazy("anydepth.losses.classify:ClassificationCriterion"),
     train=_TRAIN,
     converters={"torchvision": lazy("anydepth.convert:from_torchvision")},
+    # one loader for both families' files: it reads the architecture from the state dict's keys
+    weight_import=WeightImport("a torchvision ResNet/MobileNetV2 state dict (.pth)", _is_state_dict_file,
+                               _import_torchvision_file),
     peer=Peer("torchvision", lazy("anydepth.convert._torchvision:build_peer"), lambda m, x: m(x)),
 ))

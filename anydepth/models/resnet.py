@@ -256,7 +256,9 @@ def _factory(arch: str):
 
 
 def _is_state_dict_file(path: str) -> bool:
-    return os.path.isfile(path) and path.lower().endswith((".pth", ".pt"))
+    """torchvision's weight files end in ``.pth`` (``.pt`` files are left to the detector families:
+    Ultralytics checkpoints; call :func:`anydepth.convert.from_torchvision_state_dict` for others)."""
+    return os.path.isfile(path) and path.lower().endswith(".pth")
 
 
 def _import_torchvision_file(path: str):
