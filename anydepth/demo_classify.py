@@ -26,8 +26,8 @@ import time
 from typing import Dict, List, Optional
 
 
-def run_classify_demo(out: str = "runs/demo-classify", model: str = "resnet18-anydepth", images: int = 600,
-                      val_images: int = 200, imgsz: int = 32, batch_size: int = 32, static_steps: int = 200,
+def run_classify_demo(out: str = "runs/demo-classify", model: str = "resnet18-anydepth", images: int = 3000,
+                      val_images: int = 200, imgsz: int = 32, batch_size: int = 32, static_epochs: int = 3,
                       finetune_steps: int = 80, seed: int = 0, workers: int = 0, progress: bool = True,
                       time_limit: float = 15.0) -> Dict[str, object]:
     from .data import classify
@@ -40,13 +40,12 @@ def run_classify_demo(out: str = "runs/demo-classify", model: str = "resnet18-an
         classify.synth(data, images=images, imgsz=imgsz, seed=seed, split="train", progress=progress)
         classify.synth(data, images=val_images, imgsz=imgsz, seed=seed + 1, split="val", progress=progress)
     steps_per_epoch = max(1, images // batch_size)
+    ft_epochs = max(1, -(-finetune_steps // steps_per_epoch))
+    ft = dict(epochs=ft_epochs, max_steps_per_epoch=-(-finetune_steps // ft_epochs), recipe="finetune")
     runs = [
-        ("static", dict(shallow="none", distill=False, epochs=max(1, -(-static_steps // steps_per_epoch)),
-                        max_steps_per_epoch=min(steps_per_epoch, static_steps))),
-        ("distill", dict(distill=True, epochs=max(1, -(-finetune_steps // steps_per_epoch)),
-                         max_steps_per_epoch=min(steps_per_epoch, finetune_steps), recipe="finetune")),
-        ("no-distill", dict(distill=False, epochs=max(1, -(-finetune_steps // steps_per_epoch)),
-                            max_steps_per_epoch=min(steps_per_epoch, finetune_steps), recipe="finetune")),
+        ("static", dict(shallow="none", distill=False, epochs=static_epochs)),
+        ("distill", dict(distill=True, **ft)),
+        ("no-distill", dict(distill=False, **ft)),
     ]
     results: Dict[str, object] = {"model": model, "imgsz": imgsz, "train_images": images, "val_images": val_images,
                                   "runs": {}}
@@ -116,11 +115,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--task", choices=["classify"], default="classify")
     p.add_argument("--out", default="runs/demo-classify")
     p.add_argument("--model", default="resnet18-anydepth")
-    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--images", type=int, default=3000,
+                   help="training images (600 overfit: 100%% train vs 55%% val top-1 after 216 steps)")
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--imgsz", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--static-steps", type=int, default=200)
+    p.add_argument("--static-epochs", type=int, default=3, help="stage 1: full epochs over the training set")
     p.add_argument("--finetune-steps", type=int, default=80)
     p.add_argument("--time-limit", type=float, default=15.0, help="minutes per run (a guard)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    run_classify_demo(a.out, a.model, a.images, a.val_images, a.imgsz, a.batch_size, a.static_steps,
+    run_classify_demo(a.out, a.model, a.images, a.val_images, a.imgsz, a.batch_size, a.static_epochs,
                       a.finetune_steps, progress=not a.quiet, time_limit=a.time_limit)
     return 0
 

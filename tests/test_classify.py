@@ -253,3 +253,17 @@ def test_finetune_from_torchvision_weights(cls_data, tmp_path, peers):
     bn = m.backbone.stage2.essential.blocks[0].conv1.bn
     assert torch.equal(bn.bn_skip.running_var, tv_model.layer2[0].bn1.running_var)
     assert m.fc.out_features == trainer.train_set.num_classes
+
+
+@needs_torchvision
+def test_bench_classifier_against_torchvision():
+    """`anydepth bench --model resnet18-anydepth`: every ladder depth, the fused form and the
+    torchvision peer with the same weights in one run (smoke-sized; timing is not asserted)."""
+    from anydepth import benchmark
+
+    report = benchmark.run_model_benchmark("resnet18-anydepth", imgsz=64, rounds=1, warmup=1, progress=False)
+    assert report.peer == "torchvision"
+    assert [r.code for r in report.rows if r.name in ("base", "full")] == ["TTTT", "FFFF"]
+    assert report.row("peer").params_m == pytest.approx(report.row("full").params_m, rel=0.01)
+    summary = "\n".join(report.summary())
+    assert "full/base: GFLOPs ratio" in summary and "vs torchvision eager, same weights" in summary
