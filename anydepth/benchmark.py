@@ -196,7 +196,10 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
     dev = torch.device(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     log(f"building {model_name} (random weights{', with peer' if peer else ''}) ...")
-    ours, peer_model, peer_name, peer_call, note = build_with_peer(model_name)
+    from .family import family_of
+
+    num_classes = 1000 if family_of(model_name).task == "classify" else 80   # ImageNet / COCO heads
+    ours, peer_model, peer_name, peer_call, note = build_with_peer(model_name, num_classes=num_classes)
     if not peer:
         peer_model = peer_name = None
     ours = ours.to(dev, dtype).eval()

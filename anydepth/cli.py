@@ -4,7 +4,8 @@
   anydepth models                               registered model names
   anydepth bench --model NAME [--imgsz 640]     per-depth latency/GFLOPs table, JSON and plot
   anydepth bench --kernels [options]            kernel microbenchmarks against eager PyTorch
-  anydepth data synth --out DIR --images N      a synthetic detection dataset (images + COCO JSON)
+  anydepth data synth --out DIR --images N      a synthetic detection dataset (images + COCO JSON;
+                                                --task classify: an ImageFolder of cropped shapes)
   anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
   anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
   anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
@@ -130,6 +131,13 @@ def _bench_model(args, name, dtype) -> None:
 
 def _cmd_bench(args) -> int:
     dtype = DTYPES[args.dtype]
+    if args.imgsz is None:   # 640 for the detectors, 224 when every --model is a classifier
+        from anydepth.family import family_of
+
+        names = list(args.model or [])
+        classify = bool(names) and all(family_of(n, None) is not None and family_of(n).task == "classify"
+                                       for n in names)
+        args.imgsz = 224 if classify else 640
     if args.imgsz % 32 or args.imgsz <= 0:
         print(f"anydepth bench: --imgsz must be a positive multiple of 32, got {args.imgsz}", file=sys.stderr)
         return 2
@@ -156,8 +164,14 @@ def _cmd_synth(args) -> int:
 
     splits = [("train", args.images)] + ([("val", args.val_images)] if args.val_images else [])
     for i, (split, n) in enumerate(splits):
-        summary = synth.generate(args.out, images=n, imgsz=args.imgsz, seed=args.seed + 1000 * i,
-                                 split=split if args.val_images else None, progress=not args.quiet)
+        if args.task == "classify":   # ImageFolder: one cropped object per image
+            from anydepth.data import classify
+
+            summary = classify.synth(args.out, images=n, imgsz=args.imgsz or 64, seed=args.seed + 1000 * i,
+                                     split=split if args.val_images else None, progress=not args.quiet)
+        else:
+            summary = synth.generate(args.out, images=n, imgsz=args.imgsz or 320, seed=args.seed + 1000 * i,
+                                     split=split if args.val_images else None, progress=not args.quiet)
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
 
@@ -198,11 +212,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     helps = {
         "model": "registered model name (anydepth models); default: the model of --weights (with its options, "
                  "e.g. split=official for the authors' files), else yolov12n-anydepth",
-        "data": "training set directory (COCO-JSON or YOLO-txt)",
+        "data": "training set directory (COCO-JSON or YOLO-txt; classifiers: an ImageFolder)",
         "val_data": "validation set, evaluated at full and base depth", "out": "output directory",
         "distill": "on: distil the shallow pass from the full pass; off: both on ground truth (the ablation)",
-        "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, HF RT-DETR directory, or the "
-                   "authors' any-depth YOLO12 / RT-DETR file; the model built is the one they belong to",
+        "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, HF RT-DETR directory, the "
+                   "authors' any-depth YOLO12 / RT-DETR file, or a torchvision ResNet/MobileNetV2 .pth; the model "
+                   "built is the one they belong to",
         "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5", "model_kwargs": "model options, e.g. num_queries=100",
         "amp": "mixed precision on CUDA: off, bf16, fp16", "time_limit": "stop (checkpointed) after this many minutes",
         "lr": "peak learning rate (default: the family's)", "clip_grad": "max gradient norm, 0 = off",
@@ -309,8 +324,20 @@ def _cmd_eval(args) -> int:
         print(e, file=sys.stderr)
         return 2
     name = getattr(model, "model_name", args.model or "model")
-    mode = args.mode or family_of(model).preprocess
-    dataset = open_dataset(args.data, imgsz=args.imgsz, mode=mode, augment=False)
+    family = family_of(model)
+    if args.imgsz is None:
+        args.imgsz = 224 if family.task == "classify" else 640
+    if family.task == "classify":   # an ImageFolder; top-1/top-5 per depth
+        from anydepth.data import classify
+
+        try:
+            dataset = classify.open_image_folder(args.data, imgsz=args.imgsz, augment=False)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"anydepth eval: {e}", file=sys.stderr)
+            return 2
+    else:
+        mode = args.mode or family.preprocess
+        dataset = open_dataset(args.data, imgsz=args.imgsz, mode=mode, augment=False)
     if dataset.num_classes != getattr(model, "num_classes", dataset.num_classes):
         print(f"anydepth eval: the model predicts {model.num_classes} classes, the dataset has "
               f"{dataset.num_classes}", file=sys.stderr)
@@ -565,9 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", action="append", metavar="NAME",
                    help="per-depth benchmark of a registered model (repeatable; default yolov12s-anydepth "
                         "unless --kernels is given)")
-    b.add_argument("--imgsz", type=int, default=640, help="square input size for --model")
+    b.add_argument("--imgsz", type=int, default=None,
+                   help="square input size for --model (default 640; 224 for classifiers)")
     b.add_argument("--batch", type=int, default=1, help="batch size for --model")
-    b.add_argument("--no-peer", action="store_true", help="do not time the Ultralytics/HF peer")
+    b.add_argument("--no-peer", action="store_true", help="do not time the Ultralytics/HF/torchvision peer")
     b.add_argument("--kernels", action="store_true", help="kernel microbenchmarks")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
@@ -597,7 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--images", type=int, required=True, help="number of training images")
     syn.add_argument("--val-images", type=int, default=0,
                      help="also write a validation split (then OUT/train and OUT/val)")
-    syn.add_argument("--imgsz", type=int, default=320, help="longest image side")
+    syn.add_argument("--imgsz", type=int, default=None,
+                     help="longest image side (default 320; --task classify: the square crop side, default 64)")
+    syn.add_argument("--task", choices=["detect", "classify"], default="detect",
+                     help="detect: images + COCO JSON; classify: an ImageFolder of cropped single objects")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--quiet", action="store_true")
     syn.set_defaults(func=_cmd_synth)
@@ -606,11 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="COCO AP per depth configuration")
-    e.add_argument("--weights", default=None, help="anydepth checkpoint (or Ultralytics .pt / HF directory)")
+    e = sub.add_parser("eval", help="COCO AP (classifiers: top-1/top-5) per depth configuration")
+    e.add_argument("--weights", default=None,
+                   help="anydepth checkpoint (or Ultralytics .pt / HF directory / torchvision .pth)")
     e.add_argument("--model", default=None, help="model name (checked against the checkpoint)")
-    e.add_argument("--data", required=True, help="dataset directory (COCO-JSON or YOLO-txt)")
-    e.add_argument("--imgsz", type=int, default=640)
+    e.add_argument("--data", required=True,
+                   help="dataset directory (COCO-JSON or YOLO-txt; classifiers: an ImageFolder)")
+    e.add_argument("--imgsz", type=int, default=None, help="input size (default 640; classifiers 224)")
     e.add_argument("--depths", default="ladder",
                    help="'ladder' (every configuration of the FLOP ladder) or a comma list, e.g. full,base")
     e.add_argument("--batch", type=int, default=8)

@@ -270,7 +270,14 @@ def render_results(results: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--task=classify" in argv or any(a == "--task" and b == "classify" for a, b in zip(argv, argv[1:])):
+        from .demo_classify import main as classify_main   # the classifier demo (Adaptive Depth Networks)
+
+        return classify_main(argv)
     p = argparse.ArgumentParser(prog="anydepth demo", description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=["detect", "classify"], default="detect",
+                   help="classify: the classifier demo (anydepth demo --task classify -h)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)

@@ -53,19 +53,23 @@ def list_models(pattern: Optional[str] = None) -> List[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
-def create_model(name: str, num_classes: int = 80, **kwargs):
+def create_model(name: str, num_classes: Optional[int] = None, **kwargs):
     """Build a registered model with fresh (random) weights.
 
-    ``num_classes``: size of the classification head. Other keyword options are family-specific
+    ``num_classes``: size of the classification head (default: the factory's, 80 for the COCO
+    detectors, 1000 for the ImageNet classifiers). Other keyword options are family-specific
     and documented on the factory. Raises ``ValueError`` naming the registered models for an
     unknown name.
     """
     _load_families()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {sorted(_REGISTRY)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    head = {} if num_classes is None else {"num_classes": num_classes}
+    model = _REGISTRY[name](**head, **kwargs)
+    nc = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     model.model_name = name
-    model.model_kwargs = {"num_classes": num_classes, **kwargs}
+    model.model_kwargs = {**({"num_classes": nc} if nc is not None else {}), **kwargs}
     return model

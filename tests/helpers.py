@@ -26,6 +26,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # Only the peer tests need the peers: a machine without Ultralytics (the GPU machines) runs the rest.
 needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
                                        reason="the Ultralytics peer is in the test extras")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="the torchvision peer is in the test extras")
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="the HF peer is in the test extras")
 

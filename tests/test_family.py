@@ -8,7 +8,8 @@ import torch
 import anydepth
 from anydepth import model as model_mod
 from anydepth.depth import DepthSpace
-from anydepth.family import (ModelFamily, TrainDefaults, families, family_of, register_family,
+from anydepth.classify import AnyDepthClassifier
+from anydepth.family import (TASKS, ModelFamily, TrainDefaults, families, family_of, register_family,
                              unregister_family)
 from anydepth.losses import build_criterion
 from anydepth.testing import randomize_
@@ -22,15 +23,19 @@ def test_registered_families_are_complete():
     assert {"yolov12", "rtdetr"} <= set(fams)
     for f in fams.values():
         assert issubclass(f.model_class, anydepth.AnyDepthModel)
-        assert f.task == "detect" and f.preprocess in ("letterbox", "resize")
+        assert f.task in TASKS and f.preprocess in ("letterbox", "resize")
+        # a classifier family's model is an AnyDepthClassifier (logits, ImageNet normalisation inside)
+        assert (f.task == "classify") == issubclass(f.model_class, AnyDepthClassifier)
         assert f.model_names and set(f.model_names) <= set(anydepth.list_models())
         assert callable(f.criterion)
-        assert f.train is not None and f.train.lr > 0 and f.train.clip_grad > 0
+        assert f.train is not None and f.train.lr > 0
+        assert f.train.clip_grad > 0 or f.task == "classify"   # the authors' classifier script: no clipping
         assert f.converters and all(callable(c) for c in f.converters.values())
         assert f.weight_import is not None and callable(f.weight_import.load)
         assert f.peer is not None and f.benchmark_peer in f.converters
         assert callable(f.peer.build) and callable(f.peer.call)
     assert fams["yolov12"].preprocess == "letterbox" and fams["rtdetr"].preprocess == "resize"
+    assert {f.name for f in fams.values() if f.task == "classify"} >= {"resnet", "mobilenetv2"}
     assert sorted(n for f in fams.values() for n in f.model_names) == anydepth.list_models()
 
 
@@ -100,6 +105,9 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="preprocess"):
         ModelFamily(name="x", model_class=_ToyModel, factories={"x": _ToyModel}, preprocess="crop",
                     criterion=_ToyCriterion)
+    with pytest.raises(ValueError, match="task must be one of"):
+        ModelFamily(name="x", model_class=_ToyModel, factories={"x": _ToyModel}, preprocess="resize",
+                    criterion=_ToyCriterion, task="segment")
     with pytest.raises(ValueError, match="no factories"):
         ModelFamily(name="x", model_class=_ToyModel, factories={}, preprocess="resize", criterion=_ToyCriterion)
 

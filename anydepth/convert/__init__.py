@@ -10,7 +10,11 @@
 * :func:`from_authors_rtdetr` — the authors' AnyDepth-RT-DETR checkpoints (their RT-DETR fork) to
   ``rtdetr-r{50,101}-anydepth`` with ``split="official"``: their outputs at every depth.
 
-Both peers are optional dependencies, imported only inside these adapters. The converted model
+* :func:`from_torchvision` — a torchvision ``resnet18/34/50/101`` or ``mobilenet_v2`` to
+  ``resnet*-anydepth`` / ``mobilenetv2-anydepth`` (:func:`from_torchvision_state_dict` from a
+  ``.pth`` state dict).
+
+The peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
 ones.
 """
@@ -41,4 +45,17 @@ def from_transformers(model_or_state_dict, **kwargs):
     return impl(model_or_state_dict, **kwargs)
 
 
-__all__ = ["from_authors_rtdetr", "from_authors_yolo", "from_transformers", "from_ultralytics"]
+def from_torchvision(model, **kwargs):
+    from ._torchvision import from_torchvision as impl
+
+    return impl(model, **kwargs)
+
+
+def from_torchvision_state_dict(state_dict_or_path, **kwargs):
+    from ._torchvision import from_torchvision_state_dict as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
+__all__ = ["from_authors_rtdetr", "from_authors_yolo", "from_torchvision", "from_torchvision_state_dict", "from_transformers",
+           "from_ultralytics"]

@@ -7,9 +7,9 @@
 
 See :mod:`anydepth.data.datasets` for the sample format and augmentation.
 """
-from . import synth
+from . import classify, synth
 from .datasets import (CocoDetection, DetectionDataset, YoloDetection, collate, open_dataset,
                        read_image)
 
-__all__ = ["CocoDetection", "DetectionDataset", "YoloDetection", "collate", "open_dataset",
+__all__ = ["classify", "CocoDetection", "DetectionDataset", "YoloDetection", "collate", "open_dataset",
            "read_image", "synth"]

@@ -49,9 +49,11 @@ from __future__ import annotations
 
 from .coco import BACKENDS, METRIC_NAMES, coco_evaluate
 from .coco import _backend_classes, _check_gt, _check_results  # noqa: F401  (the former module's helpers)
-from .report import TABLE_METRICS, UNITS, EvalReport, EvalRow
+from .report import CLASSIFY_METRICS, TABLE_METRICS, UNITS, EvalReport, EvalRow
 from .report import _SHORT  # noqa: F401
 from .run import evaluate
+from .classify import evaluate_classifier
 from .run import _check_dataset, _model_device, _resolve_depths, _to_coco_results  # noqa: F401
 
-__all__ = ["BACKENDS", "METRIC_NAMES", "TABLE_METRICS", "UNITS", "EvalReport", "EvalRow", "coco_evaluate", "evaluate"]
+__all__ = ["BACKENDS", "CLASSIFY_METRICS", "METRIC_NAMES", "TABLE_METRICS", "UNITS", "EvalReport", "EvalRow",
+           "coco_evaluate", "evaluate", "evaluate_classifier"]

@@ -34,7 +34,15 @@ from .report import EvalReport, EvalRow
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: metric -> (marker, colour) of :func:`plot_tradeoff`
-_STYLE = {"AP": ("o", "tab:blue"), "AP50": ("s", "tab:orange")}
+_STYLE = {"AP": ("o", "tab:blue"), "AP50": ("s", "tab:orange"), "top1": ("o", "tab:blue"),
+          "top5": ("s", "tab:orange")}
+
+
+def _metrics(report: EvalReport):
+    """The two plotted metrics and the y-axis name: COCO AP/AP50, or top-1/top-5 of a classifier."""
+    if getattr(report, "task", "detect") == "classify":
+        return ("top1", "top5"), "top-1, top-5 accuracy (%)"
+    return ("AP", "AP50"), "COCO AP, AP50 (%)"
 _LEGEND_TITLE = "line + filled: Pareto front; hollow: dominated"
 _SERIES_COLOURS = ("tab:blue", "tab:red", "tab:gray", "tab:green", "tab:purple", "tab:brown")
 
@@ -196,16 +204,17 @@ def plot_tradeoff(report: EvalReport, path: PathLike, title: Optional[str] = Non
     fig_h = 4.0 + key_h
     fig, axs = plt.subplots(1, len(axes_kinds), figsize=(5.4 * len(axes_kinds), fig_h), dpi=100, squeeze=False)
     for ax, (kind, xlabel) in zip(axs[0], axes_kinds):
-        for metric in ("AP", "AP50"):
+        (main, second), ylabel = _metrics(report)
+        for metric in (main, second):
             marker, colour = _STYLE[metric]
             pts = _points(report, kind, metric)
-            _draw_series(ax, pts, kind, marker, colour, metric, spread=metric == "AP")
-            if metric == "AP":
+            _draw_series(ax, pts, kind, marker, colour, metric, spread=metric == main)
+            if metric == main:
                 _label_points(ax, pts)
         if kind == "order":
             ax.set_xticks(range(len(report.rows)), [r.name for r in report.rows], fontsize=7, rotation=30)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("COCO AP, AP50 (%)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="best", title=_LEGEND_TITLE, title_fontsize=6.5)
@@ -236,7 +245,8 @@ def plot_comparison(reports: Mapping[str, EvalReport], path: PathLike, title: Op
     fig_h = 6.8 + key_h
     fig, axs = plt.subplots(2, len(axes_kinds), figsize=(5.4 * len(axes_kinds), fig_h), dpi=100, squeeze=False)
     markers = ("o", "s", "^", "D", "v", "P")
-    for row_i, metric in enumerate(("AP", "AP50")):
+    metrics, _ = _metrics(first)
+    for row_i, metric in enumerate(metrics):
         for ax, (kind, xlabel) in zip(axs[row_i], axes_kinds):
             for k, (label, rep) in enumerate(items):
                 pts = _points(rep, kind, metric)
@@ -249,7 +259,7 @@ def plot_comparison(reports: Mapping[str, EvalReport], path: PathLike, title: Op
             if kind == "order":
                 ax.set_xticks(range(len(first.rows)), [r.name for r in first.rows], fontsize=7, rotation=30)
             ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel(f"COCO {metric} (%)", fontsize=8)
+            ax.set_ylabel(f"{'' if metric.startswith('top') else 'COCO '}{metric} (%)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6.5, loc="best", title=_LEGEND_TITLE, title_fontsize=6.5)

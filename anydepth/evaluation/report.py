@@ -50,6 +50,8 @@ UNITS = {
 
 
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+#: the metrics of a classifier's report (``task="classify"``): top-1 / top-5 accuracy
+CLASSIFY_METRICS = ("top1", "top5")
 _SHORT = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
 
 
@@ -75,6 +77,17 @@ class EvalReport:
     notes: List[str] = field(default_factory=list)
     latency: Dict[str, object] = field(default_factory=dict)
     units: Dict[str, str] = field(default_factory=lambda: dict(UNITS))
+    task: str = "detect"      # "classify": top-1/top-5 accuracy instead of COCO AP
+
+    @property
+    def metric_names(self) -> Tuple[str, ...]:
+        """The table's metric columns: COCO AP metrics, or ``top1``/``top5`` for a classifier."""
+        return CLASSIFY_METRICS if self.task == "classify" else TABLE_METRICS
+
+    @property
+    def main_metric(self) -> str:
+        """``"AP"``, or ``"top1"`` for a classifier (the plot's and the trainer's metric)."""
+        return "top1" if self.task == "classify" else "AP"
 
     def row(self, name: str) -> EvalRow:
         """The row labelled ``name`` (``"full"``, ``"base"``, ...)."""
@@ -85,17 +98,17 @@ class EvalReport:
 
     def table(self) -> str:
         """A Markdown table (readable as plain text): depth, code, switches skipped, GFLOPs,
-        latency (median and p10-p90) and the COCO AP metrics in percent ('-' = not available /
+        latency (median and p10-p90) and the metrics in percent (COCO AP; top-1/top-5 for a classifier) ('-' = not available /
         undefined)."""
         head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})", "p10-p90 ms"]
-        head += [f"{_SHORT.get(m, m)} %" for m in TABLE_METRICS]
+        head += [f"{_SHORT.get(m, m)} %" for m in self.metric_names]
         body = []
         for r in self.rows:
             skipped = f"{len(r.skipped)}/{r.num_switches}" if r.num_switches is not None else "-"
             cells = [r.name, r.code, skipped,
                      f"{r.gflops:.2f}" if r.gflops is not None else "-",
                      f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-", _spread(r)]
-            cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in TABLE_METRICS]
+            cells += [f"{100 * r.metrics[m]:.1f}" if r.metrics.get(m) is not None else "-" for m in self.metric_names]
             body.append(cells)
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
@@ -127,7 +140,7 @@ class EvalReport:
             with open(source) as f:
                 d = json.load(f)
         names = {f.name for f in fields(cls)}
-        optional = ("machine", "notes", "latency", "units")  # reports written before they existed
+        optional = ("machine", "notes", "latency", "units", "task")  # reports written before they existed
         missing = {f.name for f in fields(cls) if f.name not in d and f.name not in optional}
         if missing:
             raise ValueError(f"not an evaluation report: missing {sorted(missing)}")

@@ -283,7 +283,9 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
              latency_batch: int = 1, max_images: Optional[int] = None, backend: str = "pycocotools",
              latency_reps: int = 2, latency_warmup: int = 2, verbose: bool = False, latency_rounds: int = 10,
              latency_form: str = "eager", profile=None) -> EvalReport:
-    """COCO metrics, GFLOPs and latency of ``model`` at each depth on ``dataset``.
+    """COCO metrics, GFLOPs and latency of ``model`` at each depth on ``dataset``. For a classifier
+    (``model.task == "classify"``): top-1/top-5 accuracy instead, see
+    :func:`anydepth.evaluation.classify.evaluate_classifier` (same latency options).
 
     * ``depths``: ``None`` = the model's ladder ``model.depth_configs`` (base .. full; just full
       for a model without one), or a list of depth-likes (``"full"``, ``"base"``, a float in
@@ -317,6 +319,13 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
     the ground truth lacks, bad sizes, a profile of another model / size or lacking a
     configuration (before anything runs); errors of ``predict`` itself propagate.
     """
+    if getattr(model, "task", None) == "classify":   # an any-depth classifier: top-1/top-5 accuracy
+        from .classify import evaluate_classifier
+
+        return evaluate_classifier(model, dataset, depths=depths, imgsz=imgsz, batch_size=batch_size, device=device,
+                                   progress=progress, measure_latency=measure_latency, latency_batch=latency_batch,
+                                   max_images=max_images, latency_reps=latency_reps, latency_warmup=latency_warmup,
+                                   latency_rounds=latency_rounds, latency_form=latency_form, profile=profile)
     _check_args(model, dataset, imgsz, batch_size, conf, max_det, latency_batch, max_images, backend,
                 latency_reps, latency_warmup, latency_rounds, latency_form)
     n_total = len(dataset)

@@ -68,7 +68,8 @@ from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, is_file, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
-from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, split_blocks
+from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage
+from .resnet import BasicBlock, Blocks, Bottleneck, ResNet, Shortcut, _max_pool_3x3s2, conv_bn  # noqa: F401 (re-exported)
 from .rtdetr_denoising import build_denoising_queries
 
 __all__ = ["AnyDepthRTDETR", "SPLITS", "VARIANTS", "build_denoising_queries", "decoder_base_layers"]
@@ -110,137 +111,21 @@ ConvBN = ConvNormAct
 FusedConvBN = FusedConv
 
 
-def _conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip_aware: bool = False,
-             eps: float = 1e-5) -> ConvNormAct:
-    return ConvNormAct(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+_conv_bn = conv_bn
 
 
-class Blocks(nn.Module):
-    """A sequence of blocks sharing one ``skip`` argument."""
+class ResNetVd(ResNet):
+    """RT-DETR's backbone: the shared :class:`~anydepth.models.resnet.ResNet` in its ``"vd"`` style
+    (3-conv stem, avg-pool projection shortcuts, skip-aware shortcut BNs), stages 2..4 out.
 
-    def __init__(self, blocks: Sequence[nn.Module]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
+    Or the authors' ``ResNet_ADN`` (``official=True``): one 7x7/2 conv-BN-ReLU stem instead of three
+    3x3 convs, and a projection shortcut with one norm (not skip-aware) in the first block of a
+    stage; the rest (split, "vd" avg-pool shortcut, stride on the 3x3 conv) is the same."""
 
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        for b in self.blocks:
-            x = b(x, skip)
-        return x
-
-
-# ------------------------------------------------------------------------------------------------
-# backbone: ResNet-vd
-# ------------------------------------------------------------------------------------------------
-class Shortcut(nn.Module):
-    """Projection shortcut: optional 2x2 avg-pool (ceil mode; the "vd" downsampling) + 1x1 conv-BN."""
-
-    def __init__(self, cin: int, cout: int, stride: int, pool: bool, skip_aware: bool):
-        super().__init__()
-        self.pool = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if pool else None
-        self.conv = _conv_bn(cin, cout, 1, 1 if pool else stride, skip_aware=skip_aware)
-
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        if self.pool is not None:
-            x = self.pool(x)
-        return self.conv(x, skip)
-
-
-class BasicBlock(nn.Module):
-    """``relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x))``."""
-
-    def __init__(self, cin: int, cout: int, stride: int, first: bool, skip_aware: bool):
-        super().__init__()
-        # RT-DETR's ResNet-18/34 always project the shortcut of a stage's first block
-        self.shortcut = Shortcut(cin, cout, stride, pool=cin != cout, skip_aware=skip_aware) if first else None
-        self.conv1 = _conv_bn(cin, cout, 3, stride, "relu", skip_aware)
-        self.conv2 = _conv_bn(cout, cout, 3, 1, "identity", skip_aware)
-
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        r = x if self.shortcut is None else self.shortcut(x, skip)
-        return F.relu(self.conv2(self.conv1(x, skip), skip, residual=r))
-
-
-class Bottleneck(nn.Module):
-    """``relu(bn(conv1x1(relu(bn(conv3x3/s(relu(bn(conv1x1(x))))))) + shortcut(x))``."""
-
-    def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool, shortcut_skip_aware: Optional[bool] = None):
-        super().__init__()
-        mid = cout // 4
-        project = cin != cout or stride != 1
-        sc_aware = skip_aware if shortcut_skip_aware is None else shortcut_skip_aware
-        self.shortcut = Shortcut(cin, cout, stride, pool=stride == 2, skip_aware=sc_aware) if project else None
-        self.pool_only = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if (stride == 2 and not project) else None
-        self.conv1 = _conv_bn(cin, mid, 1, 1, "relu", skip_aware)
-        self.conv2 = _conv_bn(mid, mid, 3, stride, "relu", skip_aware)
-        self.conv3 = _conv_bn(mid, cout, 1, 1, "identity", skip_aware)
-
-    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        if self.shortcut is not None:
-            r = self.shortcut(x, skip)
-        else:
-            r = x if self.pool_only is None else self.pool_only(x)
-        return F.relu(self.conv3(self.conv2(self.conv1(x, skip), skip), skip, residual=r))
-
-
-def _max_pool_3x3s2(x: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(x, 3, 2, 1)`` as two separable strided maxima: exact, and about 5x faster than
-    the library's NCHW CPU kernel on the stem's 64 x 320 x 320 map (inference only: the gradient
-    of ``maximum`` treats ties differently from max-pool's)."""
-    h, w = x.shape[-2:]
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    xp = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    r = torch.maximum(torch.maximum(xp[..., 0:2 * ho:2, :], xp[..., 1:2 * ho + 1:2, :]), xp[..., 2:2 * ho + 2:2, :])
-    return torch.maximum(torch.maximum(r[..., 0:2 * wo:2], r[..., 1:2 * wo + 1:2]), r[..., 2:2 * wo + 2:2])
-
-
-class ResNetVd(nn.Module):
-    """ResNet-vd (``official=False``), or the authors' ``ResNet_ADN`` (``official=True``): one 7x7/2
-    conv-BN-ReLU stem instead of three 3x3 convs, and a projection shortcut with one norm (not
-    skip-aware) in the first block of a stage; the rest (split, "vd" avg-pool shortcut, stride on
-    the 3x3 conv) is the same."""
-
-    def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
-                 stem_size: int = 64, official: bool = False):
-        super().__init__()
-        if official:
-            self.stem = nn.ModuleList([_conv_bn(3, stem_size, 7, 2, "relu")])
-        else:
-            self.stem = nn.ModuleList([
-                _conv_bn(3, stem_size // 2, 3, 2, "relu"),
-                _conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
-                _conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
-            ])
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        cin = stem_size
-        for i, (n, cout) in enumerate(zip(depths, hidden_sizes)):
-            stride = 1 if i == 0 else 2
-            ess, _ = split_blocks(n)
-            blocks = []
-            for j in range(n):
-                aware = j < ess
-                if layer_type == "basic":
-                    blocks.append(BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, aware))
-                else:
-                    blocks.append(Bottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, aware,
-                                             shortcut_skip_aware=False if official else None))
-            refinement = Blocks(blocks[ess:]) if n > ess else None
-            setattr(self, f"stage{i + 1}", SkippableStage(Blocks(blocks[:ess]), refinement))
-            cin = cout
-        self.out_channels = tuple(hidden_sizes[1:])
-
-    def forward(self, x: torch.Tensor, skips: Sequence[bool]) -> List[torch.Tensor]:
-        for conv in self.stem:
-            x = conv(x)
-        x = self.pool(x) if torch.is_grad_enabled() or x.device.type != "cpu" else _max_pool_3x3s2(x)
-        outs = []
-        for i, skip in enumerate(skips):
-            x = getattr(self, f"stage{i + 1}")(x, skip)
-            if i >= 1:
-                outs.append(x)
-        return outs
+    def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int], stem_size: int = 64,
+                 official: bool = False):
+        super().__init__(layer_type, depths, hidden_sizes, stem_size, style="vd", shortcut_skip_aware=not official,
+                         out_stages=(2, 3, 4), stem="7x7" if official else None)
 
 
 # ------------------------------------------------------------------------------------------------

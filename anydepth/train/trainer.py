@@ -64,7 +64,7 @@ class TrainConfig:
     """Everything a training run needs; every field has a command-line flag of the same name."""
 
     model: Optional[str] = None         # registered name; None = the model of `weights`, else DEFAULT_MODEL
-    data: str = ""                      # training set: COCO-JSON or YOLO-txt directory
+    data: str = ""                      # training set: COCO-JSON or YOLO-txt directory (classifiers: ImageFolder)
     val_data: Optional[str] = None      # validation set (evaluated at full and base depth)
     out: str = "runs/train"
     epochs: int = 100
@@ -99,7 +99,8 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     device: str = "auto"
-    weights: Optional[str] = None       # initial weights: anydepth checkpoint, Ultralytics .pt, HF dir
+    weights: Optional[str] = None       # initial weights: anydepth checkpoint, Ultralytics .pt, HF dir,
+                                        # torchvision ResNet/MobileNetV2 .pth
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     loss: Dict[str, float] = field(default_factory=dict)   # loss weight overrides (criterion kwargs)
     eval_interval: int = 1              # validate every N epochs (and after the last); 0 = last only
@@ -399,12 +400,22 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
 
-        self.train_set = open_dataset(cfg.data, imgsz=cfg.imgsz, mode=self.mode, augment=cfg.augment,
-                                      seed=cfg.seed)
+        self.task = self.family.task
+        collate_fn = collate_batch
+        if self.task == "classify":   # ImageFolder directories, labels as int64 [N]
+            from ..data import classify as cls_data
+
+            collate_fn = cls_data.collate
+            self.train_set = cls_data.open_image_folder(cfg.data, imgsz=cfg.imgsz, augment=cfg.augment, seed=cfg.seed)
+            self.val_set = (cls_data.open_image_folder(cfg.val_data, imgsz=cfg.imgsz, augment=False,
+                                                       classes=self.train_set.classes) if cfg.val_data else None)
+        else:
+            self.train_set = open_dataset(cfg.data, imgsz=cfg.imgsz, mode=self.mode, augment=cfg.augment,
+                                          seed=cfg.seed)
+            self.val_set = (open_dataset(cfg.val_data, imgsz=cfg.imgsz, mode=self.mode, augment=False)
+                            if cfg.val_data else None)
         if len(self.train_set) == 0:
             raise ValueError(f"the training set {cfg.data!r} has no images")
-        self.val_set = (open_dataset(cfg.val_data, imgsz=cfg.imgsz, mode=self.mode, augment=False)
-                        if cfg.val_data else None)
         nc = self.train_set.num_classes
         if self.val_set is not None and self.val_set.num_classes != nc:
             raise ValueError(f"training set has {nc} classes, validation set {self.val_set.num_classes}")
@@ -413,7 +424,7 @@ class Trainer:
                                           shuffle=True, seed=cfg.seed, drop_last=self.dist.world > 1)
         per_rank = max(1, cfg.batch_size // self.dist.world)
         self.loader = DataLoader(self.train_set, batch_size=per_rank, sampler=self.sampler,
-                                 num_workers=cfg.workers, collate_fn=collate_batch,
+                                 num_workers=cfg.workers, collate_fn=collate_fn,
                                  drop_last=len(self.train_set) // self.dist.world > per_rank,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
         steps = len(self.loader)
@@ -427,7 +438,8 @@ class Trainer:
         # means over the batch), and the weight decay scaled by batch * accumulate / nbs, so that
         # an SGD learning rate means what it means in an Ultralytics args.yaml
         self.accumulate = max(1, int(round(cfg.nbs / cfg.batch_size))) if cfg.nbs else 1
-        self.loss_scale = float(per_rank * self.dist.world) if cfg.optimizer == "sgd" else 1.0
+        # (classifiers: the authors' torchvision-style script averages over the batch with SGD too)
+        self.loss_scale = float(per_rank * self.dist.world) if cfg.optimizer == "sgd" and self.task == "detect" else 1.0
         if cfg.optimizer == "sgd" and cfg.nbs:
             self.weight_decay *= cfg.batch_size * self.accumulate / cfg.nbs
 
@@ -552,7 +564,8 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------
     def validate(self) -> Dict[str, float]:
-        """COCO AP of the evaluated weights at full and shallow depth on the validation set."""
+        """COCO AP (a classifier: top-1/top-5 accuracy) of the evaluated weights at full and shallow
+        depth on the validation set."""
         from ..evaluation import evaluate
 
         if self.val_set is None:
@@ -564,7 +577,7 @@ class Trainer:
                           max_images=self.config.val_max_images)
         out = {}
         for tag, row in zip(("full", "base"), report.rows):
-            for k in ("AP", "AP50"):
+            for k in (("top1", "top5") if self.task == "classify" else ("AP", "AP50")):
                 out[f"val/{tag}/{k}"] = row.metrics.get(k)
         return out
 
@@ -615,8 +628,11 @@ class Trainer:
                 break
             lr = self._set_lr()
             images = images.to(self.device, non_blocking=True).float().div_(255.0)
-            targets = [{"boxes": t["boxes"].to(self.device).float(), "labels": t["labels"].to(self.device)}
-                       for t in targets]
+            if self.task == "classify":
+                targets = targets.to(self.device)
+            else:
+                targets = [{"boxes": t["boxes"].to(self.device).float(), "labels": t["labels"].to(self.device)}
+                           for t in targets]
             if n % self.accumulate == 0:
                 self.optimizer.zero_grad(set_to_none=True)
             logs = two_pass_step(self.model, self.criterion, images, targets, self.full, self.shallow,
@@ -660,12 +676,13 @@ class Trainer:
         if self.dist.main:
             self._write_logs()
             self.save(os.path.join(cfg.out, "last.pt"))
-            ap = row.get("val/full/AP")
+            ap = row.get("val/full/top1" if self.task == "classify" else "val/full/AP")
             if ap is not None and (self.best is None or ap > self.best):
                 self.best = ap
                 self.save(os.path.join(cfg.out, "best.pt"))
             msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                           if k in ("epoch", "train/full/loss", "train/base/loss", "val/full/AP", "val/base/AP")
+                           if k in ("epoch", "train/full/loss", "train/base/loss", "val/full/AP", "val/base/AP",
+                                    "val/full/top1", "val/base/top1")
                            and v is not None)
             self._print(msg)
         if stopped:

@@ -1,0 +1,294 @@
+"""ResNet, one implementation for two uses: RT-DETR's ResNet-vd backbone and the any-depth ResNet
+classifiers ``resnet{18,34,50,101}-anydepth`` (Adaptive Depth Networks, arXiv 2312.16392).
+
+:class:`ResNet` (the body: stem, max-pool, ``stage1..stage4``) has two styles:
+
+* ``"vd"`` (RT-DETR, PaddleDetection's ResNet-vd): a stem of three 3x3 conv-BN-ReLU (stride 2 on
+  the first); the projection shortcut of a stride-2 block is 2x2 avg-pool + 1x1 conv-BN; a basic
+  block (R18/R34) projects the first shortcut of every stage, stage 1 included.
+* ``"torchvision"`` (ResNet v1.5, torchvision's ``resnet18/34/50/101``): a 7x7/2 conv-BN-ReLU stem;
+  the projection shortcut is a 1x1 stride-2 conv-BN, present only where the shape changes.
+
+Both put a bottleneck's stride on its 3x3 conv. Each stage is a
+:class:`~anydepth.nn.SkippableStage` split with :func:`~anydepth.nn.split_blocks` (the papers'
+rule: ``min(n - 1, (n + 1) // 2)`` essential blocks; ResNet-50 [3, 4, 6, 3] -> refinement
+[1, 2, 3, 1]); every conv of an essential block has a skip-aware BatchNorm. The shortcut conv's BN
+is skip-aware in RT-DETR's backbone (the AnyDepth-DETR code) and plain in the classifiers (the
+authors' ``models/resnet.py``: ``downsample`` keeps one BatchNorm); the stem's BN is plain in both.
+
+:class:`AnyDepthResNet` is the classifier: ``ResNet(style="torchvision")``, global average pool,
+``fc``. Switches ``stage1..stage4`` (``TTTT`` = base). ResNet-50 at 224x224: 4.11 G multiply-adds
+full, 2.58 G base (the paper's figures; ``model.flops()`` counts 2 per multiply-add).
+Import torchvision weights with :func:`anydepth.convert.from_torchvision`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..classify import AnyDepthClassifier, stage_switches
+from ..depth import DepthConfig, DepthSpace
+from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, lazy, register_family
+from ..nn import ConvNormAct, SkippableStage, split_blocks
+
+__all__ = ["AnyDepthResNet", "BasicBlock", "Blocks", "Bottleneck", "RESNETS", "ResNet", "Shortcut", "conv_bn"]
+
+STYLES = ("vd", "torchvision")
+
+#: torchvision's ResNets: block type and blocks per stage (stage widths 64..512, x4 for bottlenecks)
+RESNETS: Dict[str, Tuple[str, Tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+
+
+def conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip_aware: bool = False,
+            eps: float = 1e-5) -> ConvNormAct:
+    """Conv (no bias, padding ``k // 2``) + BatchNorm (eps 1e-5, momentum 0.1) + activation."""
+    return ConvNormAct(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+
+
+class Blocks(nn.Module):
+    """A sequence of blocks sharing one ``skip`` argument."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x, skip)
+        return x
+
+
+class Shortcut(nn.Module):
+    """Projection shortcut: optional 2x2 avg-pool (ceil mode; the "vd" downsampling) + 1x1 conv-BN
+    (stride ``stride`` when there is no pool)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, pool: bool, skip_aware: bool):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if pool else None
+        self.conv = conv_bn(cin, cout, 1, 1 if pool else stride, skip_aware=skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        if self.pool is not None:
+            x = self.pool(x)
+        return self.conv(x, skip)
+
+
+def _shortcut(cin: int, cout: int, stride: int, style: str, project: bool, skip_aware: bool) -> Optional[Shortcut]:
+    if not project:
+        return None
+    return Shortcut(cin, cout, stride, pool=style == "vd" and stride == 2, skip_aware=skip_aware)
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn(conv3x3(relu(bn(conv3x3/s(x))))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, first: bool, skip_aware: bool, style: str = "vd",
+                 shortcut_skip_aware: Optional[bool] = None):
+        super().__init__()
+        sc_aware = skip_aware if shortcut_skip_aware is None else (skip_aware and shortcut_skip_aware)
+        if style == "vd":
+            # RT-DETR's ResNet-18/34 always project the shortcut of a stage's first block (avg-pool
+            # only where the width changes, i.e. the stride-2 stages)
+            self.shortcut = (Shortcut(cin, cout, stride, pool=cin != cout, skip_aware=sc_aware) if first else None)
+        else:
+            self.shortcut = _shortcut(cin, cout, stride, style, cin != cout or stride != 1, sc_aware)
+        self.conv1 = conv_bn(cin, cout, 3, stride, "relu", skip_aware)
+        self.conv2 = conv_bn(cout, cout, 3, 1, "identity", skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        r = x if self.shortcut is None else self.shortcut(x, skip)
+        return F.relu(self.conv2(self.conv1(x, skip), skip, residual=r))
+
+
+class Bottleneck(nn.Module):
+    """``relu(bn(conv1x1(relu(bn(conv3x3/s(relu(bn(conv1x1(x))))))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool, style: str = "vd",
+                 shortcut_skip_aware: Optional[bool] = None):
+        super().__init__()
+        mid = cout // 4
+        project = cin != cout or stride != 1
+        sc_aware = skip_aware if shortcut_skip_aware is None else (skip_aware and shortcut_skip_aware)
+        self.shortcut = _shortcut(cin, cout, stride, style, project, sc_aware)
+        self.pool_only = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if (stride == 2 and not project) else None
+        self.conv1 = conv_bn(cin, mid, 1, 1, "relu", skip_aware)
+        self.conv2 = conv_bn(mid, mid, 3, stride, "relu", skip_aware)
+        self.conv3 = conv_bn(mid, cout, 1, 1, "identity", skip_aware)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        if self.shortcut is not None:
+            r = self.shortcut(x, skip)
+        else:
+            r = x if self.pool_only is None else self.pool_only(x)
+        return F.relu(self.conv3(self.conv2(self.conv1(x, skip), skip), skip, residual=r))
+
+
+def _max_pool_3x3s2(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 3, 2, 1)`` as two separable strided maxima: exact, and about 5x faster than
+    the library's NCHW CPU kernel on the stem's 64 x 320 x 320 map (inference only: the gradient
+    of ``maximum`` treats ties differently from max-pool's)."""
+    h, w = x.shape[-2:]
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    r = torch.maximum(torch.maximum(xp[..., 0:2 * ho:2, :], xp[..., 1:2 * ho + 1:2, :]), xp[..., 2:2 * ho + 2:2, :])
+    return torch.maximum(torch.maximum(r[..., 0:2 * wo:2], r[..., 1:2 * wo + 1:2]), r[..., 2:2 * wo + 2:2])
+
+
+class ResNet(nn.Module):
+    """The ResNet body: stem, 3x3/2 max-pool, ``stage1..stage<n>`` (each a
+    :class:`~anydepth.nn.SkippableStage`). ``forward(x, skips)`` returns the outputs of the stages
+    in ``out_stages`` (1-based; RT-DETR: stages 2..4).
+
+    ``layer_type``: ``"basic"`` or ``"bottleneck"``; ``hidden_sizes``: stage output widths;
+    ``style``: ``"vd"`` or ``"torchvision"`` (see the module docstring); ``shortcut_skip_aware``:
+    whether an essential block's projection shortcut has a skip-aware BN; ``stem``: ``"deep"`` (three
+    3x3 convs) or ``"7x7"`` (one 7x7/2 conv), by default the style's (the authors' ResNet_ADN under
+    RT-DETR is ``style="vd"`` with a 7x7 stem and plain shortcut BNs)."""
+
+    def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
+                 stem_size: int = 64, style: str = "vd", shortcut_skip_aware: bool = True,
+                 out_stages: Sequence[int] = (2, 3, 4), stem: Optional[str] = None):
+        super().__init__()
+        if layer_type not in ("basic", "bottleneck"):
+            raise ValueError(f"layer_type must be 'basic' or 'bottleneck', got {layer_type!r}")
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        if len(depths) != len(hidden_sizes) or not depths:
+            raise ValueError(f"depths {list(depths)} and hidden_sizes {list(hidden_sizes)} need one entry per stage")
+        if not all(1 <= s <= len(depths) for s in out_stages):
+            raise ValueError(f"out_stages must be in 1..{len(depths)}, got {list(out_stages)}")
+        self.style = style
+        self.out_stages = tuple(out_stages)
+        self.num_stages = len(depths)
+        stem = stem or ("deep" if style == "vd" else "7x7")
+        if stem not in ("deep", "7x7"):
+            raise ValueError(f"stem must be 'deep' (three 3x3 convs) or '7x7', got {stem!r}")
+        if stem == "deep":
+            self.stem = nn.ModuleList([
+                conv_bn(3, stem_size // 2, 3, 2, "relu"),
+                conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
+                conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
+            ])
+        else:
+            self.stem = nn.ModuleList([conv_bn(3, stem_size, 7, 2, "relu")])
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        cin = stem_size
+        for i, (n, cout) in enumerate(zip(depths, hidden_sizes)):
+            stride = 1 if i == 0 else 2
+            ess, _ = split_blocks(n)
+            blocks: List[nn.Module] = []
+            for j in range(n):
+                aware = j < ess
+                c_in, s = (cin, stride) if j == 0 else (cout, 1)
+                if layer_type == "basic":
+                    blocks.append(BasicBlock(c_in, cout, s, j == 0, aware, style, shortcut_skip_aware))
+                else:
+                    blocks.append(Bottleneck(c_in, cout, s, aware, style, shortcut_skip_aware))
+            refinement = Blocks(blocks[ess:]) if n > ess else None
+            setattr(self, f"stage{i + 1}", SkippableStage(Blocks(blocks[:ess]), refinement))
+            cin = cout
+        self.out_channels = tuple(hidden_sizes[s - 1] for s in self.out_stages)
+
+    def forward(self, x: torch.Tensor, skips: Sequence[bool]) -> List[torch.Tensor]:
+        if len(skips) != self.num_stages:
+            raise ValueError(f"expected {self.num_stages} stage skips, got {len(skips)}")
+        for conv in self.stem:
+            x = conv(x)
+        x = self.pool(x) if torch.is_grad_enabled() or x.device.type != "cpu" else _max_pool_3x3s2(x)
+        outs = []
+        for i, skip in enumerate(skips):
+            x = getattr(self, f"stage{i + 1}")(x, skip)
+            if i + 1 in self.out_stages:
+                outs.append(x)
+        return outs
+
+
+class AnyDepthResNet(AnyDepthClassifier):
+    """Any-depth ResNet classifier (torchvision's v1.5 topology): ``model(x, depth=...)`` ->
+    logits ``[N, num_classes]``; ``x`` float RGB in [0, 1], normalised inside (ImageNet mean/std).
+
+    Switches ``stage1..stage4``; the feature-distillation term (off by default) compares the
+    outputs of stages 1..3, as the authors' ``--fpn`` run does."""
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        if arch not in RESNETS:
+            raise ValueError(f"unknown ResNet {arch!r}; valid: {list(RESNETS)}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        layer_type, depths = RESNETS[arch]
+        widths = (64, 128, 256, 512)
+        expansion = 4 if layer_type == "bottleneck" else 1
+        self.arch = arch
+        self.num_classes = num_classes
+        self.depth_space = DepthSpace(stage_switches(len(depths)))
+        self.backbone = ResNet(layer_type, depths, [w * expansion for w in widths], style="torchvision",
+                               shortcut_skip_aware=False, out_stages=(1, 2, 3, 4))
+        self.fc = nn.Linear(widths[-1] * expansion, num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def switchable_modules(self) -> Dict[str, nn.Module]:
+        return {f"stage{i}": getattr(self.backbone, f"stage{i}") for i in range(1, 5)}
+
+    def forward_logits(self, x: torch.Tensor, depth: DepthConfig) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        feats = self.backbone(x, [depth.is_skipped(s) for s in self.depth_space.switches])
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(feats[-1], 1), 1))
+        return logits, feats[:-1]
+
+
+def _factory(arch: str):
+    def build(num_classes: int = 1000, **kwargs) -> AnyDepthResNet:
+        return AnyDepthResNet(arch, num_classes, **kwargs)
+
+    build.__name__ = f"{arch}_anydepth"
+    build.__doc__ = f"Any-depth {arch} classifier (torchvision topology); options: :class:`AnyDepthResNet`."
+    return build
+
+
+def _is_state_dict_file(path: str) -> bool:
+    """torchvision's weight files end in ``.pth`` (``.pt`` files are left to the detector families:
+    Ultralytics checkpoints; call :func:`anydepth.convert.from_torchvision_state_dict` for others)."""
+    return os.path.isfile(path) and path.lower().endswith(".pth")
+
+
+def _import_torchvision_file(path: str):
+    from ..convert import from_torchvision_state_dict
+
+    return from_torchvision_state_dict(path).eval()
+
+
+#: AdamW 1e-3 by default (the trainer's optimizer); the authors' ImageNet script (train_adn.py) is
+#: SGD lr 0.1, momentum 0.9, weight decay 1e-4 (``--optimizer sgd --lr 0.1``). Fine-tuning from
+#: trained weights (``recipe="finetune"``): SGD lr 0.01, no warm-up.
+_TRAIN = TrainDefaults(lr=1e-3, weight_decay=1e-4, clip_grad=0.0,
+                       finetune=(("optimizer", "sgd"), ("lr", 1e-2), ("warmup_epochs", 0.0)))
+
+FAMILY = register_family(ModelFamily(
+    name="resnet",
+    model_class=AnyDepthResNet,
+    factories={f"{arch}-anydepth": _factory(arch) for arch in RESNETS},
+    task="classify",
+    preprocess="resize",
+    criterion=lazy("anydepth.losses.classify:ClassificationCriterion"),
+    train=_TRAIN,
+    converters={"torchvision": lazy("anydepth.convert:from_torchvision")},
+    weight_import=WeightImport("a torchvision ResNet/MobileNetV2 state dict (.pth)", _is_state_dict_file,
+                               _import_torchvision_file),
+    peer=Peer("torchvision", lazy("anydepth.convert._torchvision:build_peer"),
+              lambda m, x: m(x)),
+))
