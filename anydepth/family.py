@@ -18,6 +18,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from anydepth_kernels import register_swap, unregister_swap
 
 PREPROCESSING = ("letterbox", "resize")
+#: ``"detect"``: boxes + classes (COCO AP); ``"classify"``: one label per image (top-1/top-5),
+#: models derived from :class:`anydepth.classify.AnyDepthClassifier`
+TASKS = ("detect", "classify")
 
 
 def lazy(target: str) -> Callable:
@@ -74,7 +77,10 @@ class ModelFamily:
 
     * ``name``: short family name (``"yolov12"``); ``model_class``: its :class:`AnyDepthModel`.
     * ``factories``: registered model name -> ``fn(num_classes=80, **kwargs)``.
-    * ``task``: ``"detect"``; ``preprocess``: ``"letterbox"`` or ``"resize"`` (datasets, eval).
+    * ``task``: ``"detect"`` or ``"classify"`` (:data:`TASKS`; a classifier family's model class
+      derives from :class:`anydepth.classify.AnyDepthClassifier`); ``preprocess``: ``"letterbox"``
+      or ``"resize"`` (datasets, eval; a classifier's "resize" is the ImageNet resize + centre
+      crop, its mean/std normalisation is inside the model).
     * ``criterion``: ``fn(model, **weights) -> criterion`` (``gt_loss`` / ``distill_loss``).
     * ``train``: :class:`TrainDefaults`, or ``None`` for a family that cannot be trained.
     * ``converters``: peer name -> converter (e.g. ``anydepth.convert.from_ultralytics``).
@@ -103,6 +109,8 @@ class ModelFamily:
         if self.preprocess not in PREPROCESSING:
             raise ValueError(f"family {self.name!r}: preprocess must be one of {PREPROCESSING}, "
                              f"got {self.preprocess!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"family {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
         if not callable(self.criterion):
             raise TypeError(f"family {self.name!r}: criterion must be callable")
         object.__setattr__(self, "factories", dict(self.factories))
@@ -230,5 +238,5 @@ def is_file(path: str) -> bool:
     return os.path.isfile(path)
 
 
-__all__ = ["ModelFamily", "Peer", "TrainDefaults", "WeightImport", "families", "family_of",
+__all__ = ["TASKS", "ModelFamily", "Peer", "TrainDefaults", "WeightImport", "families", "family_of",
            "import_weights", "lazy", "register_family", "unregister_family"]
