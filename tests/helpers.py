@@ -28,6 +28,9 @@ needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") i
                                        reason="the Ultralytics peer is in the test extras")
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="the HF peer is in the test extras")
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the timm peer is in the test extras")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="torchvision is in the test extras")
 
 
 #: The Triton of the GPU machines, beside the venv's own for the AOT-compile tests: ``make test``

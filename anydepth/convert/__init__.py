@@ -7,6 +7,9 @@
 * :func:`from_authors_yolo` — the authors' released AnyDepth-YOLOv12 checkpoints (their
   Ultralytics fork, arXiv 2605.09407) to ``yolov12{n,s,m,l,x}-anydepth`` with ``split="official"``:
   their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
+* :func:`from_timm` — a timm ``VisionTransformer`` / ``SwinTransformer`` to ``vit-*-anydepth`` /
+  ``swin-*-anydepth``; :func:`from_torchvision_transformer` — torchvision's ``vit_b_16`` /
+  ``swin_t`` family to the same (see :mod:`anydepth.convert._timm`).
 
 Both peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
@@ -33,4 +36,17 @@ def from_transformers(model_or_state_dict, **kwargs):
     return impl(model_or_state_dict, **kwargs)
 
 
-__all__ = ["from_authors_yolo", "from_transformers", "from_ultralytics"]
+def from_timm(model, **kwargs):
+    from ._timm import from_timm as impl
+
+    return impl(model, **kwargs)
+
+
+def from_torchvision_transformer(model, **kwargs):
+    from ._timm import from_torchvision_transformer as impl
+
+    return impl(model, **kwargs)
+
+
+__all__ = ["from_authors_yolo", "from_timm", "from_torchvision_transformer", "from_transformers",
+           "from_ultralytics"]
