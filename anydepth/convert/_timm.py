@@ -192,8 +192,8 @@ def _swin_from_timm(m: nn.Module) -> AnyDepthSwin:
             c.module(stage.essential.downsample.reduction, ds.reduction, f"layers.{i}.downsample.reduction")
         for j, (o, t) in enumerate(zip(ob, layer.blocks)):
             lab = f"layers.{i}.blocks.{j}"
-            _require((o.attn.window, o.attn.shift) == (_square(t.window_size, "windows"), _square(t.shift_size, "shifts")),
-                     f"{lab}: window/shift {t.window_size}/{t.shift_size}")
+            theirs = (_square(t.window_size, "windows"), _square(t.shift_size, "shifts"))
+            _require((o.attn.window, o.attn.shift) == theirs, f"{lab}: window/shift {t.window_size}/{t.shift_size}")
             for name in ("norm1", "norm2"):
                 c.module(getattr(o, name), getattr(t, name), f"{lab}.{name}")
             c.module(o.attn.qkv, t.attn.qkv, f"{lab}.attn.qkv")

@@ -174,6 +174,7 @@ class AnyDepthSwin(AnyDepthClassifier):
             raise ValueError(f"depths {depths} and num_heads {num_heads} need one entry per stage")
         self.num_classes = num_classes
         self.img_size = img_size
+        self.default_input_shape = (1, 3, img_size, img_size)
         self.stride = patch_size * 2 ** (len(depths) - 1)
         if img_size % self.stride:
             raise ValueError(f"img_size {img_size} must be a multiple of {self.stride} (patch {patch_size} and "

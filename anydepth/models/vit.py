@@ -131,6 +131,7 @@ class AnyDepthViT(AnyDepthClassifier):
             raise ValueError(f"stage_blocks {stage_blocks} must be positive and sum to depth={depth}")
         self.num_classes = num_classes
         self.img_size = img_size
+        self.default_input_shape = (1, 3, img_size, img_size)
         self.patch_size = patch_size
         self.stride = patch_size
         self.embed_dim = embed_dim
