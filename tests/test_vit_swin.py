@@ -93,6 +93,8 @@ def test_full_size_parameter_counts_match_timm(full_size):
         n_ours = sum(p.numel() for p in ours.parameters())
         n_peer = sum(p.numel() for p in peer.parameters())
         assert n_ours == n_peer + extra, (ours_name, n_ours, n_peer)
+        # a full-depth pass reads every weight but the shallow norm sets
+        assert ours.params_used("full") == n_peer
 
 
 def test_shallow_norm_sets_are_used_only_when_skipped():

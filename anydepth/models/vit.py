@@ -172,6 +172,10 @@ class AnyDepthViT(AnyDepthClassifier):
                 out.extend(stage.refinement.blocks)
         return out
 
+    def _extra_params_used(self, config: DepthConfig, ran: set) -> int:
+        # the class token and position embedding belong to the model itself (no module hook sees them)
+        return self.cls_token.numel() + self.pos_embed.numel()
+
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
         if tuple(x.shape[2:]) != (self.img_size, self.img_size):
