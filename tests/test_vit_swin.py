@@ -275,7 +275,14 @@ def test_forward_train_features_and_gradients():
         base = m.forward_train(x, "base")
         assert full["logits"].shape == (2, 10)
         assert [f.shape for f in full["features"]] == [f.shape for f in base["features"]]
-        base["logits"].square().mean().backward()
+        # the family's criterion (the paper's two passes), with the feature term on
+        crit = family_of(m).build_criterion(m, feature_kd=1.0)
+        labels = torch.tensor([1, 7])
+        gt, _ = crit.gt_loss(full, labels)
+        kd, logs = crit.distill_loss(base, full, labels)
+        assert torch.isfinite(gt) and torch.isfinite(kd) and logs["kd_features"] > 0
+        m.zero_grad()
+        kd.backward()
         for n in m.modules():  # the shallow pass trains the shallow norm sets, not the full ones
             if isinstance(n, SkipAwareLayerNorm):
                 assert n.ln_skip.weight.grad is not None and n.ln.weight.grad is None
