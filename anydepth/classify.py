@@ -16,7 +16,7 @@ Subclasses implement :meth:`AnyDepthClassifier.forward_logits`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import nn
