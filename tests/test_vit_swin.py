@@ -296,3 +296,22 @@ def test_all_depths_are_distinct_and_ordered_by_flops():
     assert configs[0] == m.depth_space.base() and configs[-1] == m.depth_space.full()
     f = [m.flops(c) for c in configs]
     assert f == sorted(f) and f[0] < f[-1]
+
+
+def test_stochastic_depth_only_in_training_and_never_on_the_shallow_path():
+    torch.manual_seed(0)
+    for cls, cfg, size in ((AnyDepthViT, VIT_TINY, 32), (AnyDepthSwin, SWIN_TINY, 64)):
+        m = cls(**cfg, drop_path=0.5)
+        plain = cls(**cfg)
+        plain.load_state_dict(m.state_dict())
+        x = torch.rand(4, 3, size, size)
+        with torch.no_grad():
+            m.eval(), plain.eval()
+            assert torch.equal(m(x), plain(x))  # eval: identity
+            m.train()
+            base = [m.forward_train(x, "base")["logits"] for _ in range(2)]
+            full = [m.forward_train(x, "full")["logits"] for _ in range(3)]
+        assert torch.equal(base[0], base[1])  # shallow path: no stochastic depth (the authors' base-net)
+        assert not (torch.equal(full[0], full[1]) and torch.equal(full[1], full[2]))
+    with pytest.raises(ValueError, match="drop_path"):
+        AnyDepthViT(**VIT_TINY, drop_path=1.0)

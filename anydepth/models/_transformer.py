@@ -23,6 +23,24 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch: in training, each sample's branch is zeroed with
+    probability ``rate`` and the kept ones scaled by ``1 / (1 - rate)``; identity otherwise."""
+    if not training or rate <= 0.0:
+        return branch
+    keep = 1.0 - rate
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+    return branch * mask / keep
+
+
+def drop_path_rates(rate: float, n: int) -> list:
+    """Per-block stochastic-depth rates rising linearly from 0 to ``rate`` over ``n`` blocks (timm's
+    and torchvision's schedule)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {rate!r}")
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 def layer_norm(dim: int, eps: float, skip_aware: bool) -> nn.Module:
     """A :class:`~anydepth.nn.SkipAwareLayerNorm` (a block of an essential sub-path) or a plain
     LayerNorm (refinement blocks, which never run shallow)."""

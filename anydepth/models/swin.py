@@ -34,7 +34,7 @@ from ..classify import AnyDepthClassifier, stage_switches
 from ..depth import DepthConfig, DepthSpace
 from ..family import ModelFamily, Peer, TrainDefaults, lazy, register_family
 from ..nn import SkipAwareLayerNorm, SkippableStage, split_blocks
-from ._transformer import BlockChain, Mlp, apply_norm, init_transformer_, layer_norm
+from ._transformer import BlockChain, Mlp, apply_norm, drop_path, drop_path_rates, init_transformer_, layer_norm
 
 #: name -> (embed dim, blocks per stage, heads per stage); patch 4, window 7, MLP ratio 4
 VARIANTS: Dict[str, Tuple[int, Tuple[int, ...], Tuple[int, ...]]] = {
@@ -118,16 +118,19 @@ class SwinBlock(nn.Module):
     """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` on a ``[B, H, W, C]`` map."""
 
     def __init__(self, dim: int, num_heads: int, side: int, window: int, shift: int, mlp_hidden: int,
-                 qkv_bias: bool = True, eps: float = 1e-5, skip_aware: bool = False):
+                 qkv_bias: bool = True, eps: float = 1e-5, skip_aware: bool = False, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path_rate = drop_path
         self.norm1 = layer_norm(dim, eps, skip_aware)
         self.attn = WindowAttention(dim, num_heads, side, window, shift, qkv_bias)
         self.norm2 = layer_norm(dim, eps, skip_aware)
         self.mlp = Mlp(dim, mlp_hidden)
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        x = x + self.attn(apply_norm(self.norm1, x, skip))
-        return x + self.mlp(apply_norm(self.norm2, x, skip))
+        # stochastic depth in training, not on the shallow path (as the authors' base-net)
+        rate = 0.0 if skip else self.drop_path_rate
+        x = x + drop_path(self.attn(apply_norm(self.norm1, x, skip)), rate, self.training)
+        return x + drop_path(self.mlp(apply_norm(self.norm2, x, skip)), rate, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -156,11 +159,13 @@ class AnyDepthSwin(AnyDepthClassifier):
             patch side, attention window side.
         embed_dim, depths, num_heads, mlp_ratio, qkv_bias, eps: the transformer (timm's names);
             one switch per entry of ``depths``.
+        drop_path: stochastic depth for training, rising linearly to this rate over the blocks (the
+            authors trained Swin-T with 0.1; 0 by default); never applied on a shallow path.
     """
 
     def __init__(self, num_classes: int = 1000, img_size: int = 224, patch_size: int = 4, window_size: int = 7,
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-5,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-5, drop_path: float = 0.0,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
         super().__init__(**kw)
@@ -184,6 +189,7 @@ class AnyDepthSwin(AnyDepthClassifier):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim, eps=eps)
+        rates = iter(drop_path_rates(drop_path, sum(depths)))
         stages = []
         side = img_size // patch_size
         dim = embed_dim
@@ -196,7 +202,8 @@ class AnyDepthSwin(AnyDepthClassifier):
             shift = 0 if side <= window_size else window // 2
             ess, _ = split_blocks(n)
             blocks = [SwinBlock(dim, heads, side, window, shift if j % 2 else 0, int(dim * mlp_ratio), qkv_bias,
-                                eps, skip_aware=j < ess) for j in range(n)]  # essential: skip-aware norms
+                                eps, skip_aware=j < ess, drop_path=next(rates))  # essential: skip-aware norms
+                      for j in range(n)]
             stages.append(SkippableStage(BlockChain(blocks[:ess], down),
                                          BlockChain(blocks[ess:]) if n > ess else None))
         self.stages = nn.ModuleList(stages)

@@ -35,7 +35,7 @@ from ..classify import AnyDepthClassifier, stage_switches
 from ..depth import DepthConfig, DepthSpace
 from ..family import ModelFamily, Peer, TrainDefaults, lazy, register_family
 from ..nn import SkippableStage, split_blocks
-from ._transformer import BlockChain, Mlp, apply_norm, init_transformer_, layer_norm
+from ._transformer import BlockChain, Mlp, apply_norm, drop_path, drop_path_rates, init_transformer_, layer_norm
 from anydepth_kernels import attention
 
 #: name -> (embed dim, blocks, heads); patch 16, MLP ratio 4 (timm's vit_{tiny,small,base}_patch16_224)
@@ -87,16 +87,19 @@ class ViTBlock(nn.Module):
     (essential blocks): both norms are skip-aware."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True,
-                 eps: float = 1e-6, skip_aware: bool = False):
+                 eps: float = 1e-6, skip_aware: bool = False, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path_rate = drop_path
         self.norm1 = layer_norm(dim, eps, skip_aware)
         self.attn = SelfAttention(dim, num_heads, qkv_bias)
         self.norm2 = layer_norm(dim, eps, skip_aware)
         self.mlp = Mlp(dim, mlp_hidden)
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
-        x = x + self.attn(apply_norm(self.norm1, x, skip))
-        return x + self.mlp(apply_norm(self.norm2, x, skip))
+        # stochastic depth in training, not on the shallow path (as the authors' base-net)
+        rate = 0.0 if skip else self.drop_path_rate
+        x = x + drop_path(self.attn(apply_norm(self.norm1, x, skip)), rate, self.training)
+        return x + drop_path(self.mlp(apply_norm(self.norm2, x, skip)), rate, self.training)
 
 
 class AnyDepthViT(AnyDepthClassifier):
@@ -112,12 +115,15 @@ class AnyDepthViT(AnyDepthClassifier):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias, eps: the transformer (timm's names).
         stage_blocks: blocks per switchable stage, summing to ``depth``; default groups of 3 as the
             authors (ViT-B/16: ``(3, 3, 3, 3)``). Each stage is split by the papers' rule.
+        drop_path: stochastic depth for training, rising linearly to this rate over the blocks
+            (0 by default, as the authors' ViT); never applied on a shallow path.
     """
 
     def __init__(self, num_classes: int = 1000, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, eps: float = 1e-6, stage_blocks: Optional[Sequence[int]] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+                 drop_path: float = 0.0, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None):
         kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
         super().__init__(**kw)
         for name, val in (("num_classes", num_classes), ("img_size", img_size), ("patch_size", patch_size),
@@ -143,14 +149,16 @@ class AnyDepthViT(AnyDepthClassifier):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
 
+        rates = iter(drop_path_rates(drop_path, depth))
+
         def blocks(n: int, skip_aware: bool) -> List[ViTBlock]:
-            return [ViTBlock(embed_dim, num_heads, hidden, qkv_bias, eps, skip_aware) for _ in range(n)]
+            return [ViTBlock(embed_dim, num_heads, hidden, qkv_bias, eps, skip_aware, next(rates)) for _ in range(n)]
 
         stages = []
         for n in stage_blocks:
             ess, ref = split_blocks(n)
-            stages.append(SkippableStage(BlockChain(blocks(ess, True)),
-                                         BlockChain(blocks(ref, False)) if ref else None))
+            essential = BlockChain(blocks(ess, True))
+            stages.append(SkippableStage(essential, BlockChain(blocks(ref, False)) if ref else None))
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes)
