@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import anydepth
-from anydepth.convert import from_timm, from_torchvision_transformer
+from anydepth.convert import from_timm, from_torchvision_transformer, from_vit_swin_state_dict
 from anydepth.convert._timm import call_peer, randomize_transformer_
-from anydepth.family import family_of
+from anydepth.family import family_of, import_weights
 from anydepth.models.swin import AnyDepthSwin
 from anydepth.models.vit import AnyDepthViT
 from anydepth.nn import SkipAwareLayerNorm
@@ -207,6 +207,45 @@ def test_from_torchvision_exact():
             assert rel_err(ours(x), tv(ours.normalize(x))) <= 1e-5
     with pytest.raises(ValueError, match="multiple of the 4x4 window"):
         from_torchvision_transformer(tv_swin, img_size=96)
+
+
+@needs_timm
+@needs_torchvision
+def test_weights_files_import_through_the_family(tmp_path, timm_vit, timm_swin):
+    """A timm or torchvision state-dict file (the architecture read from keys and shapes) imports
+    through anydepth.import_weights and equals the source model at full depth."""
+    import torchvision
+
+    tv_vit = randomize_transformer_(torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=6, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10), 6).eval()
+    tv_swin = randomize_transformer_(torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2, 3], num_heads=[1, 2, 4], window_size=[4, 4],
+        num_classes=10), 7).eval()
+    cases = [(timm_vit, "vit", {"num_heads": 2}), (timm_swin, "swin", {"img_size": 64}),
+             (tv_vit, "vit", {"num_heads": 2}), (tv_swin, "swin", {"img_size": 64})]
+    for i, (src, family, kw) in enumerate(cases):
+        path = str(tmp_path / f"w{i}.pth")
+        torch.save({"model": src.state_dict()}, path)
+        ours = from_vit_swin_state_dict(path, **kw)
+        assert family_of(ours).name == family
+        size = ours.img_size
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            assert rel_err(ours(x), src(ours.normalize(x))) <= 1e-5
+    # the family route (defaults: heads = width / 64, 224 px): the full-width check is the timm
+    # ViT-Ti/16 layout (192 wide, 3 heads)
+    path = str(tmp_path / "ti.pth")
+    timm = pytest.importorskip("timm")
+    ti = randomize_transformer_(timm.models.VisionTransformer(embed_dim=192, depth=2, num_heads=3, num_classes=5), 8)
+    torch.save(ti.state_dict(), path)
+    ours = import_weights(path)
+    assert isinstance(ours, AnyDepthViT) and ours.blocks()[0].attn.num_heads == 3
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(ours(x), ti.eval()(ours.normalize(x))) <= 1e-5
+    torch.save({"a.weight": torch.zeros(2)}, str(tmp_path / "junk.pth"))
+    with pytest.raises(ValueError, match="not"):
+        from_vit_swin_state_dict(str(tmp_path / "junk.pth"))
 
 
 # -- FLOPs: the paper's ladder ---------------------------------------------------------------------------

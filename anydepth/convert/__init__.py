@@ -9,7 +9,8 @@
   their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
 * :func:`from_timm` — a timm ``VisionTransformer`` / ``SwinTransformer`` to ``vit-*-anydepth`` /
   ``swin-*-anydepth``; :func:`from_torchvision_transformer` — torchvision's ``vit_b_16`` /
-  ``swin_t`` family to the same (see :mod:`anydepth.convert._timm`).
+  ``swin_t`` family to the same; :func:`from_vit_swin_state_dict` — either one's state dict or
+  weights file (see :mod:`anydepth.convert._timm`).
 
 Both peers are optional dependencies, imported only inside these adapters. The converted model
 at full depth reproduces the peer's output; the shallow-path norms start as copies of the main
@@ -42,6 +43,12 @@ def from_timm(model, **kwargs):
     return impl(model, **kwargs)
 
 
+def from_vit_swin_state_dict(state_dict_or_path, **kwargs):
+    from ._timm import from_vit_swin_state_dict as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
 def from_torchvision_transformer(model, **kwargs):
     from ._timm import from_torchvision_transformer as impl
 
@@ -49,4 +56,4 @@ def from_torchvision_transformer(model, **kwargs):
 
 
 __all__ = ["from_authors_yolo", "from_timm", "from_torchvision_transformer", "from_transformers",
-           "from_ultralytics"]
+           "from_ultralytics", "from_vit_swin_state_dict"]

@@ -389,4 +389,160 @@ def build_peer(model_name: str = "vit-b16-anydepth", num_classes: int = 1000, se
     return peer, from_timm(peer)
 
 
-__all__ = ["build_peer", "call_peer", "from_timm", "from_torchvision_transformer", "randomize_transformer_"]
+
+
+
+# -- state-dict files (weight import from a path) --------------------------------------------------
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+#: embed dim -> heads where the head dim is not 64 (ViT-H: 1280 / 16 = 80)
+_VIT_HEADS = {1280: 16}
+
+
+def is_state_dict_file(path: str) -> bool:
+    import os
+
+    return os.path.isfile(path) and path.endswith(STATE_DICT_SUFFIXES)
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.load(weights_only=True)`` file (a plain
+    state dict, or one under ``"model"`` / ``"state_dict"``, as timm's and torchvision's scripts save)."""
+    if path.endswith(".safetensors"):
+        from .._optional import require
+
+        sd = require("safetensors.torch", "reading .safetensors weights").load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path!r} holds no state dict of tensors")
+    return sd
+
+
+def state_dict_kind(sd: Dict[str, torch.Tensor]) -> Optional[str]:
+    """``"timm-vit"``, ``"torchvision-vit"``, ``"timm-swin"``, ``"torchvision-swin"`` or None."""
+    if "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
+        return "timm-vit"
+    if "class_token" in sd and "encoder.pos_embedding" in sd:
+        return "torchvision-vit"
+    if "layers.0.blocks.0.attn.relative_position_bias_table" in sd:
+        return "timm-swin"
+    if "features.1.0.attn.relative_position_bias_table" in sd:
+        return "torchvision-swin"
+    return None
+
+
+def _count(sd: Dict[str, torch.Tensor], prefix: str) -> int:
+    """How many ``prefix{i}.`` indices the keys hold."""
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix) and k[len(prefix):][:1].isdigit()}
+    return max(idx) + 1 if idx else 0
+
+
+def _window(table: torch.Tensor) -> int:
+    side = round(table.shape[0] ** 0.5)  # (2w - 1)^2 rows
+    return (side + 1) // 2
+
+
+def from_vit_swin_state_dict(state_dict_or_path, num_heads: Optional[int] = None, img_size: int = 224,
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    """A ViT or Swin from a timm or torchvision state dict (or a file holding one: ``.pth``/``.pt``/
+    ``.bin`` read with ``weights_only=True``, ``.safetensors``). The architecture is read from the
+    keys and shapes; the peer's model is built with it (timm or torchvision must be installed),
+    loaded strictly, and converted with :func:`from_timm` / :func:`from_torchvision_transformer`.
+
+    Not in a state dict, so given here when not the default: ``num_heads`` (ViT; default
+    ``embed_dim // 64``, 16 for ViT-H; Swin's are read from its position-bias tables),
+    ``img_size`` (Swin; a ViT's follows from its position embedding) and ``mean``/``std`` (default
+    ImageNet's; timm's ImageNet-21k ViT weights expect 0.5/0.5)."""
+    import os
+
+    from .._optional import require
+
+    sd = read_state_dict(os.fspath(state_dict_or_path)) if isinstance(state_dict_or_path, (str, os.PathLike)) \
+        else dict(state_dict_or_path)
+    kind = state_dict_kind(sd)
+    if kind is None:
+        raise ValueError("not a timm or torchvision ViT / Swin state dict (no cls_token + blocks, class_token + "
+                         "encoder, or window-attention position-bias tables)")
+    if kind == "timm-swin":  # buffers older timm versions saved (now rebuilt, not persistent)
+        sd = {k: v for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    if kind == "timm-vit":
+        timm = require("timm", "reading timm ViT weights")
+        dim = int(sd["cls_token"].shape[-1])
+        patch = int(sd["patch_embed.proj.weight"].shape[-1])
+        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+        peer = timm.models.VisionTransformer(
+            img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=_count(sd, "blocks."),
+            num_heads=num_heads or _VIT_HEADS.get(dim, dim // 64),
+            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            num_classes=int(sd["head.weight"].shape[0]))
+    elif kind == "torchvision-vit":
+        tv = require("torchvision", "reading torchvision ViT weights")
+        dim = int(sd["class_token"].shape[-1])
+        patch = int(sd["conv_proj.weight"].shape[-1])
+        grid = round((sd["encoder.pos_embedding"].shape[1] - 1) ** 0.5)
+        peer = tv.models.VisionTransformer(
+            image_size=grid * patch, patch_size=patch, num_layers=_count(sd, "encoder.layers.encoder_layer_"),
+            num_heads=num_heads or _VIT_HEADS.get(dim, dim // 64), hidden_dim=dim,
+            mlp_dim=int(sd["encoder.layers.encoder_layer_0.mlp.0.weight"].shape[0]),
+            num_classes=int(sd["heads.head.weight"].shape[0]))
+    elif kind == "timm-swin":
+        timm = require("timm", "reading timm Swin weights")
+        if "layers.0.downsample.reduction.weight" in sd:
+            raise ValueError("a timm Swin state dict of the old layout (patch merging at the end of each stage): "
+                             "load it with timm.create_model(name, pretrained_cfg_overlay=dict(file=path)) "
+                             "and convert that model with from_timm")
+        n = _count(sd, "layers.")
+        depths = tuple(_count(sd, f"layers.{i}.blocks.") for i in range(n))
+        dim = int(sd["patch_embed.proj.weight"].shape[0])
+        peer = timm.models.SwinTransformer(
+            img_size=img_size, patch_size=int(sd["patch_embed.proj.weight"].shape[-1]),
+            window_size=_window(sd["layers.0.blocks.0.attn.relative_position_bias_table"]), embed_dim=dim,
+            depths=depths, num_heads=tuple(int(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+                                           for i in range(n)),
+            mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim,
+            num_classes=int(sd["head.fc.weight"].shape[0]))
+    else:
+        tv = require("torchvision", "reading torchvision Swin weights")
+        if any(".cpb_mlp." in k for k in sd):
+            raise ValueError("a torchvision Swin V2 state dict: only Swin V1 is supported")
+        n = _count(sd, "features.") // 2
+        dim = int(sd["features.0.0.weight"].shape[0])
+        patch = int(sd["features.0.0.weight"].shape[-1])
+        tables = [sd[f"features.{2 * i + 1}.0.attn.relative_position_bias_table"] for i in range(n)]
+        w = _window(tables[0])
+        peer = tv.models.SwinTransformer(
+            patch_size=[patch, patch], embed_dim=dim, depths=[_count(sd, f"features.{2 * i + 1}.") for i in range(n)],
+            num_heads=[int(t.shape[1]) for t in tables], window_size=[w, w],
+            mlp_ratio=sd["features.1.0.mlp.0.weight"].shape[0] / dim, num_classes=int(sd["head.weight"].shape[0]))
+    try:
+        peer.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the {kind} state dict does not load into the architecture read from it: {e}") from e
+    peer.eval()
+    ours = from_timm(peer) if kind.startswith("timm") else from_torchvision_transformer(peer, img_size=img_size)
+    if mean is not None or std is not None:
+        cfg = dict(ours.model_kwargs, mean=tuple(mean or ours.mean), std=tuple(std or ours.std))
+        again = type(ours)(**cfg)
+        again.load_state_dict(ours.state_dict())
+        ours = _finish(again, ours.model_name, cfg)
+    return ours
+
+
+def import_file(family: str):
+    """The ``WeightImport.load`` of the ``vit`` / ``swin`` family: a state-dict file of that kind."""
+
+    def load(path: str):
+        sd = read_state_dict(path)
+        kind = state_dict_kind(sd)
+        if kind is None or not kind.endswith(family):
+            raise ValueError(f"not a timm or torchvision {family} state dict" + (f" (it is {kind})" if kind else ""))
+        return from_vit_swin_state_dict(sd)
+
+    return load
+
+__all__ = ["build_peer", "call_peer", "from_vit_swin_state_dict", "from_timm", "from_torchvision_transformer",
+           "randomize_transformer_", "read_state_dict"]

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..classify import AnyDepthClassifier, stage_switches
 from ..depth import DepthConfig, DepthSpace
-from ..family import ModelFamily, Peer, TrainDefaults, lazy, register_family
+from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, lazy, register_family
 from ..nn import SkippableStage, split_blocks
 from ._transformer import BlockChain, Mlp, apply_norm, drop_path, drop_path_rates, init_transformer_, layer_norm
 from anydepth_kernels import attention
@@ -223,6 +223,18 @@ def _factory(variant: str):
     return build
 
 
+def _is_weights_file(path: str) -> bool:
+    from ..convert._timm import is_state_dict_file
+
+    return is_state_dict_file(path)
+
+
+def _import_file(path: str):
+    from ..convert._timm import import_file
+
+    return import_file("vit")(path)
+
+
 FAMILY = register_family(ModelFamily(
     name="vit",
     model_class=AnyDepthViT,
@@ -235,5 +247,7 @@ FAMILY = register_family(ModelFamily(
     train=TrainDefaults(lr=7.5e-4, weight_decay=0.2, clip_grad=1.0),
     converters={"timm": lazy("anydepth.convert:from_timm"),
                 "torchvision": lazy("anydepth.convert._timm:from_torchvision_transformer")},
+    weight_import=WeightImport("a timm or torchvision ViT state dict (.pth/.bin/.safetensors)",
+                               _is_weights_file, _import_file),
     peer=Peer("timm", lazy("anydepth.convert._timm:build_peer"), lazy("anydepth.convert._timm:call_peer")),
 ))
