@@ -164,6 +164,19 @@ def test_swin_from_timm_exact(timm_swin):
 
 
 @needs_timm
+def test_checkpoint_round_trip(tmp_path, timm_vit, timm_swin):
+    for src in (timm_vit, timm_swin):
+        ours = from_timm(src)
+        anydepth.save(ours, str(tmp_path / "m.pt"))
+        back = anydepth.load(str(tmp_path / "m.pt")).eval()
+        assert type(back) is type(ours) and back.mean == ours.mean
+        size = ours.img_size
+        x = torch.rand(1, 3, size, size)
+        with torch.no_grad():
+            assert torch.equal(back(x, "base"), ours(x, "base"))
+
+
+@needs_timm
 def test_timm_vit_b16_peer_exact_at_224():
     """The benchmark peer path at a real size (ViT-Ti/16 at 224: 197 tokens, 12 blocks)."""
     from anydepth.convert._timm import build_peer
