@@ -21,6 +21,7 @@ OPTIONAL = {
     "av": ("av", "video"),
     "ultralytics": ("ultralytics", "peers"),
     "transformers": ("transformers", "peers"),
+    "timm": ("timm", "peers"),
     "onnx": ("onnx", "export"),
     "onnxscript": ("onnxscript", "export"),
     "onnx_ir": ("onnxscript", "export"),

@@ -30,6 +30,9 @@ needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") i
                                        reason="the torchvision peer is in the test extras")
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="the HF peer is in the test extras")
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the timm peer is in the test extras")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="torchvision is in the test extras")
 
 
 #: The Triton of the GPU machines, beside the venv's own for the AOT-compile tests: ``make test``

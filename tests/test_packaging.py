@@ -120,7 +120,7 @@ def test_anydepth_registers_its_rules():
 @pytest.mark.parametrize("module, extra", [("scipy.optimize", "train"), ("pycocotools.coco", "eval"),
                                            ("matplotlib", "plot"), ("PIL.Image", "data"), ("yaml", "data"),
                                            ("ultralytics.nn.tasks", "peers"), ("transformers", "peers"),
-                                           ("torchvision", "vision")])
+                                           ("timm", "peers"), ("torchvision", "vision")])
 def test_missing_optional_dependency_names_its_extra(monkeypatch, module, extra):
     from anydepth._optional import require
 

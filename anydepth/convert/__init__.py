@@ -9,6 +9,10 @@
   their outputs at every depth (see :mod:`anydepth.convert._authors` for the correspondence).
 * :func:`from_authors_rtdetr` — the authors' AnyDepth-RT-DETR checkpoints (their RT-DETR fork) to
   ``rtdetr-r{50,101}-anydepth`` with ``split="official"``: their outputs at every depth.
+* :func:`from_timm` — a timm ``VisionTransformer`` / ``SwinTransformer`` to ``vit-*-anydepth`` /
+  ``swin-*-anydepth``; :func:`from_torchvision_transformer` — torchvision's ``vit_b_16`` /
+  ``swin_t`` family to the same; :func:`from_vit_swin_state_dict` — either one's state dict or
+  weights file (see :mod:`anydepth.convert._timm`).
 
 * :func:`from_torchvision` — a torchvision ``resnet18/34/50/101`` or ``mobilenet_v2`` to
   ``resnet*-anydepth`` / ``mobilenetv2-anydepth`` (:func:`from_torchvision_state_dict` from a
@@ -46,6 +50,10 @@ def from_transformers(model_or_state_dict, **kwargs):
 
 
 def from_torchvision(model, **kwargs):
+    """Any torchvision classifier we build: ResNet / MobileNetV2 (:mod:`anydepth.convert._torchvision`)
+    or VisionTransformer / SwinTransformer (:func:`from_torchvision_transformer`)."""
+    if type(model).__name__ in ("VisionTransformer", "SwinTransformer"):
+        return from_torchvision_transformer(model, **kwargs)
     from ._torchvision import from_torchvision as impl
 
     return impl(model, **kwargs)
@@ -57,5 +65,23 @@ def from_torchvision_state_dict(state_dict_or_path, **kwargs):
     return impl(state_dict_or_path, **kwargs)
 
 
-__all__ = ["from_authors_rtdetr", "from_authors_yolo", "from_torchvision", "from_torchvision_state_dict", "from_transformers",
-           "from_ultralytics"]
+def from_timm(model, **kwargs):
+    from ._timm import from_timm as impl
+
+    return impl(model, **kwargs)
+
+
+def from_vit_swin_state_dict(state_dict_or_path, **kwargs):
+    from ._timm import from_vit_swin_state_dict as impl
+
+    return impl(state_dict_or_path, **kwargs)
+
+
+def from_torchvision_transformer(model, **kwargs):
+    from ._timm import from_torchvision_transformer as impl
+
+    return impl(model, **kwargs)
+
+
+__all__ = ["from_authors_rtdetr", "from_authors_yolo", "from_timm", "from_torchvision", "from_torchvision_state_dict",
+           "from_torchvision_transformer", "from_transformers", "from_ultralytics", "from_vit_swin_state_dict"]
