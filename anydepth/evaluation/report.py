@@ -98,8 +98,8 @@ class EvalReport:
 
     def table(self) -> str:
         """A Markdown table (readable as plain text): depth, code, switches skipped, GFLOPs,
-        latency (median and p10-p90) and the metrics in percent (COCO AP; top-1/top-5 for a classifier) ('-' = not available /
-        undefined)."""
+        latency (median and p10-p90) and the metrics in percent (COCO AP; top-1/top-5 for a
+        classifier; '-' = not available / undefined)."""
         head = ["depth", "code", "skipped", "GFLOPs", f"latency ms (b{self.latency_batch or '-'})", "p10-p90 ms"]
         head += [f"{_SHORT.get(m, m)} %" for m in self.metric_names]
         body = []
