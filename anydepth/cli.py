@@ -361,7 +361,9 @@ def _cmd_eval(args) -> int:
         print(f"- {note}")
     stem = f"eval-{name}-{args.imgsz}"
     pictures = {}
-    if args.pictures > 0:
+    if args.pictures > 0 and report.task == "classify":
+        print("anydepth eval: --pictures draws detections; not drawn for a classifier", file=sys.stderr)
+    elif args.pictures > 0:
         from anydepth.evaluation.plots import depth_picture
 
         try:
