@@ -309,11 +309,12 @@ def test_aoti_multi_depth_package_equals_eager_at_every_depth(aoti_all):
 @pytest.mark.slow
 def test_aoti_packages_run_without_our_code(aoti_exports, tmp_path):
     """The multi-depth and the per-depth package of each model, loaded in a process where anydepth
-    cannot be imported, at the mid-ladder depth."""
+    cannot be imported, at the mid-ladder depth (batch 2: a dynamic-batch multi-depth package
+    takes batch >= 2, see the README)."""
     from anydepth.export import aoti_depth_inputs
 
     runs = []
-    x = _x()
+    x = _x(batch=2)
     torch.save(x, tmp_path / "x.pt")
     for name in MODELS:
         model, result = aoti_exports(name)
