@@ -764,7 +764,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
             path = out / f"{name}-{code}.pt2"
             if path.exists():
                 path.unlink()
-            options = _MULTI_AOTI_CONFIG if config is None else None
+            options = dict(_MULTI_AOTI_CONFIG) if config is None else None  # (torch adds keys to it)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=options)
             f = ExportedFile(str(path), "aoti", "multi" if config is None else code, path.stat().st_size)
             if check:
