@@ -14,7 +14,7 @@
                                                 annotated images/videos + COCO-style JSON
   anydepth budget-demo [--model NAME]           the depth controller under a real CPU load, measured
   anydepth export --model NAME --format onnx|aoti --depth all --out DIR
-                                                per-depth ONNX / AOTInductor packages, one multi-depth ONNX
+                                                per-depth ONNX / AOTInductor files + one multi-depth file
 """
 from __future__ import annotations
 
@@ -667,15 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", help="deployable graphs: ONNX per depth + one multi-depth ONNX, or "
-                                      "AOTInductor packages")
+    x = sub.add_parser("export", help="deployable graphs: ONNX files or AOTInductor packages, per depth + "
+                                      "one multi-depth file")
     x.add_argument("--model", default=None, help="registered model name (random weights unless --weights)")
     x.add_argument("--weights", default=None, help="anydepth checkpoint (or Ultralytics .pt / HF directory)")
     x.add_argument("--num-classes", type=int, default=None, help="with --model alone: the class count")
     x.add_argument("--format", choices=["onnx", "aoti"], default="onnx")
     x.add_argument("--depth", default="all",
-                   help="all (every ladder configuration; ONNX: + the multi-depth file), multi (the multi-depth "
-                        "ONNX alone), base, full, a float in [0, 1] or a ladder code such as TTFFFFFF; "
+                   help="all (every ladder configuration + the multi-depth file), multi (the multi-depth "
+                        "file alone), base, full, a float in [0, 1] or a ladder code such as TTFFFFFF; "
                         "comma-separated for several")
     x.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N",
                    help="input size: N or H W (multiples of 32; the graphs are static in space)")

@@ -1,5 +1,5 @@
 """Export the any-depth models as deployable graphs: ONNX per depth, one multi-depth ONNX whose
-depth is a graph input, and AOTInductor packages (``anydepth export``).
+depth is a graph input, and AOTInductor packages, per depth or multi-depth (``anydepth export``).
 
 Every export starts from a copy of the model in its inference form (:meth:`to_inference`: folded
 norms, fused epilogues) and traces it with :func:`torch.export.export`. Our fused ops
@@ -21,7 +21,8 @@ either the ``grid_sample`` decomposition (``msda="decompose"``, runs in any ONNX
 * **per-depth ONNX**: the multi-depth graph with the depth inputs made constants and the ``If``
   nodes folded to their taken branch (:func:`onnxscript.optimizer.optimize`), so the per-depth
   files are static graphs with the norms folded into the conv weights, from the same trace.
-* **AOTInductor** (``.pt2``): one package per depth, loadable with
+* **AOTInductor** (``.pt2``): one package per depth, and the multi-depth graph as one package
+  (same inputs as the multi-depth ONNX; ``torch.cond`` compiled to C++ branches), loadable with
   ``torch._inductor.aoti_load_package`` alone (no anydepth code, no custom ops inside).
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .depth import DepthConfig, DepthLike
 from .model import AnyDepthModel
 
 __all__ = ["export", "ExportResult", "ExportedFile", "FORMATS", "MSDA_MODES", "DEFAULT_OPSET",
-           "TRT_PLUGIN", "TRT_DOMAIN", "onnx_depth_inputs", "exported_program", "DECOMPOSITIONS"]
+           "TRT_PLUGIN", "TRT_DOMAIN", "onnx_depth_inputs", "aoti_depth_inputs", "exported_program", "DECOMPOSITIONS"]
 
 FORMATS = ("onnx", "aoti")
 MSDA_MODES = ("decompose", "trt-plugin")
@@ -60,6 +61,11 @@ TRT_PLUGIN_VERSION = "1"
 #: weights stay shared by the two branches of each ``If`` (a runtime folds the rest on load)
 _MULTI_FOLD_LIMIT = 1 << 12
 _FOLD_ALL = 1 << 62
+#: Inductor options of the multi-depth AOTInductor package. With its layout optimisation (conv
+#: outputs channels-last) a ``torch.cond`` branch, compiled for the strides of the traced
+#: (contiguous) operands, reads a channels-last outer buffer as if contiguous and its output is
+#: wrong (torch 2.14.1; ``tools/aoti_cond_view_repro.py`` shows it on a 3-op graph)
+_MULTI_AOTI_CONFIG = {"layout_optimization": False}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +241,10 @@ class _TensorDepth:
         self._knobs = knobs
 
     def is_skipped(self, name: str) -> torch.Tensor:
-        return self._skip[self._index[name]]
+        # a computed 0-d tensor, not the view skip[i]: AOTInductor's C++ wrapper (torch 2.14) reads
+        # every cond predicate that is a view of one buffer as the same scalar (cached by buffer
+        # name, offset ignored), so all switches would follow skip[0] (tools/aoti_cond_view_repro.py)
+        return self._skip[self._index[name]].to(torch.int32) > 0
 
     def knob(self, name: str) -> torch.Tensor:
         return self._knobs[name]
@@ -298,6 +307,15 @@ def onnx_depth_inputs(model_or_space, depth: DepthLike) -> Dict[str, Any]:
     for k in space.knob_specs:
         feeds[k] = np.array(config.knob(k), dtype=np.int64)
     return feeds
+
+
+def aoti_depth_inputs(model_or_space, depth: DepthLike) -> Tuple[torch.Tensor, ...]:
+    """The depth inputs of a multi-depth AOTInductor package for ``depth``, to pass after the
+    images: ``runner(images, *aoti_depth_inputs(model, "base"))`` (``skip`` bool ``[S]``, then one
+    0-d int64 tensor per knob; the same values as :func:`onnx_depth_inputs`)."""
+    space = getattr(model_or_space, "depth_space", model_or_space)
+    config = depth if isinstance(depth, DepthConfig) else space.resolve(depth)
+    return _depth_tensors(space, config)
 
 
 def _depth_tensors(space, config: DepthConfig) -> Tuple[torch.Tensor, ...]:
@@ -405,6 +423,59 @@ def _optimize(model, limit: int):
     return model
 
 
+def _localise_initializers(model, limit: int = _MULTI_FOLD_LIMIT) -> int:
+    """Give each ``If`` branch its own copy of the constants it reads from the outer graph:
+    onnxruntime turns a conv into its blocked NCHWc form (most of its CPU conv speed) only when
+    the weight and the bias are initializers of the graph the conv sits in, so a branch reading
+    the outer graph's bias runs its convs unblocked. An initializer used by one branch only moves
+    into it (no size cost); one used by several gets a copy in each when it has at most ``limit``
+    elements (biases, scales); larger shared ones stay (a branch scales them with its own norm
+    set, and the runtime folds that product into the branch). Returns how many were placed."""
+    import onnx_ir as ir
+
+    outer = model.graph
+    users: Dict[str, List[Any]] = {}
+
+    def walk(graph) -> None:
+        for node in graph:
+            for value in node.inputs:
+                if (graph is not outer and value is not None and value.name in outer.initializers
+                        and outer.initializers[value.name] is value):
+                    users.setdefault(value.name, [])
+                    if not any(g is graph for g in users[value.name]):
+                        users[value.name].append(graph)
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    walk(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        walk(sub)
+
+    walk(outer)
+    outer_uses = {id(v) for node in outer for v in node.inputs if v is not None} | {id(v) for v in outer.outputs}
+    placed = 0
+    for name, graphs in users.items():
+        value = outer.initializers[name]
+        if len(graphs) == 1 and id(value) not in outer_uses:
+            del outer.initializers[name]
+            graphs[0].register_initializer(value)
+            placed += 1
+            continue
+        if value.const_value is None or value.const_value.size > limit:
+            continue
+        for k, graph in enumerate(graphs):
+            copy_ = ir.Value(name=f"{name}__{k}", shape=value.shape, type=value.type, const_value=value.const_value)
+            graph.register_initializer(copy_)
+            for node in graph:
+                for i, v in enumerate(node.inputs):
+                    if v is value:
+                        node.replace_input_with(i, copy_)
+            placed += 1
+        if id(value) not in outer_uses:
+            del outer.initializers[name]
+    return placed
+
+
 def _specialise(multi, space, config: DepthConfig):
     """A per-depth static graph from the multi-depth one: the depth inputs become constants and
     every ``If`` folds to its taken branch."""
@@ -447,7 +518,7 @@ def _save_onnx(model, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class ExportedFile:
-    """One written file: ``depth`` is a ladder code, or ``"multi"`` for the multi-depth ONNX."""
+    """One written file: ``depth`` is a ladder code, or ``"multi"`` for the multi-depth file."""
 
     path: str
     format: str
@@ -548,14 +619,16 @@ def _resolve_depths(model: AnyDepthModel, depth, example_shape) -> Tuple[List[De
 def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str = "onnx",
            depth: Union[DepthLike, Sequence[DepthLike]] = "all", imgsz: Union[int, Sequence[int]] = 640,
            batch: int = 1, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET, msda: str = "decompose",
-           check: bool = True, name: Optional[str] = None, progress: bool = False) -> ExportResult:
+           check: bool = True, name: Optional[str] = None, progress: bool = False,
+           traces: Optional[Dict[Any, Any]] = None) -> ExportResult:
     """Export ``model`` (an :class:`AnyDepthModel` or a registered name) to ``out``.
 
     ``format``: ``"onnx"`` or ``"aoti"`` (AOTInductor ``.pt2`` packages, CPU). ``depth``:
-    ``"all"`` (every ladder configuration, plus the multi-depth file for ONNX), ``"multi"`` (the
-    multi-depth ONNX alone), ``"base"``/``"full"``, a float in [0, 1], a ladder code (``"TTFFFFFF"``,
+    ``"all"`` (every ladder configuration, plus the multi-depth file), ``"multi"`` (the
+    multi-depth file alone), ``"base"``/``"full"``, a float in [0, 1], a ladder code (``"TTFFFFFF"``,
     ``"TTTTT-decoder_layers2"``), a :class:`DepthConfig`, or a list of these. Files are named
-    ``{name}-{code}.onnx`` / ``.pt2`` and ``{name}-multidepth.onnx``; ``export.json`` lists them.
+    ``{name}-{code}.onnx`` / ``.pt2`` and ``{name}-multidepth.onnx`` / ``.pt2`` (inputs ``images``,
+    ``skip`` and the knobs, as :func:`onnx_depth_inputs` gives them); ``export.json`` lists them.
 
     ``imgsz``: an int or ``(H, W)``, multiples of the model's stride (the graphs are static in
     space); ``batch`` the traced batch size, ``dynamic_batch`` makes it a dynamic axis. ``msda``
@@ -563,6 +636,10 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
     ``MultiscaleDeformableAttnPlugin_TRT`` node; such files do not run in onnxruntime, so they
     are not checked). With ``check`` every file runs (onnxruntime / AOTInductor) at each of its
     depths and is compared with the eager model: an error above 1e-4 relative raises.
+
+    ``traces``: a dict to keep the ``torch.export`` traces in; pass the same dict to export one
+    model in several formats (ONNX, then AOTInductor) without tracing it again. It holds the model
+    object (a trace is reused only for the same model, shape, batch mode and ``msda``).
     """
     t0 = time.perf_counter()
     if format not in FORMATS:
@@ -586,16 +663,12 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
     if format == "onnx":
         _check_opset(opset, has_msda, msda)
     words = [d.strip().lower() for d in (depth if isinstance(depth, (list, tuple)) else [depth]) if isinstance(d, str)]
-    if format == "aoti" and "multi" in words:
-        raise ValueError("the multi-depth graph is exported as ONNX only; for AOTInductor give per-depth "
-                         "depths (all = one package per ladder depth, base, full, ladder codes)")
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
-    multi = multi and format == "onnx"  # AOTInductor: 'all' = one package per ladder depth
     if multi and getattr(model, "split", None) == "official":
         # its stride-2 convs switch norm sets outside the switchable modules, where the multi-depth
         # graph has no If to hold them: such a model is exported depth by depth
         if "multi" in words:
-            raise NotImplementedError("the multi-depth ONNX of a split='official' model is not supported (its "
+            raise NotImplementedError("the multi-depth graph of a split='official' model is not supported (its "
                                       "skip-aware stride-2 convs lie outside the switchable modules); export "
                                       "per-depth files: depth='all', 'base', 'full' or ladder codes")
         multi = False
@@ -621,6 +694,14 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         ladder=[c.code for c in ladder])
     refs: Dict[DepthConfig, Tuple] = {}
 
+    def trace(config: Optional[DepthConfig]):
+        if traces is None:
+            return exported_program(model, config, imgsz, batch, dynamic_batch, msda)
+        key = (id(model), config, tuple(example.shape[2:]), batch, dynamic_batch, msda)
+        if key not in traces or traces[key][0] is not model:
+            traces[key] = (model, exported_program(model, config, imgsz, batch, dynamic_batch, msda))
+        return traces[key][1]
+
     def reference(config: DepthConfig):
         if config not in refs:
             with torch.no_grad():
@@ -641,7 +722,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         multi_model = None
         if multi:  # one trace of every depth; the per-depth graphs are its specialisations
             say(f"tracing {name}: every depth in one graph")
-            ep = exported_program(model, None, imgsz, batch, dynamic_batch, msda)
+            ep = trace(None)
             say("translating to ONNX")
             args = (example, *_depth_tensors(space, space.full()))
             multi_model = _onnx_model(ep, args, ["images", *depth_names], output_names, opset, msda)
@@ -651,7 +732,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
                 single = _specialise(multi_model, space, config)
             else:
                 say(f"tracing {name} at {config.code}")
-                ep = exported_program(model, config, imgsz, batch, dynamic_batch, msda)
+                ep = trace(config)
                 single = _optimize(_onnx_model(ep, (example,), ["images"], output_names, opset, msda), _FOLD_ALL)
             _set_metadata(single, {**meta, "depth": config.code})
             path = out / f"{name}-{config.code}.onnx"
@@ -664,6 +745,7 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         if multi_model is not None:
             say("multi-depth graph")
             _optimize(multi_model, _MULTI_FOLD_LIMIT)
+            _localise_initializers(multi_model)
             _set_metadata(multi_model, {**meta, "depth": "multi", "depth_inputs": depth_names})
             path = out / f"{name}-multidepth.onnx"
             _save_onnx(multi_model, path)
@@ -675,19 +757,23 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
                     f.max_rel_err[config.code] = _rel_err(sess.run(None, feeds), reference(config))
             result.files.append(f)
     else:
-        for config in configs:
-            say(f"AOTInductor package {config.code}")
-            ep = exported_program(model, config, imgsz, batch, dynamic_batch, msda)
-            path = out / f"{name}-{config.code}.pt2"
+        for config in [*configs, *([None] if multi else [])]:
+            code = "multidepth" if config is None else config.code
+            say(f"AOTInductor package {code}" + (" (every depth in one graph)" if config is None else ""))
+            ep = trace(config)
+            path = out / f"{name}-{code}.pt2"
             if path.exists():
                 path.unlink()
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-            f = ExportedFile(str(path), "aoti", config.code, path.stat().st_size)
+            options = dict(_MULTI_AOTI_CONFIG) if config is None else None  # (torch adds keys to it)
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=options)
+            f = ExportedFile(str(path), "aoti", "multi" if config is None else code, path.stat().st_size)
             if check:
                 runner = aoti_load(path)
-                with torch.no_grad():
-                    got = [t.numpy() for t in _as_tuple(runner(example))]
-                f.max_rel_err[config.code] = _rel_err(got, reference(config))
+                for c in (ladder if config is None else [config]):
+                    depth_args = () if config is not None else _depth_tensors(space, c)
+                    with torch.no_grad():
+                        got = [t.numpy() for t in _as_tuple(runner(example, *depth_args))]
+                    f.max_rel_err[c.code] = _rel_err(got, reference(c))
             result.files.append(f)
     result.seconds = time.perf_counter() - t0
     if check:

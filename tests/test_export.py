@@ -1,10 +1,11 @@
 """anydepth.export: per-depth ONNX, the multi-depth ONNX (depth as graph inputs, one If per
 refinement path), TensorRT's deformable-attention node, AOTInductor packages, the CLI and errors.
 
-Each model is exported once per format (module-scoped fixtures: the traces are the slow part) at
-64 px; every file runs in onnxruntime / AOTInductor and is compared with the eager model. The
-tracing, ONNX translation and AOTInductor compilation take minutes on a 2-core machine: those tests
-are marked ``slow`` (``-m "not slow"`` leaves the argument checks and the CLI)."""
+Each model is traced once (module-scoped fixtures: the traces and the AOTInductor compilation are
+the slow part; the ONNX and the AOTInductor exports share the multi-depth trace) at 64 px; every
+file runs in onnxruntime / AOTInductor and is compared with the eager model. The tracing, ONNX
+translation and AOTInductor compilation take minutes on a 2-core machine: those tests are marked
+``slow`` (``-m "not slow"`` leaves the argument checks and the CLI)."""
 from __future__ import annotations
 
 import json
@@ -52,7 +53,26 @@ def _session(path):
 
 
 @pytest.fixture(scope="module")
-def onnx_exports(tmp_path_factory):
+def models():
+    """name -> (model, traces): one random model per name and the dict its traces are kept in
+    (``export(traces=...)``), so the ONNX and AOTInductor exports trace it once."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = _model(name), {}
+        return done[name]
+    return get
+
+
+def _mid(model):
+    """A mid-ladder depth: some switches skipped, some run."""
+    ladder = model.depth_configs((1, 3, IMGSZ, IMGSZ))
+    return ladder[len(ladder) // 2]
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(tmp_path_factory, models):
     """name -> (model, ExportResult) of depth='all' with a dynamic batch (every ladder file + the
     multi-depth file), exported once per module on first use."""
     pytest.importorskip("onnxruntime")
@@ -63,10 +83,28 @@ def onnx_exports(tmp_path_factory):
 
     def get(name):
         if name not in done:
-            model = _model(name)
+            model, traces = models(name)
             out = tmp_path_factory.mktemp(name)
             done[name] = model, export(model, out, format="onnx", depth="all", imgsz=IMGSZ, dynamic_batch=True,
-                                       check=False, name=name)
+                                       check=False, name=name, traces=traces)
+        return done[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def aoti_exports(tmp_path_factory, models):
+    """name -> (model, ExportResult) of the multi-depth AOTInductor package (from the ONNX
+    export's trace when it ran first) and one mid-ladder per-depth package, dynamic batch."""
+    from anydepth.export import export
+
+    done = {}
+
+    def get(name):
+        if name not in done:
+            model, traces = models(name)
+            out = tmp_path_factory.mktemp(f"{name}-aoti")
+            done[name] = model, export(model, out, format="aoti", depth=["multi", _mid(model).code], imgsz=IMGSZ,
+                                       dynamic_batch=True, check=False, name=name, traces=traces)
         return done[name]
     return get
 
@@ -109,6 +147,17 @@ def test_per_depth_onnx_equals_eager_at_every_ladder_depth(onnx_all):
             assert _rel(o, r) <= TOL, (config.code, _rel(o, r))
 
 
+def _depth_grid(model):
+    """Every ladder depth, and off the ladder: alternating switches and (RT-DETR) each decoder
+    depth at base switches."""
+    space = model.depth_space
+    configs = list(model.depth_configs((1, 3, IMGSZ, IMGSZ)))
+    configs.append(space.make({s: i % 2 == 0 for i, s in enumerate(space.switches)}))
+    for k, spec in space.knob_specs.items():
+        configs += [space.make(dict.fromkeys(space.switches, True), {k: v}) for v in range(spec.low, spec.high + 1)]
+    return list(dict.fromkeys(configs))
+
+
 @pytest.mark.slow
 def test_multi_depth_onnx_equals_eager_at_every_depth(onnx_all):
     from anydepth.export import onnx_depth_inputs
@@ -119,13 +168,8 @@ def test_multi_depth_onnx_equals_eager_at_every_depth(onnx_all):
     assert [i.name for i in sess.get_inputs()] == ["images", "skip", *space.knob_specs]
     assert sess.get_inputs()[1].type == "tensor(bool)" and sess.get_inputs()[1].shape == [len(space.switches)]
     x = _x(batch=2)  # the batch axis is dynamic
-    configs = list(model.depth_configs((1, 3, IMGSZ, IMGSZ)))
-    # off the ladder too: alternating switches, and (RT-DETR) each decoder depth at base switches
-    configs.append(space.make({s: i % 2 == 0 for i, s in enumerate(space.switches)}))
-    for k, spec in space.knob_specs.items():
-        configs += [space.make(dict.fromkeys(space.switches, True), {k: v}) for v in range(spec.low, spec.high + 1)]
     outs = {}
-    for config in configs:
+    for config in _depth_grid(model):
         got = sess.run(None, {"images": x.numpy(), **onnx_depth_inputs(model, config)})
         for o, r in zip(got, _eager(model, x, config)):
             assert _rel(o, r) <= TOL, (config.code, _rel(o, r))
@@ -149,6 +193,19 @@ def test_multi_depth_onnx_is_one_model_with_an_if_per_switch(onnx_all):
     # the weights are stored once (the If branches read the outer graph's initializers)
     assert result.file("multi").size_bytes < 1.1 * full
     assert result.file("multi").size_bytes < 0.5 * sum(per_depth)
+    # each branch holds the constants its convs read (onnxruntime blocks a conv for NCHWc only when
+    # its weight and bias are initializers of its own graph): the bias is one, the weight is one
+    # or the branch's own product of a shared weight and its norm scale
+    branch_convs = 0
+    for node in ifs:
+        for attr in node.attribute:
+            inits = {i.name for i in attr.g.initializer}
+            made = {o for n in attr.g.node for o in n.output}
+            for conv in (n for n in attr.g.node if n.op_type == "Conv"):
+                assert len(conv.input) == 3 and conv.input[2] in inits, conv.name
+                assert conv.input[1] in inits or conv.input[1] in made, conv.name
+                branch_convs += 1
+    assert branch_convs > 0
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["anydepth.switches"]) == list(model.depth_space.switches)
     assert json.loads(meta["anydepth.ladder"]) == result.ladder
@@ -215,39 +272,78 @@ def test_trt_plugin_node_has_tensorrt_signature(tmp_path):
         assert shapes.tolist() == [[8, 8], [4, 4], [2, 2]] and starts.tolist() == [0, 64, 80]  # strides 8/16/32
 
 
+@pytest.fixture(params=list(MODELS))
+def aoti_all(request, aoti_exports):
+    pytest.importorskip("onnxruntime")  # the shared trace is made by the ONNX fixture first
+    return aoti_exports(request.param)
+
+
 @pytest.mark.slow
-def test_aoti_packages_run_without_our_code(tmp_path):
-    """One package per model at a mid-ladder depth (some switches skipped, some run), checked by
-    export() against eager, then loaded in a process where anydepth cannot be imported."""
-    from anydepth.export import export
+def test_aoti_multi_depth_package_equals_eager_at_every_depth(aoti_all):
+    """One AOTInductor package of the multi-depth graph (torch.cond) serves every depth: compared
+    with eager at every ladder depth and off the ladder (batch 2; the batch axis is dynamic), and the
+    per-depth package at its depth (batch 1)."""
+    from anydepth.export import aoti_depth_inputs, aoti_load
+
+    model, result = aoti_all
+    multi, mid = result.file("multi"), result.file(_mid(model).code)
+    assert multi.path.endswith("-multidepth.pt2") and mid.path.endswith(f"-{_mid(model).code}.pt2")
+    runner = aoti_load(multi.path)
+    x = _x(batch=2)
+    outs = {}
+    for config in _depth_grid(model):
+        with torch.no_grad():
+            got = runner(x, *aoti_depth_inputs(model, config))
+        for o, r in zip(got, _eager(model, x, config)):
+            assert _rel(o.numpy(), r) <= TOL, (config.code, _rel(o.numpy(), r))
+        outs[config] = got[0]
+    space = model.depth_space
+    assert not torch.allclose(outs[space.base()], outs[space.full()])
+    x1 = _x(batch=1, seed=2)
+    with torch.no_grad():
+        got = aoti_load(mid.path)(x1)
+    for o, r in zip(got, _eager(model, x1, _mid(model))):
+        assert _rel(o.numpy(), r) <= TOL
+
+
+@pytest.mark.slow
+def test_aoti_packages_run_without_our_code(aoti_exports, tmp_path):
+    """The multi-depth and the per-depth package of each model, loaded in a process where anydepth
+    cannot be imported, at the mid-ladder depth (batch 2: a dynamic-batch multi-depth package
+    takes batch >= 2, see the README)."""
+    from anydepth.export import aoti_depth_inputs
 
     runs = []
+    x = _x(batch=2)
+    torch.save(x, tmp_path / "x.pt")
     for name in MODELS:
-        model = _model(name)
-        ladder = model.depth_configs((1, 3, IMGSZ, IMGSZ))
-        config = ladder[len(ladder) // 2]
-        result = export(model, tmp_path / name, format="aoti", depth=config.code, imgsz=IMGSZ, name=name)
-        f = result.files[0]
-        assert f.path.endswith(".pt2") and f.max_rel_err[config.code] <= TOL
-        x = _x()
-        torch.save(x, tmp_path / f"{name}-x.pt")
-        runs.append((f.path, tmp_path / f"{name}-x.pt", tmp_path / f"{name}-y.pt", _eager(model, x, config)))
+        model, result = aoti_exports(name)
+        config = _mid(model)
+        ref = _eager(model, x, config)
+        depth = tmp_path / f"{name}-depth.pt"
+        torch.save(list(aoti_depth_inputs(model, config)), depth)
+        none = tmp_path / "none.pt"
+        torch.save([], none)
+        runs.append((result.file("multi").path, depth, tmp_path / f"{name}-multi-y.pt", ref))
+        runs.append((result.file(config.code).path, none, tmp_path / f"{name}-mid-y.pt", ref))
     script = textwrap.dedent("""
         import sys
         for mod in ("anydepth", "anydepth_kernels"):
             sys.modules[mod] = None  # importing our code would fail here
         import torch
-        for pkg, x, y in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
+        x = torch.load(sys.argv[1], weights_only=True)
+        for pkg, depth, y in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
             runner = torch._inductor.aoti_load_package(pkg)
             with torch.no_grad():
-                out = runner(torch.load(x, weights_only=True))
+                out = runner(x, *torch.load(depth, weights_only=True))
             torch.save([t.contiguous() for t in out], y)
         """)
-    args = [str(a) for run in runs for a in run[:3]]
+    args = [str(tmp_path / "x.pt"), *(str(a) for run in runs for a in run[:3])]
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for _, _, y, ref in runs:
         got = torch.load(y, weights_only=True)
+        assert len(got) == len(ref)
         for o, r in zip(got, ref):
             assert _rel(o.numpy(), r) <= TOL
 
@@ -291,8 +387,6 @@ def test_unknown_depth_names_the_ladder(yolo, tmp_path):
         export(yolo, tmp_path, format="tflite", imgsz=IMGSZ)
     with pytest.raises(ValueError, match="multiples of 32"):
         export(yolo, tmp_path, imgsz=50)
-    with pytest.raises(ValueError, match="multi-depth graph is exported as ONNX only"):
-        export(yolo, tmp_path, format="aoti", depth="multi", imgsz=IMGSZ)
     official = anydepth.create_model("yolov12n-anydepth", num_classes=4, split="official").eval()
     with pytest.raises(NotImplementedError, match="split='official'"):
         export(official, tmp_path, depth="multi", imgsz=IMGSZ)
