@@ -134,10 +134,12 @@ def test_bad_options():
                                     dict(shared_rank=64, coefficients=False)])
 def test_inference_form_equals_eager_at_every_depth(shared):
     """``to_inference()`` (fused convs, shared-basis convs folded or factored) against eager at
-    full, base and two mixed depths, with distinct statistics in every norm (the shallow-path
+    full, base and a mixed depth, with distinct statistics in every norm (the shallow-path
     copies included)."""
     torch.manual_seed(0)
-    m = anydepth.create_model("resnet18-anydepth", num_classes=5, stem="3x3", shared_bases=shared)
+    m = anydepth.create_model("resnet34-anydepth", num_classes=5, stem="3x3", shared_bases=shared)
+    assert any(getattr(q, "layer_skip", None) is not None or getattr(q, "skip_aware", False)
+               for q in m.modules() if isinstance(q, SharedBasisConvNormAct))
     g = torch.Generator().manual_seed(1)
     for mod in m.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -146,8 +148,8 @@ def test_inference_form_equals_eager_at_every_depth(shared):
             mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
     m.eval()
     x = torch.rand(2, 3, 8, 8)
-    configs = [c for c in m.depth_space.all_configs() if c.code in ("FFFF", "TTTT", "TFTF", "FTFT")]
-    assert len(configs) == 4
+    configs = [c for c in m.depth_space.all_configs() if c.code in ("FFFF", "TTTT", "TFTF")]
+    assert len(configs) == 3
     with torch.no_grad():
         eager = {c: m(x, depth=c) for c in configs}
         assert not torch.allclose(eager[configs[0]], eager[configs[-1]])
