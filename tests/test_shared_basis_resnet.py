@@ -124,6 +124,8 @@ def test_bad_options():
             anydepth.create_model("resnet18-anydepth", num_classes=3, shared_bases=bad)
     with pytest.raises(ValueError, match="coefficients=False needs"):
         anydepth.create_model("resnet18-anydepth", num_classes=3, shared_bases=dict(shared_rank=8, coefficients=False))
+    with pytest.raises(ValueError, match="a bottleneck has one 3x3 conv"):
+        anydepth.create_model("resnet50-anydepth", num_classes=3, shared_bases=dict(shared_rank=4, bases=2))
     with pytest.raises(TypeError, match="shared_bases must be a dict"):
         anydepth.create_model("resnet18-anydepth", num_classes=3, shared_bases=16)
     with pytest.raises(ValueError, match="stem must be"):

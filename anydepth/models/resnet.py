@@ -67,7 +67,7 @@ def parse_shared_bases(spec) -> Optional[Dict[str, object]]:
       stage 1 ... 384 + 8 in stage 4);
     * ``bases``: 1 (one shared basis per stage serves both 3x3 convs of a basic block; the
       paper's ``SingleShared``) or 2 (one for the blocks' first convs, one for their second:
-      ``DoubleShared``); a bottleneck has one 3x3 conv, so 1;
+      ``DoubleShared``; basic blocks only: a bottleneck has one 3x3 conv);
     * ``coefficients``: True (basis ++ own filters -> BN -> 1x1 coefficients -> BN) or False (the
       shared basis is the whole 3x3 conv, ``shared_rank`` = the conv's width, ``unique_rank`` 0:
       the paper's ResNet-50 "Shared");
@@ -271,7 +271,10 @@ class ResNet(nn.Module):
                 if not sb["coefficients"] and rank != width:
                     raise ValueError(f"shared_bases: coefficients=False needs shared_rank x {mult} = {width} (the "
                                      f"conv's width) in stage {i + 1}, got {rank}")
-                nb = int(sb["bases"]) if layer_type == "basic" else 1  # type: ignore[call-overload]
+                nb = int(sb["bases"])  # type: ignore[call-overload]
+                if nb == 2 and layer_type != "basic":
+                    raise ValueError("shared_bases: bases=2 shares one basis per 3x3 conv of a basic block; a "
+                                     "bottleneck has one 3x3 conv: use bases=1")
                 bases = [SharedBasis(width, rank, 3) for _ in range(nb)]
                 basis = _BlockBasis(bases, unique, bool(sb["coefficients"]))
             for j in range(n):
