@@ -46,7 +46,8 @@ class AnyDepthClassifier(AnyDepthModel):
 
     Subclasses set ``depth_space`` (switches from :func:`stage_switches`), ``num_classes`` and
     implement :meth:`forward_logits`; they may override :meth:`_to_inference` (the default fuses
-    every :class:`~anydepth.nn.ConvNormAct` into a :class:`~anydepth.nn.FusedConv`).
+    every :class:`~anydepth.nn.ConvNormAct` into a :class:`~anydepth.nn.FusedConv` and deploys
+    shared-filter-basis convs, each folded or kept factored, whichever costs fewer FLOPs).
     """
 
     task = "classify"
@@ -97,6 +98,9 @@ class AnyDepthClassifier(AnyDepthModel):
         if options:
             raise TypeError(f"{type(self).__name__}.to_inference() takes no options {sorted(options)}")
         fuse_conv_norm_acts(self, backend)
+        from anydepth_kernels.shared_basis import deploy
+
+        deploy(self, "auto", backend)
 
     # -- images in, classes out -------------------------------------------------------------------
     @torch.no_grad()

@@ -190,3 +190,61 @@ class SkippableStage(nn.Module):
         if skip or self.refinement is None:
             return e
         return self.refinement(e, skip=False) if self._refinement_skip else self.refinement(e)
+
+
+class SharedBasisConvNormAct(nn.Module):
+    """A 3x3 conv of an any-depth block in deeply-shared-filter-basis form (Kang & Kim, NeurIPS
+    2021), with the ``forward(x, skip, residual)`` signature of :class:`ConvNormAct`.
+
+    ``coefficients=True`` (the paper's ``SxUy`` layers): an
+    :class:`anydepth_kernels.SharedBasisConv2d` ``layer`` ([own ``unique_rank`` filters ++ the
+    stage's ``shared`` basis] -> BN -> 1x1 coefficients -> BN -> act). ``skip_aware`` (a block of
+    a stage's essential path): a second ``layer_skip`` holding the same filters and coefficients
+    (the parameters are tied, stored once) with its own two BatchNorms, used when the stage runs
+    shallow, as a skip-aware :class:`ConvNormAct` keeps one BN set per depth.
+    :func:`anydepth_kernels.shared_basis.deploy` turns both into plain or factored inference forms.
+
+    ``coefficients=False`` (the paper's ResNet-50 "Shared"): the shared basis *is* the conv
+    weight (``shared.rank == out_ch``, ``unique_rank == 0``), followed by this block's own
+    (skip-aware) BN and act. Eager only (not folded by ``deploy``).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, unique_rank: int, shared, act: str = "relu",
+                 skip_aware: bool = False, coefficients: bool = True, bn_eps: float = 1e-5,
+                 bn_momentum: float = 0.1):
+        super().__init__()
+        from anydepth_kernels.shared_basis import SharedBasisConv2d
+
+        self.skip_aware = skip_aware
+        self.coefficients = coefficients
+        act = activation_name(act)
+        if coefficients:
+            kw = dict(kernel_size=shared.kernel_size, stride=stride, act=act, eps=bn_eps, momentum=bn_momentum)
+            self.layer = SharedBasisConv2d(in_ch, out_ch, unique_rank, shared, **kw)
+            if skip_aware:
+                skip = SharedBasisConv2d(in_ch, out_ch, unique_rank, shared, **kw)
+                if self.layer.unique is not None:
+                    skip.unique = self.layer.unique   # tied: one parameter
+                skip.coeff = self.layer.coeff
+                self.layer_skip: Optional[nn.Module] = skip
+            else:
+                self.layer_skip = None
+        else:
+            if unique_rank != 0 or shared.rank != out_ch or shared.in_channels != in_ch:
+                raise ValueError(f"a shared conv without coefficients needs unique_rank 0 and a {in_ch} -> {out_ch} "
+                                 f"basis, got unique_rank {unique_rank} and a basis of rank {shared.rank} over "
+                                 f"{shared.in_channels} channels")
+            self.shared = shared
+            self.stride = stride
+            self.bn = (SkipAwareBatchNorm2d(out_ch, bn_eps, bn_momentum) if skip_aware
+                       else nn.BatchNorm2d(out_ch, eps=bn_eps, momentum=bn_momentum))
+            self.act = _ACTS[act]()
+
+    def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.coefficients:
+            layer = self.layer_skip if (skip and self.layer_skip is not None) else self.layer
+            return layer(x, residual=residual)
+        w = self.shared.weight
+        y = nn.functional.conv2d(x, w, None, self.stride, (w.shape[-2] // 2, w.shape[-1] // 2))
+        y = self.act(self.bn(y, skip) if self.skip_aware else self.bn(y))
+        return y if residual is None else y + residual

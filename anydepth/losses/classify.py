@@ -13,6 +13,10 @@ the authors' ``train_adn.py``).
     KL of the channel softmax at every position (teacher detached) times ``T^2``, batch-mean. The
     authors' code adds it only in its ``--fpn`` experiment (ResNet-50, layer1..layer3), off by
     default: ``feature_kd`` defaults to 0 (``--loss feature_kd=1`` turns it on).
+
+A model with deeply shared filter bases (``shared_bases=`` of the ResNets) adds, once per step
+(in the full pass), ``orth x`` :func:`anydepth_kernels.orthogonality_penalty` over its shared
+bases (``orth`` = 10, the authors' ``--lambdaR``; ``--loss orth=0`` turns it off).
 """
 from __future__ import annotations
 
@@ -60,15 +64,18 @@ def kl_batchmean(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 class ClassificationCriterion:
     """``gt_loss(outputs, labels)`` and ``distill_loss(student, teacher, labels)`` (see the module
     docstring). Weights: ``full`` (0.5), ``kd`` (0.5), ``label_smoothing`` (0.1),
-    ``temperature`` (1.0), ``topk`` (500), ``feature_kd`` (0.0). ``distill_gt`` adds ``distill_gt
+    ``temperature`` (1.0), ``topk`` (500), ``feature_kd`` (0.0), ``orth`` (10.0: the shared
+    bases' orthogonality penalty, only for a model that has some). ``distill_gt`` adds ``distill_gt
     x CE`` to the base pass and, when given, ``distill_kd`` replaces ``kd`` (the trainer's
     ``alpha_base``)."""
 
     def __init__(self, model, full: float = 0.5, kd: float = 0.5, label_smoothing: float = 0.1,
                  temperature: float = 1.0, topk: int = 500, feature_kd: float = 0.0, distill_gt: float = 0.0,
-                 distill_kd=None):
+                 distill_kd=None, orth: float = 10.0):
+        from anydepth_kernels.shared_basis import shared_bases
+
         for name, v in (("full", full), ("kd", kd), ("label_smoothing", label_smoothing),
-                        ("feature_kd", feature_kd), ("distill_gt", distill_gt)):
+                        ("feature_kd", feature_kd), ("distill_gt", distill_gt), ("orth", orth)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if label_smoothing >= 1:
@@ -86,6 +93,8 @@ class ClassificationCriterion:
         self.feature_kd = float(feature_kd)
         self.distill_gt = float(distill_gt)
         self.kd_scale = 1.0   # the trainer's KD warm-up factor
+        self.orth = float(orth)
+        self.bases = torch.nn.ModuleList(shared_bases(model))   # references, not copies
 
     def _ce(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels = labels_tensor(targets, logits.shape[0], self.num_classes, logits.device)
@@ -93,7 +102,14 @@ class ClassificationCriterion:
 
     def gt_loss(self, outputs: Dict[str, object], targets) -> Tuple[torch.Tensor, Dict[str, float]]:
         ce = self._ce(outputs["logits"], targets)
-        return self.full * ce, {"ce": float(ce.detach())}
+        loss, logs = self.full * ce, {"ce": float(ce.detach())}
+        if len(self.bases) and self.orth > 0:
+            from anydepth_kernels.shared_basis import orthogonality_penalty
+
+            orth = orthogonality_penalty(self.bases, weight=1.0)
+            logs["orth"] = float(orth.detach())
+            loss = loss + self.orth * orth
+        return loss, logs
 
     def distill_loss(self, student: Dict[str, object], teacher: Dict[str, object], targets
                      ) -> Tuple[torch.Tensor, Dict[str, float]]:

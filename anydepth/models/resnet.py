@@ -33,11 +33,15 @@ from torch import nn
 from ..classify import AnyDepthClassifier, stage_switches
 from ..depth import DepthConfig, DepthSpace
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, lazy, register_family
-from ..nn import ConvNormAct, SkippableStage, split_blocks
+from ..nn import ConvNormAct, SharedBasisConvNormAct, SkippableStage, split_blocks
 
-__all__ = ["AnyDepthResNet", "BasicBlock", "Blocks", "Bottleneck", "RESNETS", "ResNet", "Shortcut", "conv_bn"]
+__all__ = ["AnyDepthResNet", "BasicBlock", "Blocks", "Bottleneck", "RESNETS", "ResNet", "Shortcut", "conv_bn",
+           "parse_shared_bases"]
 
 STYLES = ("vd", "torchvision")
+STEMS = ("deep", "7x7", "3x3")
+#: ``shared_bases=`` keys and defaults (see :func:`parse_shared_bases`)
+SHARED_BASES_DEFAULTS = dict(shared_rank=None, unique_rank=0, bases=1, coefficients=True, blocks="all")
 
 #: torchvision's ResNets: block type and blocks per stage (stage widths 64..512, x4 for bottlenecks)
 RESNETS: Dict[str, Tuple[str, Tuple[int, ...]]] = {
@@ -52,6 +56,59 @@ def conv_bn(cin: int, cout: int, k: int, s: int = 1, act: str = "identity", skip
             eps: float = 1e-5) -> ConvNormAct:
     """Conv (no bias, padding ``k // 2``) + BatchNorm (eps 1e-5, momentum 0.1) + activation."""
     return ConvNormAct(cin, cout, k, s, act=act, skip_aware=skip_aware, bn_eps=eps, bn_momentum=0.1)
+
+
+def parse_shared_bases(spec) -> Optional[Dict[str, object]]:
+    """Validate a ``shared_bases=`` option (``None``/``False``: none) into a full dict:
+
+    * ``shared_rank`` (required, int >= 1) and ``unique_rank`` (int >= 0, default 0): ranks of the
+      first stage; stage ``i`` uses them times its width over the first stage's (x1, 2, 4, 8),
+      as the authors' ``ResNet34_SingleShared(shared_rank, unique_rank)`` (``S48U1``: 48 + 1 in
+      stage 1 ... 384 + 8 in stage 4);
+    * ``bases``: 1 (one shared basis per stage serves both 3x3 convs of a basic block; the
+      paper's ``SingleShared``) or 2 (one for the blocks' first convs, one for their second:
+      ``DoubleShared``; basic blocks only: a bottleneck has one 3x3 conv);
+    * ``coefficients``: True (basis ++ own filters -> BN -> 1x1 coefficients -> BN) or False (the
+      shared basis is the whole 3x3 conv, ``shared_rank`` = the conv's width, ``unique_rank`` 0:
+      the paper's ResNet-50 "Shared");
+    * ``blocks``: ``"all"`` (every block of a stage but the first: the paper) or ``"refinement"``
+      (only the stage's skippable refinement blocks).
+    """
+    if spec is None or spec is False:
+        return None
+    if not isinstance(spec, dict):
+        raise TypeError(f"shared_bases must be a dict (e.g. dict(shared_rank=48, unique_rank=1)) or None, "
+                        f"got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SHARED_BASES_DEFAULTS))
+    if unknown:
+        raise ValueError(f"shared_bases: unknown keys {unknown}; valid: {sorted(SHARED_BASES_DEFAULTS)}")
+    cfg = {**SHARED_BASES_DEFAULTS, **spec}
+    for key, lo in (("shared_rank", 1), ("unique_rank", 0)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"shared_bases: {key} must be an int >= {lo}, got {v!r}")
+    if cfg["bases"] not in (1, 2):
+        raise ValueError(f"shared_bases: bases must be 1 or 2, got {cfg['bases']!r}")
+    if not isinstance(cfg["coefficients"], bool):
+        raise ValueError(f"shared_bases: coefficients must be True or False, got {cfg['coefficients']!r}")
+    if cfg["blocks"] not in ("all", "refinement"):
+        raise ValueError(f"shared_bases: blocks must be 'all' or 'refinement', got {cfg['blocks']!r}")
+    if not cfg["coefficients"] and cfg["unique_rank"] != 0:
+        raise ValueError("shared_bases: coefficients=False shares the whole conv: unique_rank must be 0")
+    return cfg
+
+
+class _BlockBasis:
+    """The shared bases of one stage, handed to its blocks: ``conv(cin, cout, stride, act,
+    skip_aware, which)`` builds a :class:`~anydepth.nn.SharedBasisConvNormAct` on basis
+    ``which`` (0: the first, -1: the last)."""
+
+    def __init__(self, bases: Sequence[nn.Module], unique_rank: int, coefficients: bool):
+        self.bases, self.unique_rank, self.coefficients = list(bases), unique_rank, coefficients
+
+    def conv(self, cin: int, cout: int, stride: int, act: str, skip_aware: bool, which: int) -> nn.Module:
+        return SharedBasisConvNormAct(cin, cout, stride, self.unique_rank, self.bases[which], act, skip_aware,
+                                      self.coefficients)
 
 
 class Blocks(nn.Module):
@@ -95,7 +152,7 @@ class BasicBlock(nn.Module):
     """``relu(bn(conv3x3(relu(bn(conv3x3/s(x))))) + shortcut(x))``."""
 
     def __init__(self, cin: int, cout: int, stride: int, first: bool, skip_aware: bool, style: str = "vd",
-                 shortcut_skip_aware: Optional[bool] = None):
+                 shortcut_skip_aware: Optional[bool] = None, basis: Optional["_BlockBasis"] = None):
         super().__init__()
         sc_aware = skip_aware if shortcut_skip_aware is None else (skip_aware and shortcut_skip_aware)
         if style == "vd":
@@ -104,8 +161,12 @@ class BasicBlock(nn.Module):
             self.shortcut = (Shortcut(cin, cout, stride, pool=cin != cout, skip_aware=sc_aware) if first else None)
         else:
             self.shortcut = _shortcut(cin, cout, stride, style, cin != cout or stride != 1, sc_aware)
-        self.conv1 = conv_bn(cin, cout, 3, stride, "relu", skip_aware)
-        self.conv2 = conv_bn(cout, cout, 3, 1, "identity", skip_aware)
+        if basis is None:
+            self.conv1: nn.Module = conv_bn(cin, cout, 3, stride, "relu", skip_aware)
+            self.conv2: nn.Module = conv_bn(cout, cout, 3, 1, "identity", skip_aware)
+        else:
+            self.conv1 = basis.conv(cin, cout, stride, "relu", skip_aware, 0)
+            self.conv2 = basis.conv(cout, cout, 1, "identity", skip_aware, -1)
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
         r = x if self.shortcut is None else self.shortcut(x, skip)
@@ -116,7 +177,7 @@ class Bottleneck(nn.Module):
     """``relu(bn(conv1x1(relu(bn(conv3x3/s(relu(bn(conv1x1(x))))))) + shortcut(x))``."""
 
     def __init__(self, cin: int, cout: int, stride: int, skip_aware: bool, style: str = "vd",
-                 shortcut_skip_aware: Optional[bool] = None):
+                 shortcut_skip_aware: Optional[bool] = None, basis: Optional["_BlockBasis"] = None):
         super().__init__()
         mid = cout // 4
         project = cin != cout or stride != 1
@@ -124,7 +185,8 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(cin, cout, stride, style, project, sc_aware)
         self.pool_only = nn.AvgPool2d(2, 2, 0, ceil_mode=True) if (stride == 2 and not project) else None
         self.conv1 = conv_bn(cin, mid, 1, 1, "relu", skip_aware)
-        self.conv2 = conv_bn(mid, mid, 3, stride, "relu", skip_aware)
+        self.conv2: nn.Module = (conv_bn(mid, mid, 3, stride, "relu", skip_aware) if basis is None
+                                 else basis.conv(mid, mid, stride, "relu", skip_aware, 0))
         self.conv3 = conv_bn(mid, cout, 1, 1, "identity", skip_aware)
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
@@ -155,12 +217,21 @@ class ResNet(nn.Module):
     ``style``: ``"vd"`` or ``"torchvision"`` (see the module docstring); ``shortcut_skip_aware``:
     whether an essential block's projection shortcut has a skip-aware BN; ``stem``: ``"deep"`` (three
     3x3 convs) or ``"7x7"`` (one 7x7/2 conv), by default the style's (the authors' ResNet_ADN under
-    RT-DETR is ``style="vd"`` with a 7x7 stem and plain shortcut BNs)."""
+    RT-DETR is ``style="vd"`` with a 7x7 stem and plain shortcut BNs), or ``"3x3"`` (one 3x3/1
+    conv and no max-pool: the CIFAR ResNets of the shared-filter-basis paper).
+
+    ``shared_bases``: deeply shared filter bases in every stage (see :func:`parse_shared_bases`);
+    the stage's bases are :class:`anydepth_kernels.SharedBasis` modules ``stage<i>.shared_bases``
+    (stored once, referenced by the blocks' convs); a shared conv in an essential block keeps one
+    BN pair per depth (:class:`~anydepth.nn.SharedBasisConvNormAct`)."""
 
     def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
                  stem_size: int = 64, style: str = "vd", shortcut_skip_aware: bool = True,
-                 out_stages: Sequence[int] = (2, 3, 4), stem: Optional[str] = None):
+                 out_stages: Sequence[int] = (2, 3, 4), stem: Optional[str] = None, shared_bases=None):
         super().__init__()
+        from anydepth_kernels.shared_basis import SharedBasis
+
+        sb = parse_shared_bases(shared_bases)
         if layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"layer_type must be 'basic' or 'bottleneck', got {layer_type!r}")
         if style not in STYLES:
@@ -173,31 +244,52 @@ class ResNet(nn.Module):
         self.out_stages = tuple(out_stages)
         self.num_stages = len(depths)
         stem = stem or ("deep" if style == "vd" else "7x7")
-        if stem not in ("deep", "7x7"):
-            raise ValueError(f"stem must be 'deep' (three 3x3 convs) or '7x7', got {stem!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be 'deep' (three 3x3 convs), '7x7' or '3x3' (CIFAR), got {stem!r}")
         if stem == "deep":
             self.stem = nn.ModuleList([
                 conv_bn(3, stem_size // 2, 3, 2, "relu"),
                 conv_bn(stem_size // 2, stem_size // 2, 3, 1, "relu"),
                 conv_bn(stem_size // 2, stem_size, 3, 1, "relu"),
             ])
-        else:
+        elif stem == "7x7":
             self.stem = nn.ModuleList([conv_bn(3, stem_size, 7, 2, "relu")])
-        self.pool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.stem = nn.ModuleList([conv_bn(3, stem_size, 3, 1, "relu")])
+        self.pool: Optional[nn.Module] = None if stem == "3x3" else nn.MaxPool2d(3, 2, 1)
         cin = stem_size
         for i, (n, cout) in enumerate(zip(depths, hidden_sizes)):
             stride = 1 if i == 0 else 2
             ess, _ = split_blocks(n)
             blocks: List[nn.Module] = []
+            basis, bases = None, []
+            first_shared = 1 if sb is None or sb["blocks"] == "all" else ess
+            if sb is not None and n > first_shared:
+                width = cout if layer_type == "basic" else cout // 4
+                mult = width // (hidden_sizes[0] if layer_type == "basic" else hidden_sizes[0] // 4)
+                rank, unique = int(sb["shared_rank"]) * mult, int(sb["unique_rank"]) * mult  # type: ignore[call-overload]
+                if not sb["coefficients"] and rank != width:
+                    raise ValueError(f"shared_bases: coefficients=False needs shared_rank x {mult} = {width} (the "
+                                     f"conv's width) in stage {i + 1}, got {rank}")
+                nb = int(sb["bases"])  # type: ignore[call-overload]
+                if nb == 2 and layer_type != "basic":
+                    raise ValueError("shared_bases: bases=2 shares one basis per 3x3 conv of a basic block; a "
+                                     "bottleneck has one 3x3 conv: use bases=1")
+                bases = [SharedBasis(width, rank, 3) for _ in range(nb)]
+                basis = _BlockBasis(bases, unique, bool(sb["coefficients"]))
             for j in range(n):
                 aware = j < ess
                 c_in, s = (cin, stride) if j == 0 else (cout, 1)
+                b = basis if j >= first_shared else None
                 if layer_type == "basic":
-                    blocks.append(BasicBlock(c_in, cout, s, j == 0, aware, style, shortcut_skip_aware))
+                    blocks.append(BasicBlock(c_in, cout, s, j == 0, aware, style, shortcut_skip_aware, b))
                 else:
-                    blocks.append(Bottleneck(c_in, cout, s, aware, style, shortcut_skip_aware))
+                    blocks.append(Bottleneck(c_in, cout, s, aware, style, shortcut_skip_aware, b))
             refinement = Blocks(blocks[ess:]) if n > ess else None
-            setattr(self, f"stage{i + 1}", SkippableStage(Blocks(blocks[:ess]), refinement))
+            stage = SkippableStage(Blocks(blocks[:ess]), refinement)
+            if bases:
+                stage.shared_bases = nn.ModuleList(bases)
+            setattr(self, f"stage{i + 1}", stage)
             cin = cout
         self.out_channels = tuple(hidden_sizes[s - 1] for s in self.out_stages)
 
@@ -206,7 +298,8 @@ class ResNet(nn.Module):
             raise ValueError(f"expected {self.num_stages} stage skips, got {len(skips)}")
         for conv in self.stem:
             x = conv(x)
-        x = self.pool(x) if torch.is_grad_enabled() or x.device.type != "cpu" else _max_pool_3x3s2(x)
+        if self.pool is not None:
+            x = self.pool(x) if torch.is_grad_enabled() or x.device.type != "cpu" else _max_pool_3x3s2(x)
         outs = []
         for i, skip in enumerate(skips):
             x = getattr(self, f"stage{i + 1}")(x, skip)
@@ -220,9 +313,15 @@ class AnyDepthResNet(AnyDepthClassifier):
     logits ``[N, num_classes]``; ``x`` float RGB in [0, 1], normalised inside (ImageNet mean/std).
 
     Switches ``stage1..stage4``; the feature-distillation term (off by default) compares the
-    outputs of stages 1..3, as the authors' ``--fpn`` run does."""
+    outputs of stages 1..3, as the authors' ``--fpn`` run does.
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, **kwargs):
+    ``stem``: ``"7x7"`` (default) or ``"3x3"`` (one 3x3/1 conv, no max-pool: CIFAR);
+    ``shared_bases``: deeply shared filter bases (:func:`parse_shared_bases`), e.g. the paper's
+    ImageNet ResNet34-S48U1 = ``create_model("resnet34-anydepth", shared_bases=dict(shared_rank=48,
+    unique_rank=1, bases=2))``; the trainer's criterion then adds the orthogonality penalty."""
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, stem: Optional[str] = None,
+                 shared_bases=None, **kwargs):
         super().__init__(**kwargs)
         if arch not in RESNETS:
             raise ValueError(f"unknown ResNet {arch!r}; valid: {list(RESNETS)}")
@@ -235,9 +334,12 @@ class AnyDepthResNet(AnyDepthClassifier):
         self.num_classes = num_classes
         self.depth_space = DepthSpace(stage_switches(len(depths)))
         self.backbone = ResNet(layer_type, depths, [w * expansion for w in widths], style="torchvision",
-                               shortcut_skip_aware=False, out_stages=(1, 2, 3, 4))
+                               shortcut_skip_aware=False, out_stages=(1, 2, 3, 4), stem=stem,
+                               shared_bases=shared_bases)
         self.fc = nn.Linear(widths[-1] * expansion, num_classes)
-        for m in self.modules():  # torchvision's initialisation
+        if stem == "3x3":
+            self.stride = 8   # no stride-2 stem, no max-pool
+        for m in self.modules():  # torchvision's initialisation (shared bases keep their orthogonal one)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
