@@ -12,6 +12,14 @@ PIP := $(PY) -m pip
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS ?= --model yolov12s-anydepth --model rtdetr-r50-anydepth --imgsz 640 --kernels --compile
 PYTEST_ARGS ?=
+# the suite runs in TEST_WORKERS processes (pytest-xdist; a test file stays in one process, so its
+# module fixtures are built once); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
+ifeq ($(TEST_WORKERS),0)
+XDIST_ARGS :=
+else
+XDIST_ARGS := -n $(TEST_WORKERS) --dist loadfile
+endif
 
 # nvcc lives here on the development machines; the CUDA extension is built when it is found.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -55,7 +63,7 @@ lint: $(VENV)/.installed
 	$(PY) -m mypy
 
 test: lint $(VENV)/.installed $(VENV)/triton36/.installed
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST_ARGS) $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/anydepth bench $(BENCH_ARGS)
