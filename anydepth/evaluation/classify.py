@@ -15,8 +15,8 @@ import torch
 from ..depth import DepthConfig
 from .report import EvalReport, EvalRow
 from ..budget import FORMS
-from .run import (_build_report, _depth_row, _fill_latency, _given_profile, _latency_info, _measure_latency,
-                  _model_device, _progress_bar, _resolve_depths, _run_notes)
+from .run import (_build_report, _depth_row, _given_profile, _model_device, _progress_bar, _resolve_depths,
+                  _run_notes, _time_rows)
 
 
 def _check(model, dataset, imgsz, batch_size, max_images) -> None:
@@ -104,15 +104,8 @@ def evaluate_classifier(model, dataset, depths=None, imgsz: int = 224, batch_siz
             row = _depth_row(model, label, depth, metrics, n, time.perf_counter() - t0, shape)
             done[key] = row
             rows.append(row)
-        latency = None
-        if can_time:
-            if bar is not None:
-                bar.set_postfix_str(f"latency ({latency_rounds} rounds)" if given is None else "latency: profile")
-            timing = given if given is not None else _measure_latency(
-                model, configs, imgsz, latency_batch, dev, latency_form, latency_rounds, latency_reps, latency_warmup)
-            _fill_latency(rows, configs, timing)
-            latency = _latency_info(timing, given is not None)
-            latency_batch = timing.batch
+        latency, latency_batch = _time_rows(rows, configs, given, can_time, model, imgsz, latency_batch, dev,
+                                            latency_form, latency_rounds, latency_reps, latency_warmup, bar)
         if bar is not None:
             bar.close()
     finally:

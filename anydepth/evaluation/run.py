@@ -132,6 +132,20 @@ def _fill_latency(rows: List[EvalRow], depths: List[Any], profile) -> None:
         row.latency_ms, row.latency_p10_ms, row.latency_p90_ms = e.median_ms, e.p10_ms, e.p90_ms
 
 
+def _time_rows(rows: List[EvalRow], configs: List[DepthConfig], given, can_time: bool, model, imgsz: int,
+               batch: int, dev, form: str, rounds: int, reps: int, warmup: int, bar):
+    """After scoring: fill the rows' latency from ``given`` (a checked DepthProfile) or by timing
+    ``configs`` (:func:`_measure_latency`). Returns (the report's latency info or None, the batch)."""
+    if not can_time:
+        return None, batch
+    if bar is not None:
+        bar.set_postfix_str(f"latency ({rounds} rounds)" if given is None else "latency: profile")
+    timing = given if given is not None else _measure_latency(model, configs, imgsz, batch, dev, form, rounds, reps,
+                                                               warmup)
+    _fill_latency(rows, configs, timing)
+    return _latency_info(timing, given is not None), timing.batch
+
+
 def _latency_info(profile, given: bool) -> Dict[str, Any]:
     return {"source": "profile" if given else "measured", "profile": profile.path if given else None,
             "form": profile.form, "batch": profile.batch, "imgsz": profile.imgsz, "device": profile.device,
@@ -396,15 +410,8 @@ def evaluate(model, dataset, depths=None, imgsz: int = 640, batch_size: int = 8,
             row = _depth_row(model, label, depth, metrics, len(results), predict_s, shape)
             done[key] = row
             rows.append(row)
-        latency = None
-        if can_time:
-            if bar is not None:
-                bar.set_postfix_str(f"latency ({latency_rounds} rounds)" if given is None else "latency: profile")
-            timing = given if given is not None else _measure_latency(
-                model, configs, imgsz, latency_batch, dev, latency_form, latency_rounds, latency_reps, latency_warmup)
-            _fill_latency(rows, configs, timing)
-            latency = _latency_info(timing, given is not None)
-            latency_batch = timing.batch
+        latency, latency_batch = _time_rows(rows, configs, given, can_time, model, imgsz, latency_batch, dev,
+                                            latency_form, latency_rounds, latency_reps, latency_warmup, bar)
         if bar is not None:
             bar.close()
     finally:

@@ -261,12 +261,6 @@ def _factory(variant: str):
     return build
 
 
-def _is_weights_file(path: str) -> bool:
-    from ..convert._timm import is_state_dict_file
-
-    return is_state_dict_file(path)
-
-
 def _import_file(path: str):
     from ..convert._timm import import_file
 
@@ -286,6 +280,6 @@ FAMILY = register_family(ModelFamily(
     converters={"timm": lazy("anydepth.convert:from_timm"),
                 "torchvision": lazy("anydepth.convert._timm:from_torchvision_transformer")},
     weight_import=WeightImport("a timm or torchvision Swin state dict (.pth/.bin/.safetensors)",
-                               _is_weights_file, _import_file),
+                               lazy("anydepth.convert._timm:is_state_dict_file"), _import_file),
     peer=Peer("timm", lazy("anydepth.convert._timm:build_peer"), lazy("anydepth.convert._timm:call_peer")),
 ))

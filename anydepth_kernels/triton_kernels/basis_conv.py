@@ -19,14 +19,14 @@ at least 16 in each dimension, so the variants compile for sm_80 and sm_90 (chec
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops._backends import TRITON_MAX_BASIS_RANK
-from .conv_norm_act import _INTERPRETED, _activation, act_code, check_input_precision
+from .conv_norm_act import _INTERPRETED, _activation, _pair, act_code, check_input_precision
 
 IntOr2 = Union[int, Sequence[int]]
 
@@ -127,13 +127,6 @@ def _basis_conv_kernel(
         if HAS_RESIDUAL:
             z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _pair(v: IntOr2) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
 
 
 def basis_conv_norm_act(
