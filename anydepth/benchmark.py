@@ -322,7 +322,9 @@ def run_model_benchmark(model_name: str, imgsz: int = 640, batch: int = 1, devic
 
             # the peer under torch.compile with the same Inductor options as ours (weights frozen):
             # what a user of the peer package would compare with
-            peer_compiled = torch.compile(copy.deepcopy(peer_model), options={"freezing": True})
+            from anydepth_kernels.optimize import compile_frozen_
+
+            peer_compiled = compile_frozen_(copy.deepcopy(peer_model))
             log(f"compiling the peer ({peer_name}, torch.compile, Inductor with freezing) ...")
             t0 = time.perf_counter()
             with torch.inference_mode():

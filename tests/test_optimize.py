@@ -173,15 +173,45 @@ def test_optimize_compile_yolov12_full_and_base():
     assert torch._dynamo.config.recompile_limit == limit_before
 
 
-def test_recompile_limit_is_raised_only_inside_the_call():
+def test_recompile_limit_and_freezing_are_set_only_inside_the_call():
     import torch._dynamo
+    import torch._inductor.config
     from anydepth_kernels.optimize import RECOMPILE_LIMIT, _with_recompile_limit
 
-    before = torch._dynamo.config.recompile_limit
+    before, freezing_before = torch._dynamo.config.recompile_limit, torch._inductor.config.freezing
     seen = []
-    wrapped = _with_recompile_limit(lambda x: seen.append(torch._dynamo.config.recompile_limit) or x, RECOMPILE_LIMIT)
+    wrapped = _with_recompile_limit(
+        lambda x: seen.append((torch._dynamo.config.recompile_limit, torch._inductor.config.freezing)) or x,
+        RECOMPILE_LIMIT)
     assert wrapped(3) == 3
-    assert seen == [max(before, RECOMPILE_LIMIT)] and torch._dynamo.config.recompile_limit == before
+    assert seen == [(max(before, RECOMPILE_LIMIT), True)]
+    assert torch._dynamo.config.recompile_limit == before and torch._inductor.config.freezing == freezing_before
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a oneDNN (mkldnn) CPU build of torch")
+def test_compile_frozen_folds_norms_into_prepacked_convs():
+    # torch.compile(options={"freezing": True}) leaves conv -> batch norm unfolded (torch 2.14); the
+    # compiled call must run the frozen graph: a pre-packed oneDNN conv, the norm folded into it
+    from torch.profiler import profile
+
+    from anydepth_kernels.optimize import compile_frozen_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+                              torch.nn.SiLU()).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    ref = copy.deepcopy(net)
+    compile_frozen_(net)
+    x = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        net(x)
+        with profile() as prof:
+            y = net(x)
+        assert rel_err(y, ref(x)) < 1e-5
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops, sorted(ops)
+    assert "aten::mkldnn_convolution" not in ops and "aten::native_batch_norm" not in ops, sorted(ops)
 
 
 def test_optimize_compile_rtdetr_matches_up_to_query_order():
