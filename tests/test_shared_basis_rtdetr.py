@@ -213,8 +213,8 @@ def test_criterion_adds_the_joint_orthogonality_penalty(r34_shared):
     pen = float(orthogonality_penalty(model, weight=1.0).detach())
     assert pen > 1e-5 and "orth" not in logs0
     assert logs["orth"] == pytest.approx(pen, rel=1e-5)
-    assert float(loss - loss0) == pytest.approx(10 * pen, rel=1e-4)
-    assert pen != pytest.approx(float(orthogonality_penalty(model, weight=1.0, joint=False)), rel=1e-3)
+    assert float((loss - loss0).detach()) == pytest.approx(10 * pen, rel=1e-4)
+    assert pen != pytest.approx(float(orthogonality_penalty(model, weight=1.0, joint=False).detach()), rel=1e-3)
     assert len(RTDETRCriterion(anydepth.create_model("rtdetr-r18-anydepth")).basis_groups) == 0
     with pytest.raises(ValueError, match="orth"):
         RTDETRCriterion(model, orth=-1.0)

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 #: name -> shared_bases option (None: the unshared model)
 VARIANTS: Dict[str, Optional[dict]] = {
@@ -141,6 +141,52 @@ def merge(files: List[str], out: str) -> Dict[str, object]:
     return merged
 
 
+#: ``--rtdetr-params``: RT-DETR backbones with their refinement blocks sharing bases
+RTDETR_SPECS: List[Tuple[str, Optional[dict]]] = [
+    ("unshared", None),
+    ("S8U1 refinement", dict(shared_rank=8, unique_rank=1, blocks="refinement")),
+    ("S16U1 refinement", dict(shared_rank=16, unique_rank=1, blocks="refinement")),
+    ("S32U1 refinement", dict(shared_rank=32, unique_rank=1, blocks="refinement")),
+]
+
+
+def rtdetr_params(out: str, variants: List[str], imgsz: int, argv: List[str]) -> Dict[str, object]:
+    """Parameters (backbone, whole model) and FLOPs at full and base depth (``model.flops()``,
+    eager form, batch 1, ``imgsz`` x ``imgsz``) of RT-DETR with and without shared bases in its
+    backbone's refinement blocks; writes ``rtdetr-params.json`` and ``RTDETR-PARAMS.md``."""
+    import torch
+
+    from anydepth import create_model
+
+    torch.set_num_threads(1)
+    rows = []
+    for variant in variants:
+        for label, spec in RTDETR_SPECS:
+            m = create_model(f"rtdetr-{variant}-anydepth", **({} if spec is None else {"shared_bases": spec})).eval()
+            shape = (1, 3, imgsz, imgsz)
+            rows.append({"model": f"rtdetr-{variant}-anydepth", "sharing": label, "shared_bases": spec,
+                         "backbone_params": _params(m.backbone), "params": _params(m),
+                         "gflops_full": m.flops("full", shape) / 1e9, "gflops_base": m.flops("base", shape) / 1e9})
+            print(rows[-1], flush=True)
+    res = {"command": "python tools/shared_bases_compare.py " + " ".join(argv), "imgsz": imgsz, "rows": rows}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "rtdetr-params.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = ["# RT-DETR backbones with shared bases in their refinement blocks", "", f"`{res['command']}`", "",
+             f"FLOPs: `model.flops()` (2 per multiply-add) of the eager model, batch 1, {imgsz}x{imgsz}.", "",
+             "| model | sharing | backbone params | saved | model params | GFLOPs full | GFLOPs base |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["shared_bases"] is None)
+        saved = 1 - r["backbone_params"] / base["backbone_params"]
+        lines.append(f"| {r['model']} | {r['sharing']} | {r['backbone_params'] / 1e6:.2f}M | {100 * saved:.1f}% | "
+                     f"{r['params'] / 1e6:.2f}M | {r['gflops_full']:.1f} | {r['gflops_base']:.1f} |")
+    with open(os.path.join(out, "RTDETR-PARAMS.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -158,7 +204,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="only merge these results.json files (separate runs, same settings) into --out")
+    p.add_argument("--rtdetr-params", default=None, metavar="VARIANTS",
+                   help="only count RT-DETR parameters/FLOPs with refinement-only sharing, e.g. r18,r50 (at --imgsz)")
     a = p.parse_args(argv)
+    if a.rtdetr_params:
+        rtdetr_params(a.out, a.rtdetr_params.split(","), a.imgsz, argv)
+        return 0
     if a.merge:
         merge(a.merge, a.out)
         return 0
