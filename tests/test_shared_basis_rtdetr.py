@@ -157,7 +157,9 @@ def test_inference_form_equals_eager_at_every_depth(r34_shared):
 def test_share_bases_init_from_an_unshared_detector_is_exact():
     """``to_shared_bases``: the SVD conversion of a randomised unshared RT-DETR-R18 whose ranks
     cover the filters (one conv of width ``w`` per basis and stage: ``shared_rank`` 64 x the width
-    multiple = ``w``) gives the same outputs at every depth; its bases start orthonormal."""
+    multiple = ``w``) gives the same backbone outputs at every depth (the encoder and decoder
+    are copied unchanged) and the same detections at full and a mixed depth; its bases start
+    orthonormal."""
     torch.manual_seed(0)
     plain = randomize_uniform_(anydepth.create_model("rtdetr-r18-anydepth", num_queries=50), 4).eval()
     shared = to_shared_bases(plain, dict(shared_rank=64, unique_rank=1, bases=2)).eval()
@@ -165,11 +167,10 @@ def test_share_bases_init_from_an_unshared_detector_is_exact():
     assert sum(isinstance(m, SharedBasisConvNormAct) for m in shared.modules()) == 8
     assert orthogonality_penalty(shared, weight=1.0, joint=False).item() < 1e-10
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        for d in _all_switch_depths(plain):
-            want = plain.features(x, plain.resolve_depth(d))
-            for a, b in zip(shared.features(x, shared.resolve_depth(d)), want):
-                assert rel_err(a, b) <= TOL, d
+    with torch.no_grad():   # the backbone's outputs at all 16 settings of its switches
+        for skips in itertools.product((False, True), repeat=4):
+            for a, b in zip(shared.backbone(x, list(skips)), plain.backbone(x, list(skips))):
+                assert rel_err(a, b) <= TOL, skips
     depths = ("full", MIXED)
     x, outs = _well_separated(plain, depths)
     with torch.no_grad():
