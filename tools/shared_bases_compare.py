@@ -7,10 +7,14 @@ depth (and the rest of the ladder) on the validation split. Writes ``results.jso
 every run, so a cut run keeps what finished) and ``RESULTS.md`` under ``--out``; checkpoints stay
 in ``--work`` (not for the repository).
 
-Example (the committed bench/results/shared-bases run)::
+Example (the committed bench/results/shared-bases run: one process per variant, then merged)::
 
-    nice -n 19 python tools/shared_bases_compare.py --out bench/results/shared-bases \\
-        --work /tmp/sb-compare --images 1600 --val-images 400 --epochs 16 --steps 50
+    nice -n 19 python tools/shared_bases_compare.py --variants unshared --out /tmp/r-unshared \\
+        --work /tmp/sb-compare --images 1600 --val-images 400 --epochs 8 --steps 50
+    nice -n 19 python tools/shared_bases_compare.py --variants S8U1 --out /tmp/r-s8u1 \\
+        --work /tmp/sb-compare --images 1600 --val-images 400 --epochs 8 --steps 50
+    python tools/shared_bases_compare.py --merge /tmp/r-unshared/results.json /tmp/r-s8u1/results.json \\
+        --out bench/results/shared-bases
 """
 from __future__ import annotations
 
