@@ -47,7 +47,8 @@ class AnyDepthClassifier(AnyDepthModel):
     Subclasses set ``depth_space`` (switches from :func:`stage_switches`), ``num_classes`` and
     implement :meth:`forward_logits`; they may override :meth:`_to_inference` (the default fuses
     every :class:`~anydepth.nn.ConvNormAct` into a :class:`~anydepth.nn.FusedConv` and deploys
-    shared-filter-basis convs, each folded or kept factored, whichever costs fewer FLOPs).
+    shared-filter-basis convs (:func:`~anydepth.nn.deploy_shared_basis_convs`): those with
+    coefficients folded or kept factored, whichever costs fewer FLOPs, those without folded).
     """
 
     task = "classify"
@@ -93,14 +94,12 @@ class AnyDepthClassifier(AnyDepthModel):
         return {"logits": logits, "features": list(feats)}
 
     def _to_inference(self, backend: str, **options) -> None:
-        from .nn import fuse_conv_norm_acts
+        from .nn import deploy_shared_basis_convs, fuse_conv_norm_acts
 
         if options:
             raise TypeError(f"{type(self).__name__}.to_inference() takes no options {sorted(options)}")
         fuse_conv_norm_acts(self, backend)
-        from anydepth_kernels.shared_basis import deploy
-
-        deploy(self, "auto", backend)
+        deploy_shared_basis_convs(self, backend)
 
     # -- images in, classes out -------------------------------------------------------------------
     @torch.no_grad()

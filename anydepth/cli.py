@@ -176,13 +176,38 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _split_top_level(text: str) -> list:
+    """``text`` split at the commas outside brackets, braces and double quotes."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in "{[":
+            depth += 1
+        elif not quoted and ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0 and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def _parse_mapping(text: str, what: str) -> dict:
-    """``a=1,b=2.5,c=name`` -> dict (numbers parsed)."""
+    """``a=1,b=2.5,c=name`` -> dict (numbers parsed); a value in braces or brackets is JSON
+    (``shared_bases={"shared_rank": 8, "unique_rank": 1}``), as are ``true``/``false``/``null``."""
     out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
+    for item in filter(None, (t.strip() for t in _split_top_level(text))):
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"{what}: expected key=value pairs, got {item!r}")
         k, v = item.split("=", 1)
+        v = v.strip()
+        if (v and v[0] in "{[") or v in ("true", "false", "null"):
+            try:
+                out[k.strip()] = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"{what}: {k.strip()}={v!r} is not valid JSON ({e})") from None
+            continue
         for cast in (int, float):
             try:
                 v = cast(v)
@@ -218,7 +243,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "weights": "initial weights: anydepth checkpoint, Ultralytics YOLO12 .pt, HF RT-DETR directory, the "
                    "authors' any-depth YOLO12 / RT-DETR file, or a torchvision ResNet/MobileNetV2 .pth; the model "
                    "built is the one they belong to",
-        "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5", "model_kwargs": "model options, e.g. num_queries=100",
+        "loss": "loss weight overrides, e.g. box=7.5,kd_cls=0.5",
+        "model_kwargs": "model options, e.g. num_queries=100; a value in braces is JSON: "
+                        "'shared_bases={\"shared_rank\": 8, \"unique_rank\": 1}'",
         "amp": "mixed precision on CUDA: off, bf16, fp16", "time_limit": "stop (checkpointed) after this many minutes",
         "lr": "peak learning rate (default: the family's)", "clip_grad": "max gradient norm, 0 = off",
         "alpha_base": "shallow pass = alpha_base * GT + (1 - alpha_base) * KD (YOLO default 0.2, RT-DETR 0)",

@@ -206,7 +206,10 @@ class SharedBasisConvNormAct(nn.Module):
 
     ``coefficients=False`` (the paper's ResNet-50 "Shared"): the shared basis *is* the conv
     weight (``shared.rank == out_ch``, ``unique_rank == 0``), followed by this block's own
-    (skip-aware) BN and act. Eager only (not folded by ``deploy``).
+    (skip-aware) BN and act. Its inference form (:meth:`fuse`) is a :class:`FusedConv` on the
+    shared weight with this block's norm set(s) folded.
+
+    :func:`deploy_shared_basis_convs` gives every such conv of a model its inference form.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, unique_rank: int, shared, act: str = "relu",
@@ -248,3 +251,38 @@ class SharedBasisConvNormAct(nn.Module):
         y = nn.functional.conv2d(x, w, None, self.stride, (w.shape[-2] // 2, w.shape[-1] // 2))
         y = self.act(self.bn(y, skip) if self.skip_aware else self.bn(y))
         return y if residual is None else y + residual
+
+    def fuse(self, backend: str = "auto") -> "FusedConv":
+        """Inference form of a ``coefficients=False`` conv: a :class:`FusedConv` on a copy of the
+        shared weight with this block's norm(s) folded (eval-mode statistics; one epilogue per
+        norm set), the activation and residual add fused. Exact up to float32 rounding. (A
+        ``coefficients=True`` conv is deployed through its ``layer`` / ``layer_skip``:
+        :func:`anydepth_kernels.shared_basis.deploy`.)"""
+        from anydepth_kernels import FusedConvNormAct
+
+        if self.coefficients:
+            raise TypeError("fuse() folds a shared conv without coefficients; a conv with coefficients is "
+                            "deployed by anydepth_kernels.shared_basis.deploy (folded or factored)")
+        w = self.shared.weight
+        conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[-2:]), self.stride,
+                         (w.shape[-2] // 2, w.shape[-1] // 2), bias=False).to(w.device, w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        if self.skip_aware:
+            return FusedConv(FusedConvNormAct.from_modules(conv, self.bn.bn, self.bn.bn_skip, self.act, backend), True)
+        return FusedConv(FusedConvNormAct.from_modules(conv, self.bn, None, self.act, backend), False)
+
+
+def deploy_shared_basis_convs(module: nn.Module, backend: str = "auto", mode: str = "auto") -> int:
+    """The inference form of every deeply-shared-filter-basis conv below ``module``, in place
+    (eval-mode statistics): each :class:`SharedBasisConvNormAct` without coefficients becomes a
+    :class:`FusedConv` (:meth:`SharedBasisConvNormAct.fuse`), and every
+    :class:`anydepth_kernels.SharedBasisConv2d` (those with coefficients, shallow-path twins
+    included) is folded or kept factored by :func:`anydepth_kernels.shared_basis.deploy`
+    (``mode="auto"``: whichever costs fewer FLOPs). Returns how many modules were replaced."""
+    from anydepth_kernels.modules import swap_modules
+    from anydepth_kernels.shared_basis import deploy
+
+    n = swap_modules(module, lambda child: child.fuse(backend)
+                     if isinstance(child, SharedBasisConvNormAct) and not child.coefficients else None)
+    return n + deploy(module, mode, backend)

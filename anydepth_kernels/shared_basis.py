@@ -14,7 +14,8 @@ the plain convolution, and the shared filters are stored once per stage.
 
 * :class:`SharedBasis`, :class:`SharedBasisConv2d`: the training form.
 * :func:`orthogonality_penalty` ``(model)``: the authors' regulariser over every shared basis of
-  the model (weight 10 by default, ``--lambdaR``), for the trainer to add to the loss.
+  the model (weight 10 by default, ``--lambdaR``), for the trainer to add to the loss; the bases
+  of a :class:`SharedBasisGroup` (a stage's two bases) are penalised jointly.
 * :func:`share_bases` ``(convs, shared_rank, unique_rank)``: plain convolutions of a stage turned
   into shared-basis form, initialised by an SVD of their stacked filters.
 * Inference: :meth:`SharedBasisConv2d.fold` gives one plain convolution (a
@@ -255,32 +256,86 @@ class FactoredConvNormAct(nn.Module):
 
 # ------------------------------------------------------------------------------------- training
 
+class SharedBasisGroup(nn.ModuleList):
+    """The shared bases of one stage that :func:`orthogonality_penalty` penalises *jointly*
+    (``joint=True``, the default): their flattened filters are stacked into one ``W`` (so the
+    bases are pushed orthogonal to each other too, not only within themselves), as the authors'
+    ``train_basis_double`` does for the two bases per stage of their ``ResNet34_DoubleShared``.
+    A plain :class:`torch.nn.ModuleList` otherwise (same ``state_dict`` keys). The bases of a group
+    must read the same input width with the same kernel size."""
+
+
 def shared_bases(model: nn.Module) -> List[SharedBasis]:
     """Every distinct :class:`SharedBasis` below ``model`` (each once, in module order)."""
     return [m for m in model.modules() if isinstance(m, SharedBasis)]
 
 
+def basis_groups(model: nn.Module) -> List[List[SharedBasis]]:
+    """The units :func:`orthogonality_penalty` penalises with ``joint=True``: the members of each
+    :class:`SharedBasisGroup` below ``model`` (a basis counted once, in the first group that holds
+    it), then every other shared basis on its own; in module order."""
+    groups: List[List[SharedBasis]] = []
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, SharedBasisGroup):
+            g = []
+            for b in m.modules():
+                if isinstance(b, SharedBasis) and id(b) not in seen:
+                    seen.add(id(b))
+                    g.append(b)
+            if g:
+                groups.append(g)
+    groups += [[b] for b in shared_bases(model) if id(b) not in seen]
+    return groups
+
+
+def _joint_penalty(group: Sequence[SharedBasis]) -> torch.Tensor:
+    """``||W W^T - I||_F^2`` with ``W`` the group's flattened filters stacked ``[sum r, C k k]``."""
+    first = group[0]
+    for b in group[1:]:
+        if b.in_channels != first.in_channels or b.kernel_size != first.kernel_size:
+            raise ValueError(f"orthogonality_penalty(joint=True): a SharedBasisGroup mixes bases over "
+                             f"{first.in_channels} channels with a {first.kernel_size} kernel and over "
+                             f"{b.in_channels} with {b.kernel_size}; their filters cannot be stacked (use joint=False)")
+    if len(group) == 1:
+        return first.penalty()
+    w = torch.cat([b.weight.reshape(b.rank, -1) for b in group], 0)
+    eye = torch.eye(w.shape[0], device=w.device, dtype=w.dtype)
+    return ((w @ w.t() - eye) ** 2).sum()
+
+
 def orthogonality_penalty(model: nn.Module, weight: float = DEFAULT_PENALTY_WEIGHT,
-                          reduction: str = "pooled") -> torch.Tensor:
+                          reduction: str = "pooled", joint: bool = True) -> torch.Tensor:
     """The shared-basis regulariser, to add to the training loss: ``weight`` times the mean
     squared entry of ``W W^T - I`` over the model's shared bases (``W`` a basis's filters
     flattened to ``[r, in_channels * k * k]``; the layers' own filters are not penalised).
 
-    ``reduction="pooled"`` (default, the authors' ``train_*.py``): ``sum_b ||W_b W_b^T - I||_F^2 /
-    sum_b r_b^2``; ``"mean"``: ``mean_b(||W_b W_b^T - I||_F^2 / r_b^2)``. The two agree when every
-    basis has the same rank. A model without shared bases gives a zero tensor (no gradient).
+    ``joint=True`` (default): the bases of a :class:`SharedBasisGroup` (a stage's two bases in
+    the any-depth ResNets' ``bases=2``) form one ``W`` (their filters stacked, rank ``sum r``), so
+    the cross terms between them are penalised too: the authors' ``train_basis_double``
+    (``train_ilsvrc.py``, what their script runs for ``ResNet34_DoubleShared``, the paper's
+    ResNet34-S48U1). A basis outside any group, or alone in its group, is penalised on its own
+    either way. ``joint=False``: every basis on its own (no cross terms).
+
+    ``reduction="pooled"`` (default, the authors' ``train_*.py``): ``sum_u ||W_u W_u^T - I||_F^2 /
+    sum_u r_u^2`` over the units ``u`` (groups or bases); ``"mean"``: ``mean_u(||W_u W_u^T -
+    I||_F^2 / r_u^2)``. The two agree when every unit has the same rank. A model without shared
+    bases gives a zero tensor (no gradient).
     """
     if reduction not in ("pooled", "mean"):
         raise ValueError(f"orthogonality_penalty: reduction must be 'pooled' or 'mean', got {reduction!r}")
-    bases = shared_bases(model)
-    if not bases:
+    if not isinstance(joint, bool):
+        raise TypeError(f"orthogonality_penalty: joint must be True or False, got {joint!r}")
+    units = basis_groups(model) if joint else [[b] for b in shared_bases(model)]
+    if not units:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
-    terms = [b.penalty() for b in bases]
+    terms = [_joint_penalty(u) for u in units]
+    ranks = [sum(b.rank for b in u) for u in units]
     if reduction == "pooled":
-        value = torch.stack(terms).sum() / sum(b.rank ** 2 for b in bases)
+        value = torch.stack(terms).sum() / sum(r ** 2 for r in ranks)
     else:
-        value = torch.stack([t / b.rank ** 2 for t, b in zip(terms, bases)]).mean()
+        value = torch.stack([t / r ** 2 for t, r in zip(terms, ranks)]).mean()
     return weight * value
 
 
@@ -328,7 +383,10 @@ def share_bases(convs: Sequence[nn.Conv2d], shared_rank: int, unique_rank: int,
         raise ValueError(f"{name}: shared_rank + unique_rank = {shared_rank + unique_rank} exceeds the "
                          f"{kk} values of a flattened filter ({first.in_channels} x {first.kernel_size})")
     flat = [c.weight.detach().double().reshape(c.out_channels, kk) for c in convs]
-    _, _, vh = torch.linalg.svd(torch.cat(flat, 0), full_matrices=True)
+    stacked = torch.cat(flat, 0)
+    # the reduced SVD has min(rows, kk) right singular vectors: enough unless the shared rank
+    # exceeds the stacked filters' count (then the rest is completed from the full V)
+    _, _, vh = torch.linalg.svd(stacked, full_matrices=shared_rank > min(stacked.shape))
     s_rows = vh[:shared_rank]
     dev, dt = first.weight.device, first.weight.dtype
     basis = None
@@ -339,7 +397,7 @@ def share_bases(convs: Sequence[nn.Conv2d], shared_rank: int, unique_rank: int,
     layers = []
     for i, (c, f) in enumerate(zip(convs, flat)):
         rest = f - (f @ s_rows.t()) @ s_rows
-        u_rows = _top_right_singular(rest, s_rows, unique_rank, kk)
+        u_rows = _top_right_singular(rest, s_rows, unique_rank, kk, float(torch.linalg.matrix_norm(f)))
         rows = torch.cat([u_rows, s_rows], 0)
         padding = c.padding
         assert not isinstance(padding, str)  # checked above
@@ -364,13 +422,19 @@ def share_bases(convs: Sequence[nn.Conv2d], shared_rank: int, unique_rank: int,
     return basis, layers
 
 
-def _top_right_singular(m: torch.Tensor, exclude: torch.Tensor, count: int, kk: int) -> torch.Tensor:
+def _top_right_singular(m: torch.Tensor, exclude: torch.Tensor, count: int, kk: int,
+                        scale: float = 1.0) -> torch.Tensor:
     """``count`` orthonormal rows spanning the top right singular space of ``m``, orthogonal to
     the rows of ``exclude``: where ``m`` has fewer non-zero singular values (a layer fully
-    explained by the shared basis), the rest is completed from the complement of ``exclude``."""
+    explained by the shared basis), the rest is completed from the complement of ``exclude``.
+    ``m`` at rounding level (``||m|| <= 1e-12 scale``: nothing left to explain) has no top
+    directions: the rows are all completion (no SVD of rounding noise)."""
     if count == 0:
         return m.new_zeros(0, kk)
-    _, _, vh = torch.linalg.svd(m, full_matrices=True)
+    if float(torch.linalg.matrix_norm(m)) <= 1e-12 * scale:
+        vh = torch.eye(kk, dtype=m.dtype, device=m.device)
+    else:
+        _, _, vh = torch.linalg.svd(m, full_matrices=count > min(m.shape))
     # Directions past m's rank are arbitrary (possibly inside the shared span): a Householder QR
     # of [exclude; top rows] keeps the span of the top non-zero directions and returns columns
     # orthonormal to each other and to the shared rows whatever the input.
@@ -492,7 +556,8 @@ def format_deploy_table(rows: Sequence[DeployRow]) -> str:
 
 __all__ = [
     "DEFAULT_PENALTY_WEIGHT", "DeployRow", "FactoredConvNormAct", "SharedBasis", "SharedBasisConv2d",
-    "deploy", "deploy_table", "format_deploy_table", "orthogonality_penalty", "share_bases", "shared_bases",
+    "SharedBasisGroup", "basis_groups", "deploy", "deploy_table", "format_deploy_table", "orthogonality_penalty",
+    "share_bases", "shared_bases",
 ]
 
 

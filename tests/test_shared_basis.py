@@ -114,6 +114,35 @@ def test_orthogonality_penalty():
         sb.orthogonality_penalty(model, reduction="sum")
 
 
+def test_joint_penalty_of_groups_by_hand():
+    """``SharedBasisGroup``: the group's bases stacked into one ``W`` (ranks may differ), a basis
+    outside any group alone; pooled = sum of ``||W W^T - I||^2`` over sum of ``(sum r)^2``, mean =
+    the mean of the per-unit ratios; ``joint=False`` ignores the groups."""
+    torch.manual_seed(3)
+    a, b, c = sb.SharedBasis(3, 4), sb.SharedBasis(3, 6), sb.SharedBasis(5, 2, 1)
+    for basis in (a, b, c):
+        with torch.no_grad():
+            basis.weight.add_(0.1 * torch.randn_like(basis.weight))
+    model = nn.ModuleDict({"g": sb.SharedBasisGroup([a, b]), "lone": nn.ModuleList([c])})
+    assert [[id(x) for x in g] for g in sb.basis_groups(model)] == [[id(a), id(b)], [id(c)]]
+
+    def gram(*bases):
+        w = torch.cat([x.weight.detach().double().reshape(x.rank, -1) for x in bases])
+        return float(((w @ w.t() - torch.eye(w.shape[0], dtype=torch.float64)) ** 2).sum())
+
+    joint, lone = gram(a, b), gram(c)
+    assert float(sb.orthogonality_penalty(model, weight=1.0).detach()) == pytest.approx(
+        (joint + lone) / (10 ** 2 + 2 ** 2), rel=1e-6)
+    assert float(sb.orthogonality_penalty(model, weight=2.0, reduction="mean").detach()) == pytest.approx(
+        2 * (joint / 100 + lone / 4) / 2, rel=1e-6)
+    assert float(sb.orthogonality_penalty(model, weight=1.0, joint=False).detach()) == pytest.approx(
+        (gram(a) + gram(b) + lone) / (16 + 36 + 4), rel=1e-6)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        sb.orthogonality_penalty(sb.SharedBasisGroup([a, c]))
+    with pytest.raises(TypeError, match="joint"):
+        sb.orthogonality_penalty(model, joint="yes")
+
+
 def test_layer_bad_arguments():
     basis = sb.SharedBasis(8, 4)
     with pytest.raises(ValueError, match="shared basis reads 8 channels"):

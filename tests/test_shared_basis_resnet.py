@@ -11,6 +11,8 @@ from anydepth.nn import ConvNormAct, SharedBasisConvNormAct
 from anydepth.train.step import two_pass_step
 from anydepth_kernels.shared_basis import SharedBasis, orthogonality_penalty, shared_bases
 
+from helpers import rel_err
+
 
 def _count(model, shallow_norms: bool = True) -> int:
     """Parameters stored once (tied ones once); ``shallow_norms=False`` leaves out the shallow-path
@@ -156,8 +158,9 @@ def test_inference_form_equals_eager_at_every_depth(shared):
         eager = {c: m(x, depth=c) for c in configs}
         assert not torch.allclose(eager[configs[0]], eager[configs[-1]])
         fused = copy.deepcopy(m).to_inference()
-        if shared.get("coefficients", True):
-            assert not any(type(q).__name__ == "SharedBasisConv2d" for q in fused.modules())
+        assert not any(type(q).__name__ == "SharedBasisConv2d" for q in fused.modules())
+        if not shared.get("coefficients", True):   # the whole shared conv folded too: no eager conv left
+            assert not any(isinstance(q, (SharedBasisConvNormAct, torch.nn.BatchNorm2d)) for q in fused.modules())
         for c in configs:
             out = fused(x, depth=c)
             assert (out - eager[c]).abs().max() <= 1e-5 * eager[c].abs().max(), c.code
@@ -197,3 +200,69 @@ def test_training_step_adds_the_orthogonality_penalty():
     assert crit.orth == 5.0 and len(crit.bases) == 4 and all(isinstance(b, SharedBasis) for b in crit.bases)
     with pytest.raises(ValueError, match="orth must be"):
         ClassificationCriterion(m, orth=-1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_whole_shared_conv_fuses_exactly(seed):
+    """``coefficients=False`` (a stage's one shared 3x3 conv): :meth:`SharedBasisConvNormAct.fuse`
+    folds the block's norm set(s) into a plain fused conv on the shared weight; equal to eager at
+    both norm sets, with and without a residual, over random shapes, strides and activations."""
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = [int(v) for v in torch.randint(2, 12, (2,), generator=g)]
+    stride, aware, act = 1 + seed % 2, seed % 3 != 0, ("relu", "identity")[seed % 2]
+    basis = SharedBasis(cin, cout, 3)
+    conv = SharedBasisConvNormAct(cin, cout, stride, 0, basis, act, aware, coefficients=False)
+    with torch.no_grad():
+        basis.weight.normal_(generator=g)
+        for bn in [q for q in conv.modules() if isinstance(q, torch.nn.BatchNorm2d)]:
+            bn.running_mean.copy_(torch.randn(cout, generator=g) * 0.3)
+            bn.running_var.copy_(torch.rand(cout, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(cout, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(cout, generator=g) * 0.2)
+    conv.eval()
+    fused = conv.fuse("cpp")
+    x = torch.randn(2, cin, 5 + seed, 7, generator=g)
+    with torch.no_grad():
+        for skip in ((False, True) if aware else (False,)):
+            want = conv(x, skip)
+            res = torch.randn(want.shape, generator=g)
+            assert rel_err(fused(x, skip), want) <= 1e-5
+            assert rel_err(fused(x, skip, residual=res), conv(x, skip, residual=res)) <= 1e-5
+        if aware:
+            assert not torch.allclose(fused(x, True), fused(x, False))
+    basis2 = SharedBasis(4, 4)
+    with pytest.raises(TypeError, match="without coefficients"):
+        SharedBasisConvNormAct(4, 4, 1, 1, basis2).fuse()
+
+
+def test_double_shared_penalty_is_the_authors_joint_one():
+    """``bases=2`` (the authors' ``ResNet34_DoubleShared``): their ImageNet script
+    (``train_ilsvrc.py``, ``train_basis_double``) stacks a stage's two bases into one
+    ``B = cat(S_1, S_2)`` ``[2r, C 9]`` and penalises ``sum((B B^T - I)^2)``, summed over the
+    four stages and divided by ``sum (2r)^2``, times ``--lambdaR``. Computed here directly and
+    compared with ``orthogonality_penalty`` (default ``joint=True``) and with what the trainer's
+    criterion logs; ``joint=False`` (each basis alone) differs by the cross terms."""
+    torch.manual_seed(0)
+    m = anydepth.create_model("resnet34-anydepth", num_classes=4, stem="3x3",
+                              shared_bases=dict(shared_rank=4, unique_rank=1, bases=2)).train()
+    with torch.no_grad():
+        for b in shared_bases(m):
+            b.weight.add_(0.05 * torch.randn_like(b.weight))
+    sim, cnt, alone, alone_cnt = 0.0, 0, 0.0, 0
+    for i in range(1, 5):
+        b1, b2 = getattr(m.backbone, f"stage{i}").shared_bases
+        w = torch.cat([b.weight.detach().double().reshape(b.rank, -1) for b in (b1, b2)])
+        sim += float(((w @ w.t() - torch.eye(w.shape[0], dtype=torch.float64)) ** 2).sum())
+        cnt += w.shape[0] ** 2
+        for b in (b1, b2):
+            v = b.weight.detach().double().reshape(b.rank, -1)
+            alone += float(((v @ v.t() - torch.eye(b.rank, dtype=torch.float64)) ** 2).sum())
+            alone_cnt += b.rank ** 2
+    assert float(orthogonality_penalty(m).detach()) == pytest.approx(10 * sim / cnt, rel=1e-5)
+    separate = float(orthogonality_penalty(m, weight=1.0, joint=False).detach())
+    assert separate == pytest.approx(alone / alone_cnt, rel=1e-5)
+    assert sim / cnt != pytest.approx(alone / alone_cnt, rel=1e-3)
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 3])
+    crit = anydepth.losses.build_criterion(m)
+    logs = two_pass_step(m, crit, x, y, m.resolve_depth("full"), m.resolve_depth("base"))
+    assert logs["full/orth"] == pytest.approx(sim / cnt, rel=1e-5)

@@ -72,7 +72,7 @@ class ClassificationCriterion:
     def __init__(self, model, full: float = 0.5, kd: float = 0.5, label_smoothing: float = 0.1,
                  temperature: float = 1.0, topk: int = 500, feature_kd: float = 0.0, distill_gt: float = 0.0,
                  distill_kd=None, orth: float = 10.0):
-        from anydepth_kernels.shared_basis import shared_bases
+        from anydepth_kernels.shared_basis import SharedBasisGroup, basis_groups, shared_bases
 
         for name, v in (("full", full), ("kd", kd), ("label_smoothing", label_smoothing),
                         ("feature_kd", feature_kd), ("distill_gt", distill_gt), ("orth", orth)):
@@ -95,6 +95,8 @@ class ClassificationCriterion:
         self.kd_scale = 1.0   # the trainer's KD warm-up factor
         self.orth = float(orth)
         self.bases = torch.nn.ModuleList(shared_bases(model))   # references, not copies
+        # the penalty's units: a stage's bases together (orthogonality_penalty(joint=True))
+        self.basis_groups = torch.nn.ModuleList(SharedBasisGroup(g) for g in basis_groups(model))
 
     def _ce(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels = labels_tensor(targets, logits.shape[0], self.num_classes, logits.device)
@@ -106,7 +108,7 @@ class ClassificationCriterion:
         if len(self.bases) and self.orth > 0:
             from anydepth_kernels.shared_basis import orthogonality_penalty
 
-            orth = orthogonality_penalty(self.bases, weight=1.0)
+            orth = orthogonality_penalty(self.basis_groups, weight=1.0)
             logs["orth"] = float(orth.detach())
             loss = loss + self.orth * orth
         return loss, logs

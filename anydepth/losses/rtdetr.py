@@ -228,6 +228,11 @@ class RTDETRCriterion:
     Logs ``kd_cls``, ``kd_l1``, ``kd_giou``, ``kd_backbone``, ``kd_encoder`` (unweighted), ``kd``
     (weighted KD sum), ``aux``, ``enc``, ``dn``, ``pairs`` and ``loss``. Every KD term is zero
     when student and teacher outputs are equal (the GIoU term up to the IoU ``eps``).
+
+    ``orth`` (10, the authors' ``--lambdaR``): for a model built with ``shared_bases=`` (deeply
+    shared filter bases in the backbone), ``gt_loss`` adds ``orth x``
+    :func:`anydepth_kernels.orthogonality_penalty` over the model's shared bases (logged as
+    ``orth``, unweighted); ``orth=0`` turns it off. Without shared bases it adds nothing.
     """
 
     def __init__(self, model=None, *, vfl: float = 1.0, l1: float = 5.0, giou: float = 2.0, alpha: float = 0.75,
@@ -235,7 +240,7 @@ class RTDETRCriterion:
                  kd_l1: float = 5.0, kd_giou: float = 2.0, kd_backbone: float = 1.0, kd_encoder: float = 1.0,
                  kd_temperature: float = 1.0, cost_class: float = 2.0, cost_bbox: float = 5.0,
                  cost_giou: float = 2.0, match_alpha: float = 0.25, match_gamma: float = 2.0,
-                 distill_gt: float = 0.0, distill_kd: float = 1.0, kd_style: str = "authors"):
+                 distill_gt: float = 0.0, distill_kd: float = 1.0, kd_style: str = "authors", orth: float = 10.0):
         if isinstance(model, int) and not isinstance(model, bool):
             num_classes = model
         elif model is not None and isinstance(getattr(model, "num_classes", None), int) and hasattr(model, "decoder"):
@@ -246,7 +251,8 @@ class RTDETRCriterion:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         weights = dict(vfl=vfl, l1=l1, giou=giou, gamma=gamma, kd_cls=kd_cls, kd_l1=kd_l1, kd_giou=kd_giou,
-                       kd_backbone=kd_backbone, kd_encoder=kd_encoder, distill_gt=distill_gt, distill_kd=distill_kd)
+                       kd_backbone=kd_backbone, kd_encoder=kd_encoder, distill_gt=distill_gt, distill_kd=distill_kd,
+                       orth=orth)
         for name, v in weights.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"loss weight {name} must be a number >= 0, got {v!r}")
@@ -267,6 +273,12 @@ class RTDETRCriterion:
         self.kd_backbone, self.kd_encoder = float(kd_backbone), float(kd_encoder)
         self.kd_temperature = float(kd_temperature)
         self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, match_alpha, match_gamma)
+        from anydepth_kernels.shared_basis import SharedBasisGroup, basis_groups
+
+        self.orth = float(orth)
+        # the model's shared bases (references, not copies), a stage's together: the penalty's units
+        self.basis_groups = torch.nn.ModuleList(
+            SharedBasisGroup(g) for g in (basis_groups(model) if isinstance(model, torch.nn.Module) else []))
 
     # -- checks -----------------------------------------------------------------------------------
     def _pred(self, out, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +373,12 @@ class RTDETRCriterion:
             side = self._side_losses(outputs, tg, num_boxes, "outputs")
             loss = self._weighted(terms) + side["aux"] + side["enc"] + side["dn"]
         logs = {k: float(v.detach()) for k, v in {**terms, **side}.items()}
+        if len(self.basis_groups) and self.orth > 0:
+            from anydepth_kernels.shared_basis import orthogonality_penalty
+
+            orth = orthogonality_penalty(self.basis_groups, weight=1.0)
+            logs["orth"] = float(orth.detach())
+            loss = loss + self.orth * orth
         logs["loss"] = float(loss.detach())
         return loss, logs
 

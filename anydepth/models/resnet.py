@@ -36,7 +36,7 @@ from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, lazy, regis
 from ..nn import ConvNormAct, SharedBasisConvNormAct, SkippableStage, split_blocks
 
 __all__ = ["AnyDepthResNet", "BasicBlock", "Blocks", "Bottleneck", "RESNETS", "ResNet", "Shortcut", "conv_bn",
-           "parse_shared_bases"]
+           "parse_shared_bases", "to_shared_bases"]
 
 STYLES = ("vd", "torchvision")
 STEMS = ("deep", "7x7", "3x3")
@@ -221,15 +221,16 @@ class ResNet(nn.Module):
     conv and no max-pool: the CIFAR ResNets of the shared-filter-basis paper).
 
     ``shared_bases``: deeply shared filter bases in every stage (see :func:`parse_shared_bases`);
-    the stage's bases are :class:`anydepth_kernels.SharedBasis` modules ``stage<i>.shared_bases``
-    (stored once, referenced by the blocks' convs); a shared conv in an essential block keeps one
-    BN pair per depth (:class:`~anydepth.nn.SharedBasisConvNormAct`)."""
+    the stage's bases are :class:`anydepth_kernels.SharedBasis` modules in the
+    :class:`anydepth_kernels.SharedBasisGroup` ``stage<i>.shared_bases`` (stored once, referenced
+    by the blocks' convs; the orthogonality penalty takes a stage's bases jointly); a shared conv
+    in an essential block keeps one BN pair per depth (:class:`~anydepth.nn.SharedBasisConvNormAct`)."""
 
     def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int],
                  stem_size: int = 64, style: str = "vd", shortcut_skip_aware: bool = True,
                  out_stages: Sequence[int] = (2, 3, 4), stem: Optional[str] = None, shared_bases=None):
         super().__init__()
-        from anydepth_kernels.shared_basis import SharedBasis
+        from anydepth_kernels.shared_basis import SharedBasis, SharedBasisGroup
 
         sb = parse_shared_bases(shared_bases)
         if layer_type not in ("basic", "bottleneck"):
@@ -288,7 +289,7 @@ class ResNet(nn.Module):
             refinement = Blocks(blocks[ess:]) if n > ess else None
             stage = SkippableStage(Blocks(blocks[:ess]), refinement)
             if bases:
-                stage.shared_bases = nn.ModuleList(bases)
+                stage.shared_bases = SharedBasisGroup(bases)   # penalised jointly (bases=2: DoubleShared)
             setattr(self, f"stage{i + 1}", stage)
             cin = cout
         self.out_channels = tuple(hidden_sizes[s - 1] for s in self.out_stages)
@@ -306,6 +307,82 @@ class ResNet(nn.Module):
             if i + 1 in self.out_stages:
                 outs.append(x)
         return outs
+
+
+def _stage_blocks(stage: nn.Module) -> List[nn.Module]:
+    blocks = list(stage.essential.blocks)
+    return blocks + (list(stage.refinement.blocks) if stage.refinement is not None else [])
+
+
+@torch.no_grad()
+def to_shared_bases(model: nn.Module, shared_bases) -> nn.Module:
+    """A copy of ``model`` (an any-depth ResNet classifier or RT-DETR built by
+    :func:`anydepth.create_model`, without shared bases) rebuilt with ``shared_bases=`` and
+    initialised from its weights: every weight outside the shared convs is copied, and the 3x3
+    convs of each stage that share a basis are converted by
+    :func:`anydepth_kernels.shared_basis.share_bases` (the shared basis = the top right singular
+    vectors of their stacked filters, each conv's own filters the top ones of what is left, the
+    coefficients the least-squares fit, its BatchNorm kept as the output norm; an essential
+    block's shallow-path norm goes to the shallow-path twin).
+
+    Exact in eval mode (outputs equal at every depth up to float rounding) when each stage's
+    ranks cover its shared convs' filters: ``shared_rank x mult`` >= the stacked filters sharing a
+    basis (e.g. RT-DETR-R18 / resnet18, two shared convs of width ``w`` per stage:
+    ``shared_rank=128``), or ``unique_rank + shared_rank`` = ``9 x`` the stage-1 width (all of
+    a filter's values). Below that it is the best low-rank start (a projection). ``coefficients=False``
+    is not convertible (one conv shared by several cannot reproduce different filters)."""
+    from anydepth_kernels.shared_basis import share_bases
+
+    from ..registry import create_model
+
+    name = getattr(model, "model_name", None)
+    kwargs = dict(getattr(model, "model_kwargs", None) or {})
+    backbone = getattr(model, "backbone", None)
+    if name is None or not isinstance(backbone, ResNet):
+        raise TypeError(f"to_shared_bases needs an any-depth ResNet or RT-DETR built by anydepth.create_model, got "
+                        f"{type(model).__name__}")
+    if any(isinstance(m, SharedBasisConvNormAct) for m in backbone.modules()):
+        raise ValueError("to_shared_bases: the model already has shared bases")
+    spec = parse_shared_bases(shared_bases)
+    if spec is None:
+        raise ValueError("to_shared_bases: give shared_bases=dict(shared_rank=..., ...)")
+    if not spec["coefficients"]:
+        raise ValueError("to_shared_bases: coefficients=False shares one whole conv among blocks with different "
+                         "filters; no weights reproduce them (use coefficients=True)")
+    kwargs["shared_bases"] = shared_bases
+    new = create_model(name, **kwargs)
+    ref = next(model.parameters())
+    new.to(ref.device, ref.dtype).train(model.training)
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    same = {k: v for k, v in old_sd.items() if k in new_sd and new_sd[k].shape == v.shape}
+    new.load_state_dict(same, strict=False)
+    ours = (".layer.", ".layer_skip.", ".shared_bases.")
+    left = [k for k in new_sd if k not in same and not any(p in k for p in ours)]
+    if left:
+        raise ValueError(f"to_shared_bases: {len(left)} tensors of the shared model have no counterpart in "
+                         f"{name} (first: {left[0]!r}); was the model built with other options than model_kwargs?")
+    for i in range(1, backbone.num_stages + 1):
+        groups: Dict[int, Tuple[nn.Module, List[Tuple[nn.Module, nn.Module]]]] = {}
+        old_blocks, new_blocks = (_stage_blocks(getattr(b, f"stage{i}")) for b in (backbone, new.backbone))
+        for ob, nb in zip(old_blocks, new_blocks):
+            for attr in ("conv1", "conv2"):
+                n = getattr(nb, attr)
+                if isinstance(n, SharedBasisConvNormAct):
+                    groups.setdefault(id(n.layer.shared), (n.layer.shared, []))[1].append((getattr(ob, attr), n))
+        for basis, pairs in groups.values():
+            norms = [o.bn.bn if o.skip_aware else o.bn for o, _ in pairs]
+            _, layers = share_bases([o.conv for o, _ in pairs], basis.rank, pairs[0][1].layer.unique_rank, norms)
+            basis.weight.copy_(layers[0].shared.weight)
+            for (o, n), layer in zip(pairs, layers):
+                if layer.unique is not None:
+                    n.layer.unique.copy_(layer.unique)
+                n.layer.coeff.weight.copy_(layer.coeff.weight)
+                n.layer.basis_norm.load_state_dict(layer.basis_norm.state_dict())
+                n.layer.norm.load_state_dict(layer.norm.state_dict())
+                if n.layer_skip is not None:    # the shallow-path twin: tied filters, its own norms
+                    n.layer_skip.basis_norm.load_state_dict(layer.basis_norm.state_dict())
+                    n.layer_skip.norm.load_state_dict(o.bn.bn_skip.state_dict())
+    return new
 
 
 class AnyDepthResNet(AnyDepthClassifier):

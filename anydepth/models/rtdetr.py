@@ -68,7 +68,7 @@ from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
 from ..detection import Detections, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, is_file, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
-from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage
+from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, deploy_shared_basis_convs
 from .resnet import BasicBlock, Blocks, Bottleneck, ResNet, Shortcut, _max_pool_3x3s2, conv_bn  # noqa: F401 (re-exported)
 from .rtdetr_denoising import build_denoising_queries
 
@@ -120,12 +120,15 @@ class ResNetVd(ResNet):
 
     Or the authors' ``ResNet_ADN`` (``official=True``): one 7x7/2 conv-BN-ReLU stem instead of three
     3x3 convs, and a projection shortcut with one norm (not skip-aware) in the first block of a
-    stage; the rest (split, "vd" avg-pool shortcut, stride on the 3x3 conv) is the same."""
+    stage; the rest (split, "vd" avg-pool shortcut, stride on the 3x3 conv) is the same.
+
+    ``shared_bases``: deeply shared filter bases in the stages (the option of
+    :class:`~anydepth.models.resnet.ResNet`, :func:`~anydepth.models.resnet.parse_shared_bases`)."""
 
     def __init__(self, layer_type: str, depths: Sequence[int], hidden_sizes: Sequence[int], stem_size: int = 64,
-                 official: bool = False):
+                 official: bool = False, shared_bases=None):
         super().__init__(layer_type, depths, hidden_sizes, stem_size, style="vd", shortcut_skip_aware=not official,
-                         out_stages=(2, 3, 4), stem="7x7" if official else None)
+                         out_stages=(2, 3, 4), stem="7x7" if official else None, shared_bases=shared_bases)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,6 +676,12 @@ class AnyDepthRTDETR(AnyDepthModel):
     3 RepVGG blocks of a CSP block essential, ``(n + 1) // 2 - 1``) and their decoder are ours.
     R50/R101 only (their backbone has no basic-block ResNet) and ``hidden_expansion=1.0`` (their
     CSP block cannot build the output conv another expansion needs).
+
+    ``shared_bases``: deeply shared filter bases in the backbone's stages (Kang & Kim, NeurIPS
+    2021), the any-depth ResNets' option (:func:`~anydepth.models.resnet.parse_shared_bases`),
+    e.g. ``dict(shared_rank=8, unique_rank=1, blocks="refinement")``: the refinement blocks of
+    each stage share one basis. The trainer's criterion adds the orthogonality penalty
+    (``--loss orth=...``); :meth:`to_inference` folds the shared convs or keeps them factored.
     """
 
     def __init__(self, variant: str = "r50", num_classes: int = 80, num_queries: int = 300,
@@ -684,7 +693,7 @@ class AnyDepthRTDETR(AnyDepthModel):
                  layer_norm_eps: float = 1e-5, batch_norm_eps: float = 1e-5,
                  positional_temperature: float = 10000.0, denoising: bool = True,
                  num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
-                 split: str = "paper"):
+                 split: str = "paper", shared_bases=None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown RT-DETR variant {variant!r}; valid: {list(VARIANTS)}")
@@ -731,7 +740,8 @@ class AnyDepthRTDETR(AnyDepthModel):
 
         self.depth_space = DepthSpace(
             SWITCHES, {"decoder_layers": KnobSpec(1, layers, decoder_base_layers(layers))})
-        self.backbone = ResNetVd(v["layer_type"], v["depths"], v["hidden_sizes"], official=split == "official")
+        self.backbone = ResNetVd(v["layer_type"], v["depths"], v["hidden_sizes"], official=split == "official",
+                                 shared_bases=shared_bases)
         self.encoder = HybridEncoder(self.backbone.out_channels, hidden, ffn, encoder_heads, aifi_layers,
                                      expansion, activation, encoder_activation, layer_norm_eps,
                                      batch_norm_eps, positional_temperature)
@@ -811,7 +821,9 @@ class AnyDepthRTDETR(AnyDepthModel):
         """Inference form (:meth:`~anydepth.model.AnyDepthModel.to_inference`): each RepVGG block
         becomes one 3x3 conv per norm set and every conv-BN(-act) becomes a
         :class:`~anydepth_kernels.FusedConvNormAct` (two epilogues where the BN is skip-aware); the
-        running statistics are folded. Outputs equal the eager model's at every depth."""
+        running statistics are folded. Shared-filter-basis convs of the backbone (``shared_bases=``)
+        are folded or kept factored (:func:`~anydepth.nn.deploy_shared_basis_convs`). Outputs
+        equal the eager model's at every depth."""
 
         def replace(child: nn.Module) -> Optional[nn.Module]:
             if isinstance(child, RepVGGBlock):
@@ -821,6 +833,7 @@ class AnyDepthRTDETR(AnyDepthModel):
             return None
 
         swap_modules(self, replace)
+        deploy_shared_basis_convs(self.backbone, backend)
 
     def deploy(self, backend: str = "auto") -> "AnyDepthRTDETR":
         """Deprecated alias of :meth:`to_inference` (warns once)."""
