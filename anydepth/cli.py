@@ -618,9 +618,13 @@ def _cmd_export(args) -> int:
         return 2
     imgsz = sizes if len(sizes) == 2 else sizes * 2
     depths = [d.strip() for d in args.depth.split(",") if d.strip()]
-    result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,
-                    dynamic_batch=args.dynamic_batch, opset=args.opset, msda=args.msda, check=not args.no_check,
-                    name=name, progress=not args.quiet)
+    try:
+        result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,
+                        dynamic_batch=args.dynamic_batch, opset=args.opset, msda=args.msda, check=not args.no_check,
+                        name=name, progress=not args.quiet)
+    except (ValueError, NotImplementedError) as e:   # bad sizes / depths, a graph this model cannot have
+        print(f"anydepth export: {e}", file=sys.stderr)
+        return 2
     print(f"{name}: {len(result.files)} file(s) in {args.out} ({result.seconds:.0f} s)")
     print(result.table())
     print(f"written: {result.manifest}")

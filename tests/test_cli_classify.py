@@ -148,3 +148,17 @@ def test_export_classifier_onnx_equals_eager(classifier, ckpt, tmp_path, capsys)
             only = base.run(None, {"images": x.numpy()})[0]
             assert np.abs(only - ref).max() <= 1e-4 * np.abs(ref).max()
     assert "resnet18-anydepth: 2 file(s)" in capsys.readouterr().out
+
+
+def test_export_says_what_a_classifier_cannot_have(tmp_path, capsys):
+    """MobileNetV2 switches its stem's and head's norms with stage1 / stage5, outside the
+    switchable modules: no multi-depth graph (per-depth files instead), said by name; sizes that
+    are not multiples of the stride are refused as for the detectors."""
+    pytest.importorskip("onnxscript")
+    args = ["export", "--model", "mobilenetv2-anydepth", "--num-classes", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(args + ["--depth", "multi", "--imgsz", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "anydepth export: the multi-depth graph of mobilenetv2-anydepth is not supported" in err
+    assert "stem.cna.bn" in err and "export per-depth files" in err
+    assert main(args + ["--depth", "base", "--imgsz", "40"]) == 2
+    assert "anydepth export: imgsz must be positive multiples of 32" in capsys.readouterr().err
