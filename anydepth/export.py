@@ -675,13 +675,14 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
     words = [d.strip().lower() for d in (depth if isinstance(depth, (list, tuple)) else [depth]) if isinstance(d, str)]
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
     outside = _skip_aware_outside_switches(model)
-    if multi and (getattr(model, "split", None) == "official" or outside):
+    official = getattr(model, "split", None) == "official"
+    if multi and (official or outside):
         # norm sets switched outside the switchable modules (a split='official' model's stride-2
         # convs, MobileNetV2's stem and head), where the multi-depth graph has no If to hold them:
         # such a model is exported depth by depth
         if "multi" in words:
             what = ("a split='official' model is not supported (its skip-aware stride-2 convs lie outside the "
-                    "switchable modules)" if not outside else
+                    "switchable modules)" if official else
                     f"{name} is not supported (skip-aware norms outside its switchable modules: {outside[:3]}"
                     f"{' ...' if len(outside) > 3 else ''})")
             raise NotImplementedError(f"the multi-depth graph of {what}; export per-depth files: depth='all', "
