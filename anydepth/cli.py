@@ -491,7 +491,10 @@ def _cmd_predict(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"anydepth predict: {e}", file=sys.stderr)
             return 2
-    task_args = {"topk": args.topk or 5} if classify else {"conf": 0.25 if args.conf is None else args.conf}
+    if classify:
+        task_args = {"topk": 5 if args.topk is None else args.topk}
+    else:
+        task_args = {"conf": 0.25 if args.conf is None else args.conf}
     try:
         summary = run_predict(model, args.source, args.save, depth=depth, budget_ms=args.budget_ms, profile=profile,
                               imgsz=imgsz, names=names, progress=not args.quiet,

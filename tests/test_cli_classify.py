@@ -81,6 +81,8 @@ def test_predict_refuses_the_other_tasks_options(ckpt, source, tmp_path, capsys)
     assert "--conf is a detection score threshold; resnet18-anydepth is a classifier" in capsys.readouterr().err
     assert main(args + ["--weights", str(ckpt), "--imgsz", "50"]) == 2
     assert "multiple of 32 for a classifier" in capsys.readouterr().err
+    assert main(args + ["--weights", str(ckpt), "--topk", "0"]) == 2
+    assert "anydepth predict: topk must be a positive int, got 0" in capsys.readouterr().err
     assert main(args + ["--model", "yolov12n-anydepth", "--num-classes", "2", "--topk", "2"]) == 2
     assert "--topk is for classifiers; yolov12n-anydepth is a detector" in capsys.readouterr().err
 
