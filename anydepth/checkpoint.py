@@ -6,7 +6,7 @@ A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -50,6 +50,21 @@ def read(path: PathLike) -> Dict[str, Any]:
     if not isinstance(payload.get("state_dict"), dict) or not isinstance(payload.get("model"), str):
         raise ValueError(f"{path!r} is missing its model name or state_dict")
     return payload
+
+
+def class_names(path: PathLike) -> Optional[List[str]]:
+    """The class names an anydepth checkpoint carries (``extra["class_names"]``, which ``anydepth
+    train`` writes from its dataset), else None: also for a file that is not an anydepth checkpoint.
+    Reads the file memory-mapped, without loading the weights."""
+    try:
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file (peer weights, a directory): no names
+        return None
+    extra = payload.get("extra") if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+    names = extra.get("class_names") if isinstance(extra, dict) else None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
 
 
 def load(path: PathLike, map_location: Union[str, torch.device, None] = "cpu"):

@@ -130,12 +130,15 @@ class AnyDepthClassifier(AnyDepthModel):
 
 
 def _as_uint8_hwc(image):
-    """An HxWx3 uint8 numpy array from a numpy image or a 3xHxW float tensor in [0, 1]."""
+    """An HxWx3 uint8 numpy array from a numpy image, an HxWx3 uint8 tensor (channels-last, as the
+    detectors take it) or a 3xHxW tensor (float in [0, 1], or uint8)."""
     import numpy as np
 
     if isinstance(image, torch.Tensor):
+        if image.dtype == torch.uint8 and image.dim() == 3 and image.shape[-1] == 3:
+            return image.detach().cpu().numpy()
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a 3xHxW tensor, got shape {tuple(image.shape)}")
+            raise ValueError(f"expected an HxWx3 uint8 or a 3xHxW tensor, got shape {tuple(image.shape)}")
         t = image.detach().cpu()
         if t.is_floating_point():
             t = (t.clamp(0, 1) * 255.0).round()
@@ -145,7 +148,7 @@ def _as_uint8_hwc(image):
         raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
     if arr.dtype != np.uint8:
         raise TypeError(f"numpy images must be uint8 HxWx3 RGB, got {arr.dtype}")
-    return arr
+    return arr if arr.flags.writeable else arr.copy()   # np.asarray(PIL image) is read-only
 
 
 def classification_head(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.Module:

@@ -11,7 +11,8 @@
   anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
   anydepth profile --weights CKPT [--imgsz 640]  latency of every depth on this device, JSON beside the weights
   anydepth predict --weights CKPT --source SRC --save DIR [--depth D | --budget-ms 40]
-                                                annotated images/videos + COCO-style JSON
+                                                annotated images/videos + COCO-style JSON (classifiers:
+                                                their top-k classes per image)
   anydepth budget-demo [--model NAME]           the depth controller under a real CPU load, measured
   anydepth export --model NAME --format onnx|aoti --depth all --out DIR
                                                 per-depth ONNX / AOTInductor files + one multi-depth file
@@ -415,18 +416,37 @@ def _profile_path(args, model, imgsz: int, device: str, form: str) -> str:
     return default_profile_path(base, imgsz, getattr(args, "batch", 1), device, form, dtype)
 
 
-def _cmd_profile(args) -> int:
+def _prepared_model(args, what: str):
+    """The model of ``--weights`` / ``--model`` for ``anydepth <what>`` (:func:`_model_from_args`),
+    with ``--threads`` applied (where the command has it), on ``--device`` (default the CPU) in
+    eval mode: ``(model, device)``; ``None`` after printing why when the arguments name no
+    loadable model (the command then exits with 2)."""
     try:
-        model = _model_from_args(args, "profile")
+        model = _model_from_args(args, what)
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
-        return 2
-    if args.threads:
+        return None
+    if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    path = args.out or _profile_path(args, model, args.imgsz, device, args.form)
+    device = _device(getattr(args, "device", "cpu"))
+    return model.to(device).eval(), device
+
+
+def _is_classifier(model) -> bool:
+    return getattr(model, "task", "detect") == "classify"
+
+
+def _cmd_profile(args) -> int:
+    from anydepth.predict import default_imgsz
+
+    loaded = _prepared_model(args, "profile")
+    if loaded is None:
+        return 2
+    model, device = loaded
+    imgsz = args.imgsz or default_imgsz(model)
+    path = args.out or _profile_path(args, model, imgsz, device, args.form)
     try:
-        profile = model.profile_depths(imgsz=args.imgsz, batch=args.batch, device=device, form=args.form,
+        profile = model.profile_depths(imgsz=imgsz, batch=args.batch, device=device, form=args.form,
                                        rounds=args.rounds, reps=args.reps, warmup=args.warmup, path=path,
                                        progress=not args.quiet)
     except ValueError as e:
@@ -435,7 +455,8 @@ def _cmd_profile(args) -> int:
     print(f"{profile.describe()}, {torch.get_num_threads()} threads, median and p90 of "
           f"{profile.rounds} interleaved rounds x {profile.reps} calls")
     print(profile.table())
-    print(f"predict() overhead (letterbox + NMS of one {args.imgsz}x{args.imgsz} image): {profile.overhead_ms:.2f} ms")
+    steps = "resize + centre crop + softmax/top-k" if _is_classifier(model) else "letterbox + NMS"
+    print(f"predict() overhead ({steps} of one {imgsz}x{imgsz} image): {profile.overhead_ms:.2f} ms")
     print(f"written: {profile.path}")
     return 0
 
@@ -444,22 +465,34 @@ def _cmd_predict(args) -> int:
     import os
 
     from anydepth.budget import DepthProfile, parse_depth
-    from anydepth.predict import read_names, run_predict
+    from anydepth.checkpoint import class_names
+    from anydepth.predict import default_imgsz, read_names, run_predict
 
     if args.depth is not None and args.budget_ms is not None:
         print("anydepth predict: give --depth or --budget-ms, not both", file=sys.stderr)
         return 2
+    loaded = _prepared_model(args, "predict")
+    if loaded is None:
+        return 2
+    model, device = loaded
+    classify = _is_classifier(model)
+    name = getattr(model, "model_name", type(model).__name__)
+    if classify and args.conf is not None:
+        print(f"anydepth predict: --conf is a detection score threshold; {name} is a classifier (task classify): "
+              "give --topk (classes per image) instead", file=sys.stderr)
+        return 2
+    if not classify and args.topk is not None:
+        print(f"anydepth predict: --topk is for classifiers; {name} is a detector (task detect): "
+              "give --conf (score threshold) instead", file=sys.stderr)
+        return 2
     try:
-        model = _model_from_args(args, "predict")
         names = read_names(args.names)
         depth = parse_depth(model, args.depth) if args.depth is not None else None
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    model = model.to(device)
+    if names is None and args.weights is not None:
+        names = class_names(args.weights)   # the training set's, when the checkpoint carries them
     if args.form == "fused":
         model.to_inference()
     profile = None
@@ -472,7 +505,7 @@ def _cmd_predict(args) -> int:
                     imgsz = profile.imgsz
                 profile.check(imgsz=imgsz)
             else:
-                imgsz = imgsz or 640
+                imgsz = imgsz or default_imgsz(model)
                 path = _profile_path(args, model, imgsz, device, args.form)
                 if os.path.isfile(path):
                     profile = DepthProfile.load(path, model=model, imgsz=imgsz, device=device, form=args.form)
@@ -485,32 +518,43 @@ def _cmd_predict(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"anydepth predict: {e}", file=sys.stderr)
             return 2
+    if classify:
+        task_args = {"topk": 5 if args.topk is None else args.topk}
+    else:
+        task_args = {"conf": 0.25 if args.conf is None else args.conf}
     try:
         summary = run_predict(model, args.source, args.save, depth=depth, budget_ms=args.budget_ms, profile=profile,
-                              imgsz=imgsz, conf=args.conf, names=names, progress=not args.quiet,
-                              info={"weights": args.weights, "form": args.form, "device": device})
+                              imgsz=imgsz, names=names, progress=not args.quiet,
+                              info={"weights": args.weights, "form": args.form, "device": device}, **task_args)
     except (ValueError, FileNotFoundError) as e:
         print(f"anydepth predict: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("images", "frames", "detections", "json")}
-                     | {"errors": len(summary["errors"])}))
+    keys = ("images", "frames", "json") if classify else ("images", "frames", "detections", "json")
+    for file_name, classes in summary.get("classes", []):   # a classifier: its top classes per image
+        print(f"{file_name}: " + ", ".join(f"{c.get('name', c['category_id'])} {c['score']:.3f}" for c in classes))
+    print(json.dumps({k: summary[k] for k in keys} | {"errors": len(summary["errors"])}))
     return 1 if summary["errors"] and not summary["images"] and not summary["frames"] else 0
 
 
 def _cmd_budget_demo(args) -> int:
     from anydepth.budget import DepthProfile, demo_under_load
+    from anydepth.predict import default_imgsz
 
-    try:
-        model = _model_from_args(args, "budget-demo")
-    except (ValueError, FileNotFoundError) as e:
-        print(e, file=sys.stderr)
+    if args.weights is None and args.model is None:
+        args.model = "yolov12n-anydepth"
+    loaded = _prepared_model(args, "budget-demo")
+    if loaded is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.profile:
-        profile = DepthProfile.load(args.profile, model=model, imgsz=args.imgsz, form="eager")
-    else:
-        profile = model.profile_depths(imgsz=args.imgsz, rounds=args.rounds, progress=not args.quiet)
+    model, _device_used = loaded
+    imgsz = args.imgsz or (default_imgsz(model) if _is_classifier(model) else 320)
+    try:
+        if args.profile:
+            profile = DepthProfile.load(args.profile, model=model, imgsz=imgsz, form="eager")
+        else:
+            profile = model.profile_depths(imgsz=imgsz, rounds=args.rounds, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"anydepth budget-demo: {e}", file=sys.stderr)
+        return 2
     print(profile.table())
     result = demo_under_load(model, profile, target_ms=args.target_ms, frames=args.frames, burners=args.burners,
                              compare_fixed=not args.no_fixed, progress=not args.quiet, duty=args.duty)
@@ -536,7 +580,7 @@ def _add_budget_commands(sub) -> None:
 
     pr = sub.add_parser("profile", help="measure the latency of every depth on this device (JSON beside the weights)")
     model_args(pr)
-    pr.add_argument("--imgsz", type=int, default=640)
+    pr.add_argument("--imgsz", type=int, default=None, help="input size (default 640; a classifier its own, 224)")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--form", default="eager", choices=["eager", "fused", "compiled", "cuda-graph"])
     pr.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
@@ -547,7 +591,8 @@ def _add_budget_commands(sub) -> None:
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_profile)
 
-    pp = sub.add_parser("predict", help="detect in images / a folder / a video; annotated copies + COCO-style JSON")
+    pp = sub.add_parser("predict", help="detect (classifiers: top-k classes) in images / a folder / a video; "
+                                        "annotated copies + COCO-style JSON")
     model_args(pp)
     pp.add_argument("--source", required=True, help="image file, directory of images/videos, or video file")
     pp.add_argument("--save", required=True, help="output directory")
@@ -558,17 +603,22 @@ def _add_budget_commands(sub) -> None:
     pp.add_argument("--profile", default=None, help="depth profile JSON (default: the one beside the weights, "
                                                     "measured now if there is none)")
     pp.add_argument("--form", default="eager", choices=["eager", "fused"], help="run the model eager or fused")
-    pp.add_argument("--imgsz", type=int, default=None, help="network input size (default 640, or the profile's)")
-    pp.add_argument("--conf", type=float, default=0.25)
+    pp.add_argument("--imgsz", type=int, default=None,
+                    help="input size: any positive int for a detector (padded up to a multiple of 32; boxes in "
+                         "image pixels), a multiple of 32 for a classifier (default 640, a classifier's own: 224, "
+                         "or the profile's)")
+    pp.add_argument("--conf", type=float, default=None, help="detectors: score threshold (default 0.25)")
+    pp.add_argument("--topk", type=int, default=None, help="classifiers: classes per image (default 5)")
     pp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    pp.add_argument("--names", default=None, help="class names: a comma list or a file (one a line, or JSON list)")
+    pp.add_argument("--names", default=None, help="class names: a comma list or a file (one a line, or JSON list); "
+                                                  "default: those the checkpoint carries (anydepth train saves them)")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.set_defaults(func=_cmd_predict)
 
     bd = sub.add_parser("budget-demo", help="the depth controller under a real CPU load (burner processes), measured")
     model_args(bd)
-    bd.set_defaults(model="yolov12n-anydepth")
-    bd.add_argument("--imgsz", type=int, default=320)
+    bd.set_defaults(device="cpu")   # a CPU-load demonstration; --model: yolov12n-anydepth without --weights
+    bd.add_argument("--imgsz", type=int, default=None, help="input size (default 320; a classifier its own, 224)")
     bd.add_argument("--target-ms", type=float, default=None,
                     help="frame-time target (default: 1.1 x full depth's profiled frame cost)")
     bd.add_argument("--frames", type=int, default=240, help="frames: a third without load, a third loaded, a third not")
@@ -585,21 +635,26 @@ def _add_budget_commands(sub) -> None:
 
 def _cmd_export(args) -> int:
     from anydepth.export import export
+    from anydepth.predict import default_imgsz
 
-    try:
-        model = _model_from_args(args, "export")
-    except ValueError as e:
-        print(e, file=sys.stderr)
+    loaded = _prepared_model(args, "export")
+    if loaded is None:
         return 2
+    model, _ = loaded
     name = getattr(model, "model_name", None) or args.model or "model"
-    if len(args.imgsz) not in (1, 2):
+    sizes = args.imgsz or [default_imgsz(model)]
+    if len(sizes) not in (1, 2):
         print(f"anydepth export: --imgsz takes N or H W, got {args.imgsz}", file=sys.stderr)
         return 2
-    imgsz = args.imgsz if len(args.imgsz) == 2 else args.imgsz * 2
+    imgsz = sizes if len(sizes) == 2 else sizes * 2
     depths = [d.strip() for d in args.depth.split(",") if d.strip()]
-    result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,
-                    dynamic_batch=args.dynamic_batch, opset=args.opset, msda=args.msda, check=not args.no_check,
-                    name=name, progress=not args.quiet)
+    try:
+        result = export(model, args.out, format=args.format, depth=depths, imgsz=tuple(imgsz), batch=args.batch,
+                        dynamic_batch=args.dynamic_batch, opset=args.opset, msda=args.msda, check=not args.no_check,
+                        name=name, progress=not args.quiet)
+    except (ValueError, NotImplementedError) as e:   # bad sizes / depths, a graph this model cannot have
+        print(f"anydepth export: {e}", file=sys.stderr)
+        return 2
     print(f"{name}: {len(result.files)} file(s) in {args.out} ({result.seconds:.0f} s)")
     print(result.table())
     print(f"written: {result.manifest}")
@@ -704,8 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all (every ladder configuration + the multi-depth file), multi (the multi-depth "
                         "file alone), base, full, a float in [0, 1] or a ladder code such as TTFFFFFF; "
                         "comma-separated for several")
-    x.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N",
-                   help="input size: N or H W (multiples of 32; the graphs are static in space)")
+    x.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
+                   help="input size: N or H W (multiples of 32; the graphs are static in space; default 640, "
+                        "a classifier its own: 224, a ViT/Swin its img_size)")
     x.add_argument("--batch", type=int, default=1, help="traced batch size")
     x.add_argument("--dynamic-batch", action="store_true", help="make the batch a dynamic axis")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")

@@ -8,8 +8,9 @@ coordinates of the original image.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,20 +114,41 @@ def as_image_list(images) -> List[ImageLike]:
                     f"{type(images).__name__}")
 
 
+def canvas_side(imgsz, stride: int = 32) -> int:
+    """The network input side for a ``predict(imgsz=...)`` request: ``imgsz`` (any positive int,
+    the size the image is resized to) rounded up to a multiple of ``stride``; the difference is
+    padding. ``ValueError`` for anything but a positive int."""
+    if isinstance(imgsz, bool) or not isinstance(imgsz, numbers.Integral) or imgsz <= 0:
+        raise ValueError(f"imgsz must be a positive int (pixels), got {imgsz!r}")
+    return -(-int(imgsz) // stride) * stride
+
+
+def _pair(size, what: str) -> Tuple[int, int]:
+    h, w = (size, size) if isinstance(size, numbers.Integral) else size
+    if isinstance(h, bool) or isinstance(w, bool) or h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return int(h), int(w)
+
+
 def letterbox_batch(images, size: Union[int, Tuple[int, int]], stride: int = 32, fill: float = 114 / 255,
-                    device=None, dtype=torch.float32) -> Tuple[torch.Tensor, List[Letterbox]]:
-    """Resize each image keeping its aspect ratio to fit ``size`` (canvas h, w; multiples of
-    ``stride``), pad the rest with ``fill`` (centred, as Ultralytics does). Returns the batch
-    ``[B, 3, H, W]`` and one :class:`Letterbox` per image."""
-    h, w = (size, size) if isinstance(size, int) else size
-    if h % stride or w % stride or h <= 0 or w <= 0:
+                    device=None, dtype=torch.float32,
+                    fit: Optional[Union[int, Tuple[int, int]]] = None) -> Tuple[torch.Tensor, List[Letterbox]]:
+    """Resize each image keeping its aspect ratio to fit ``fit`` (h, w; default the canvas),
+    place it centred on the canvas ``size`` (h, w; multiples of ``stride``) and pad the rest with
+    ``fill`` (as Ultralytics does). Returns the batch ``[B, 3, H, W]`` and one :class:`Letterbox`
+    per image."""
+    h, w = _pair(size, "letterbox: canvas size")
+    if h % stride or w % stride:
         raise ValueError(f"letterbox: canvas size {(h, w)} must be positive multiples of {stride}")
+    fh, fw = (h, w) if fit is None else _pair(fit, "letterbox: fit size")
+    if fh > h or fw > w:
+        raise ValueError(f"letterbox: fit size {(fh, fw)} is larger than the canvas {(h, w)}")
     imgs = [_to_chw_float(im, i) for i, im in enumerate(as_image_list(images))]
     batch = torch.full((len(imgs), 3, h, w), fill, dtype=torch.float32)
     boxes = []
     for i, im in enumerate(imgs):
         ih, iw = im.shape[1:]
-        r = min(h / ih, w / iw)
+        r = min(fh / ih, fw / iw)
         nh, nw = max(1, round(ih * r)), max(1, round(iw * r))
         if (nh, nw) != (ih, iw):
             im = F.interpolate(im[None], size=(nh, nw), mode="bilinear", align_corners=False,
@@ -137,17 +159,23 @@ def letterbox_batch(images, size: Union[int, Tuple[int, int]], stride: int = 32,
     return batch.to(device=device, dtype=dtype), boxes
 
 
-def resize_batch(images, size: Union[int, Tuple[int, int]], device=None,
-                 dtype=torch.float32) -> Tuple[torch.Tensor, List[Letterbox]]:
-    """Plain resize to ``size`` (no aspect preservation), as RT-DETR's preprocessing does."""
-    h, w = (size, size) if isinstance(size, int) else size
+def resize_batch(images, size: Union[int, Tuple[int, int]], device=None, dtype=torch.float32,
+                 canvas: Optional[Union[int, Tuple[int, int]]] = None,
+                 fill: float = 0.0) -> Tuple[torch.Tensor, List[Letterbox]]:
+    """Plain resize to ``size`` (no aspect preservation), as RT-DETR's preprocessing does. With a
+    ``canvas`` (h, w) larger than ``size``, the resized image sits at its top-left corner and the
+    rest is ``fill`` (zeros: HF's RT-DETR processor pads bottom/right with zeros)."""
+    h, w = _pair(size, "resize size")
+    ch, cw = (h, w) if canvas is None else _pair(canvas, "resize canvas")
+    if ch < h or cw < w:
+        raise ValueError(f"resize: canvas {(ch, cw)} is smaller than the size {(h, w)}")
     imgs = [_to_chw_float(im, i) for i, im in enumerate(as_image_list(images))]
-    batch = torch.empty((len(imgs), 3, h, w), dtype=torch.float32)
+    batch = torch.full((len(imgs), 3, ch, cw), fill, dtype=torch.float32)
     boxes = []
     for i, im in enumerate(imgs):
         ih, iw = im.shape[1:]
-        batch[i] = F.interpolate(im[None], size=(h, w), mode="bilinear", align_corners=False,
-                                 antialias=(ih > h or iw > w))[0]
+        batch[i, :, :h, :w] = F.interpolate(im[None], size=(h, w), mode="bilinear", align_corners=False,
+                                            antialias=(ih > h or iw > w))[0]
         boxes.append(Letterbox(w / iw, h / ih, 0.0, 0.0, ih, iw))
     return batch.to(device=device, dtype=dtype), boxes
 

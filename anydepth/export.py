@@ -590,6 +590,16 @@ def aoti_load(path: Union[str, Path]):
 # ------------------------------------------------------------------------------------------------
 # the entry point
 # ------------------------------------------------------------------------------------------------
+def _skip_aware_outside_switches(model: AnyDepthModel) -> List[str]:
+    """Names of the skip-aware norms that lie outside every switchable module (their norm set
+    follows a switch, but the multi-depth graph has no ``If`` around them)."""
+    from .nn import SkipAwareBatchNorm2d, SkipAwareLayerNorm
+
+    inside = {id(m) for module in model.switchable_modules.values() for m in module.modules()}
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (SkipAwareBatchNorm2d, SkipAwareLayerNorm)) and id(m) not in inside]
+
+
 def _resolve_depths(model: AnyDepthModel, depth, example_shape) -> Tuple[List[DepthConfig], bool]:
     """(per-depth configs, whether the multi-depth graph is asked for). The FLOP-ordered ladder is
     computed only when ``all`` or a float asks for it."""
@@ -664,13 +674,19 @@ def export(model: Union[AnyDepthModel, str], out: Union[str, Path], format: str 
         _check_opset(opset, has_msda, msda)
     words = [d.strip().lower() for d in (depth if isinstance(depth, (list, tuple)) else [depth]) if isinstance(d, str)]
     configs, multi = _resolve_depths(model, depth, tuple(example.shape))
-    if multi and getattr(model, "split", None) == "official":
-        # its stride-2 convs switch norm sets outside the switchable modules, where the multi-depth
-        # graph has no If to hold them: such a model is exported depth by depth
+    outside = _skip_aware_outside_switches(model)
+    official = getattr(model, "split", None) == "official"
+    if multi and (official or outside):
+        # norm sets switched outside the switchable modules (a split='official' model's stride-2
+        # convs, MobileNetV2's stem and head), where the multi-depth graph has no If to hold them:
+        # such a model is exported depth by depth
         if "multi" in words:
-            raise NotImplementedError("the multi-depth graph of a split='official' model is not supported (its "
-                                      "skip-aware stride-2 convs lie outside the switchable modules); export "
-                                      "per-depth files: depth='all', 'base', 'full' or ladder codes")
+            what = ("a split='official' model is not supported (its skip-aware stride-2 convs lie outside the "
+                    "switchable modules)" if official else
+                    f"{name} is not supported (skip-aware norms outside its switchable modules: {outside[:3]}"
+                    f"{' ...' if len(outside) > 3 else ''})")
+            raise NotImplementedError(f"the multi-depth graph of {what}; export per-depth files: depth='all', "
+                                      "'base', 'full' or ladder codes")
         multi = False
     if format == "onnx":
         _check_opset(opset, has_msda, msda)

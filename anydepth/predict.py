@@ -20,6 +20,11 @@ copies and a COCO-style JSON of the detections.
   with ``file_name``, ``width``, ``height``, ``frame`` for video frames, the ``depth`` code used and
   the ``latency_ms`` of the ``predict`` call), ``annotations`` (COCO ``bbox`` = x, y, w, h in
   pixels, ``score``, ``category_id``) and ``errors`` (``file``, ``error``).
+* Classifiers (``model.task == "classify"``): each image / frame gets its top-``topk`` classes
+  instead of boxes: written on the annotated copy (a tag at the top-left corner, one ``name
+  score`` line per class) and in the JSON as the image's ``classes`` (``category_id``, ``name``
+  when names are known, ``score`` = softmax probability, by decreasing score); no
+  ``annotations``. ``conf`` is not used.
 """
 from __future__ import annotations
 
@@ -194,6 +199,32 @@ def draw_detections(image: np.ndarray, dets, names: Optional[Sequence[str]] = No
     return np.asarray(im)
 
 
+def draw_classes(image: np.ndarray, cls, names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """A copy of ``image`` (``HxWx3`` uint8) with a classifier's top classes (a
+    :class:`~anydepth.classify.Classification`) written in a filled tag at its top-left corner,
+    one ``name score`` line per class, best first."""
+    Image = require("PIL.Image", "drawing classes")
+    ImageDraw = require("PIL.ImageDraw", "drawing classes")
+    ImageFont = require("PIL.ImageFont", "drawing classes")
+    im = Image.fromarray(to_rgb_uint8(image))
+    draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    labels = cls.labels.detach().cpu().tolist()
+    scores = cls.scores.detach().cpu().tolist()
+    if labels:
+        text = "\n".join(f"{_name(names, int(lab))} {s:.2f}" for lab, s in zip(labels, scores))
+        x0, y0, x1, y1 = draw.multiline_textbbox((0, 0), text, font=font)
+        draw.rectangle([0, 0, x1 - x0 + 4, y1 - y0 + 4], fill=PALETTE[int(labels[0]) % len(PALETTE)])
+        draw.multiline_text((2 - x0, 2 - y0), text, fill=(255, 255, 255), font=font)
+    return np.asarray(im)
+
+
+def default_imgsz(model) -> int:
+    """The input side a model is run at when none is given: its ``default_input_shape`` (640 for
+    the detectors, 224 for the classifiers, a ViT/Swin its ``img_size``)."""
+    return int(getattr(model, "default_input_shape", (1, 3, 640, 640))[-1])
+
+
 def _name(names: Optional[Sequence[str]], label: int) -> str:
     return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
 
@@ -248,36 +279,62 @@ class _Recorder:
                                      "bbox": [round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2)],
                                      "area": round(bw * bh, 2), "score": round(float(s), 5), "iscrowd": 0})
 
+    def add_classes(self, file_name: str, image: np.ndarray, cls, depth_code: str, latency_ms: float,
+                    names: Optional[Sequence[str]], frame: Optional[int] = None) -> Dict[str, Any]:
+        entry = {"id": len(self.images) + 1, "file_name": file_name, "width": int(image.shape[1]),
+                 "height": int(image.shape[0])}
+        if frame is not None:
+            entry["frame"] = frame
+        entry.update(depth=depth_code, latency_ms=round(latency_ms, 3))
+        entry["classes"] = [dict(category_id=int(lab), **({"name": _name(names, int(lab))} if names else {}),
+                                 score=round(float(sc), 5))
+                            for lab, sc in zip(cls.labels.detach().cpu().tolist(), cls.scores.detach().cpu().tolist())]
+        self.images.append(entry)
+        return entry
+
 
 def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[float] = None, profile=None,
                 imgsz: Optional[int] = None, conf: float = 0.25, names: Optional[Sequence[str]] = None,
                 progress: bool = False, controller_options: Optional[Dict[str, Any]] = None,
-                info: Optional[Dict[str, Any]] = None, log=None) -> Dict[str, Any]:
+                info: Optional[Dict[str, Any]] = None, log=None, topk: int = 5) -> Dict[str, Any]:
     """Run ``model`` on ``source`` (see the module docstring) and write the results to ``save``.
     Returns a summary: counts of images, video frames and detections, the errors (file, message),
-    the written files and the JSON's path. ``imgsz`` defaults to the profile's with a budget, else
-    640. ``log``: a callable for messages (default: stderr)."""
+    the written files and the JSON's path; for a classifier also ``classes``, ``(file name,
+    [JSON class entries])`` of every still image. ``imgsz`` defaults to the profile's with a
+    budget, else the model's (:func:`default_imgsz`). ``conf``: detectors' score threshold;
+    ``topk``: classifiers' number of classes per image. ``log``: a callable for messages
+    (default: stderr)."""
     from .budget import DepthController, DepthProfile
     from .depth import DepthConfig
+    from .detection import canvas_side
 
+    classify = getattr(model, "task", "detect") == "classify"
     if budget_ms is not None and depth is not None:
         raise ValueError("give either a fixed depth or budget_ms, not both")
     if budget_ms is not None and not isinstance(profile, DepthProfile):
         raise ValueError("budget_ms needs a DepthProfile of this model (model.profile_depths / load_profile)")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0:
         raise ValueError(f"conf must be in [0, 1], got {conf!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
     log_is_default = log is None
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     items, ignored = list_sources(source)
     if imgsz is None:
-        imgsz = profile.imgsz if budget_ms is not None else 640
+        imgsz = profile.imgsz if budget_ms is not None else default_imgsz(model)
+    stride = int(getattr(model, "stride", 32))
+    side = canvas_side(imgsz, stride)  # the network input side: imgsz, padded up to the stride (detectors)
+    if classify and side != imgsz:
+        raise ValueError(f"imgsz must be a positive multiple of {stride} for a classifier (it centre-crops "
+                         f"imgsz pixels), got {imgsz}")
+    predict_kwargs: Dict[str, Any] = {"topk": topk} if classify else {"conf": conf}
     controller = None
     if budget_ms is not None:
         profile.check(model, imgsz=imgsz)
-        controller = DepthController(model, budget_ms, profile, conf=conf, **(controller_options or {}))
+        controller = DepthController(model, budget_ms, profile, **predict_kwargs, **(controller_options or {}))
         fixed = None
     else:
-        fixed = model.resolve_depth(depth, (1, 3, imgsz, imgsz))
+        fixed = model.resolve_depth(depth, (1, 3, side, side))
     os.makedirs(save, exist_ok=True)
     model.eval()
     rec = _Recorder()
@@ -310,8 +367,21 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
             dets, used = controller(image)
             return dets, used, controller.history[-1].frame_ms
         t0 = time.perf_counter()
-        dets = model.predict(image, depth=fixed, imgsz=imgsz, conf=conf)[0]
+        dets = model.predict(image, depth=fixed, imgsz=imgsz, **predict_kwargs)[0]
         return dets, fixed, (time.perf_counter() - t0) * 1e3
+
+    still_classes: List[Tuple[str, List[Dict[str, Any]]]] = []
+
+    def record(rel: str, image: np.ndarray, result, used: DepthConfig, ms: float,
+               frame: Optional[int] = None) -> np.ndarray:
+        """Record one image's / frame's result; returns its annotated copy."""
+        if classify:
+            entry = rec.add_classes(rel, image, result, used.code, ms, names, frame=frame)
+            if frame is None:
+                still_classes.append((rel, entry["classes"]))
+            return draw_classes(image, result, names)
+        rec.add(rel, image, result, used.code, ms, frame=frame)
+        return draw_detections(image, result, names)
 
     def fail(path: str, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
@@ -342,11 +412,11 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
                     bar.update(1)
                 continue
             dets, used, ms = detect(image)
-            rec.add(rel, image, dets, used.code, ms)
+            drawn = record(rel, image, dets, used, ms)
             ext = os.path.splitext(path)[1].lower()
             target = out_name(path, ext if ext in WRITABLE_EXTS else ".png")
             Image = require("PIL.Image", "writing images")
-            Image.fromarray(draw_detections(image, dets, names)).save(target)
+            Image.fromarray(drawn).save(target)
             written.append(target)
             if bar is not None:
                 bar.update(1)
@@ -359,8 +429,7 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
             writer = VideoWriter(target, float(fps))
             for frame in video_frames(path):
                 dets, used, ms = detect(frame)
-                rec.add(rel, frame, dets, used.code, ms, frame=frame_index)
-                writer.write(draw_detections(frame, dets, names))
+                writer.write(record(rel, frame, dets, used, ms, frame=frame_index))
                 frame_index += 1
                 if bar is not None:
                     bar.update(1)
@@ -384,8 +453,9 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
     if names is not None and num_classes and len(names) != num_classes:
         log(f"predict: note: {len(names)} names for a model with {num_classes} classes")
     n_cat = max(num_classes, len(names or []))
-    run_info = {"model": getattr(model, "model_name", type(model).__name__), "source": os.fspath(source),
-                "imgsz": imgsz, "conf": conf,
+    run_info = {"model": getattr(model, "model_name", type(model).__name__),
+                "task": "classify" if classify else "detect", "source": os.fspath(source), "imgsz": imgsz,
+                **predict_kwargs,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if controller is not None:
         lat = [im["latency_ms"] for im in rec.images]
@@ -399,13 +469,16 @@ def run_predict(model, source: str, save: str, depth=None, budget_ms: Optional[f
     run_info.update(info or {})
     doc = {"info": run_info,
            "categories": [{"id": i, "name": _name(names, i)} for i in range(n_cat)],
-           "images": rec.images, "annotations": rec.annotations, "errors": rec.errors}
+           "images": rec.images, **({} if classify else {"annotations": rec.annotations}), "errors": rec.errors}
     json_path = os.path.join(save, "predictions.json")
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False, default=_json_default)
     n_images = sum(1 for im in rec.images if "frame" not in im)
-    return {"images": n_images, "frames": n_frames, "detections": len(rec.annotations), "errors": rec.errors,
-            "written": written, "json": json_path, "switches": controller.switches if controller else 0}
+    summary = {"images": n_images, "frames": n_frames, "detections": len(rec.annotations), "errors": rec.errors,
+               "written": written, "json": json_path, "switches": controller.switches if controller else 0}
+    if classify:
+        summary["classes"] = still_classes
+    return summary
 
 
 def _json_default(o):

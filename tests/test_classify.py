@@ -146,6 +146,15 @@ def test_classifier_input_checks_and_predict():
     img = (torch.rand(3, 70, 90) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     out = m.predict([img, img], depth="base", imgsz=64, topk=3)
     assert len(out) == 2 and out[0].labels.shape == (3,) and torch.all(out[0].scores[:-1] >= out[0].scores[1:])
+    # the same image as an HxWx3 uint8 tensor (as the detectors take it; what profile_depths passes)
+    # and as a 3xHxW float tensor
+    one = m.predict(img, depth="base", imgsz=64, topk=3)[0]
+    hwc = torch.from_numpy(img.copy())
+    for same in (hwc, hwc.permute(2, 0, 1).float() / 255):
+        again = m.predict(same, depth="base", imgsz=64, topk=3)[0]
+        assert torch.equal(again.labels, one.labels) and torch.equal(again.scores, one.scores)
+    with pytest.raises(ValueError, match="HxWx3 uint8 or a 3xHxW tensor"):
+        m.predict(torch.zeros(5, 8, 8), imgsz=64)
 
 
 def test_criterion_terms():
@@ -233,6 +242,16 @@ def test_train_and_eval_classifier(cls_data, tmp_path):
     report = json.loads((tmp_path / "eval" / "eval-resnet18-anydepth-32.json").read_text())
     assert report["task"] == "classify" and [r["code"] for r in report["rows"]][::4] == ["TTTT", "FFFF"]
     assert all(0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 1 for r in report["rows"])
+    # the checkpoints carry the class names (folder names, sorted), and `anydepth predict` shows them
+    from anydepth.checkpoint import class_names
+
+    classes = sorted(d.name for d in (cls_data / "train").iterdir() if d.is_dir())
+    assert class_names(summary["final"]) == class_names(summary["last"]) == classes
+    image = next(p for p in sorted((cls_data / "val").rglob("*")) if p.is_file())
+    assert main(["predict", "--weights", summary["final"], "--source", str(image), "--save", str(tmp_path / "pred"),
+                 "--imgsz", "32", "--topk", "1", "--quiet"]) == 0
+    doc = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert doc["images"][0]["classes"][0]["name"] in classes and [c["name"] for c in doc["categories"]] == classes
 
 
 @needs_torchvision

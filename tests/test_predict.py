@@ -150,6 +150,22 @@ def test_predict_folder_fixed_depth(model, folder, tmp_path):
     assert first[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
 
 
+def test_predict_any_imgsz(model, folder, tmp_path):
+    """An imgsz that is not a multiple of 32 runs (padded to the next multiple; fractional depths
+    resolved on that canvas) and gives predict()'s boxes; a senseless one is an error."""
+    image = folder / "a_rgb.jpg"
+    doc_path = run_predict(model, str(image), str(tmp_path / "odd"), depth=0.5, imgsz=50, conf=0.0)["json"]
+    doc = json.loads(open(doc_path).read())
+    config = model.resolve_depth(0.5, (1, 3, 64, 64))
+    assert doc["info"]["imgsz"] == 50 and doc["images"][0]["depth"] == config.code
+    ref = model.predict(read_image(str(image)), depth=config, imgsz=50, conf=0.0)[0]
+    assert len(doc["annotations"]) == len(ref) > 0
+    x0, y0, x1, y1 = ref.boxes[0].tolist()
+    assert doc["annotations"][0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+    with pytest.raises(ValueError, match="imgsz must be a positive int"):
+        run_predict(model, str(image), str(tmp_path / "bad"), imgsz=0)
+
+
 def test_predict_video_under_a_budget(model, video, tmp_path):
     profile = simulated_profile(model)
     out = tmp_path / "out"

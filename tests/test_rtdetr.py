@@ -314,6 +314,30 @@ def test_predict_on_arbitrary_images(r18):
     assert len(strict) == 1 and (strict[0].scores > 0.99).all()
 
 
+def test_predict_pads_an_imgsz_that_is_not_a_stride_multiple(r18):
+    """imgsz=100: the image is resized to 100 x 100 and zero-padded bottom/right to 128 (the next
+    multiple of 32, as HF's processor pads). The network input is exactly the canvas the test
+    builds, so the boxes equal those of that canvas predicted at imgsz=128, scaled back by the
+    resize (bit for bit)."""
+    import torch.nn.functional as F
+
+    _, model = r18
+    rng = np.random.default_rng(4)
+    for (h, w) in ((100, 100), (200, 150)):    # no resize / resized to 100 x 100
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        chw = torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+        canvas = torch.zeros(3, 128, 128)
+        canvas[:, :100, :100] = F.interpolate(chw[None], size=(100, 100), mode="bilinear", align_corners=False,
+                                              antialias=(h > 100 or w > 100))[0]
+        got = model.predict(img, depth="base", conf=0.0, imgsz=100, max_det=30)[0]
+        ref = model.predict(canvas, depth="base", conf=0.0, imgsz=128, max_det=30)[0]
+        assert len(ref) == 30 and torch.equal(got.scores, ref.scores) and torch.equal(got.labels, ref.labels)
+        expect = ref.boxes.clone()
+        expect[:, [0, 2]] = (expect[:, [0, 2]] / (100 / w)).clamp(0, w)
+        expect[:, [1, 3]] = (expect[:, [1, 3]] / (100 / h)).clamp(0, h)
+        assert torch.equal(got.boxes, expect)
+
+
 def test_checkpoint_round_trip(r18, tmp_path):
     _, model = r18
     path = tmp_path / "r18.pt"
@@ -376,8 +400,9 @@ def test_bad_inputs_raise_clear_errors(r18):
     for k in (0, 4):
         with pytest.raises(ValueError, match="decoder_layers"):
             model(torch.rand(1, 3, 128, 128), depth={"decoder_layers": k})
-    with pytest.raises(ValueError, match="imgsz"):
-        model.predict(np.zeros((50, 50, 3), np.uint8), imgsz=100)
+    for bad in (0, -128, 128.0, False):
+        with pytest.raises(ValueError, match="imgsz must be a positive int"):
+            model.predict(np.zeros((50, 50, 3), np.uint8), imgsz=bad)
     with pytest.raises(ValueError, match="conf"):
         model.predict(np.zeros((50, 50, 3), np.uint8), conf=1.5)
     with pytest.raises(ValueError, match="unknown RT-DETR variant"):

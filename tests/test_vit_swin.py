@@ -213,12 +213,21 @@ def test_from_torchvision_exact():
                                                   hidden_dim=32, mlp_dim=64, num_classes=10)
     tv_swin = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 3],
                                                  num_heads=[1, 2, 4], window_size=[4, 4], num_classes=10)
-    for tv, size in ((tv_vit, 32), (tv_swin, 64)):
+    for tv, size, family in ((tv_vit, 32, "vit"), (tv_swin, 64, "swin")):
         randomize_transformer_(tv, 3).eval()
         ours = from_torchvision_transformer(tv, img_size=size)
         x = torch.rand(2, 3, size, size)
         with torch.no_grad():
             assert rel_err(ours(x), tv(ours.normalize(x))) <= 1e-5
+        # the family's "torchvision" converter is the public dispatcher (as for ResNet/MobileNetV2),
+        # and it builds the same model
+        converter = family_of(family).converters["torchvision"]
+        assert converter.target == "anydepth.convert:from_torchvision"
+        assert family_of("resnet18-anydepth").converters["torchvision"].target == converter.target
+        via = converter(tv, img_size=size)
+        assert type(via) is type(ours) and via.model_kwargs == ours.model_kwargs
+        sd = ours.state_dict()
+        assert all(torch.equal(v, sd[k]) for k, v in via.state_dict().items()) and via.state_dict().keys() == sd.keys()
     with pytest.raises(ValueError, match="multiple of the 4x4 window"):
         from_torchvision_transformer(tv_swin, img_size=96)
 

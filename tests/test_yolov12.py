@@ -162,14 +162,42 @@ def test_predict_arbitrary_sizes(model_n):
         assert (r.scores[:-1] >= r.scores[1:]).all() and r.labels.max() < 7
     base = model_n.predict(imgs[0], depth="base", conf=0.0, imgsz=64)
     assert len(base) == 1
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model_n.predict(imgs[0], imgsz=100)
+    for bad in (0, -32, 96.0, True, "96"):  # any positive int is a size; nothing else is
+        with pytest.raises(ValueError, match="imgsz must be a positive int"):
+            model_n.predict(imgs[0], imgsz=bad)
     with pytest.raises(ValueError, match="HxWx3"):
         model_n.predict(np.zeros((10, 10, 5), np.uint8))  # grayscale and RGBA are converted, 5 channels not
     with pytest.raises(ValueError, match="NaN"):
         model_n.predict(torch.full((3, 10, 10), float("nan")))
     with pytest.raises(ValueError, match="empty"):
         model_n.predict([])
+
+
+def test_predict_pads_an_imgsz_that_is_not_a_stride_multiple(model_n):
+    """imgsz=100: the image is letterboxed to fit 100 px, centred on a 128 px canvas (the next
+    multiple of 32). The network input is then exactly the 128 px canvas the test builds itself,
+    so the boxes equal those of that canvas predicted at imgsz=128, shifted by the padding and
+    scaled by the resize (bit for bit: same input, same decoding)."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    fill = 114 / 255
+    for (h, w), gain in (((100, 60), 1.0), ((200, 120), 0.5)):   # fits as is / halved to 100 x 60
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        chw = torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+        if gain != 1.0:
+            chw = F.interpolate(chw[None], size=(100, 60), mode="bilinear", align_corners=False, antialias=True)[0]
+        top, left = (128 - 100) // 2, (128 - 60) // 2
+        canvas = torch.full((3, 128, 128), fill)
+        canvas[:, top:top + 100, left:left + 60] = chw
+        got = model_n.predict(img, depth="base", conf=0.0, imgsz=100)[0]
+        ref = model_n.predict(canvas, depth="base", conf=0.0, imgsz=128)[0]
+        assert len(ref) > 0 and torch.equal(got.scores, ref.scores) and torch.equal(got.labels, ref.labels)
+        expect = ref.boxes.clone()
+        expect[:, [0, 2]] = ((expect[:, [0, 2]] - left) / gain).clamp(0, w)
+        expect[:, [1, 3]] = ((expect[:, [1, 3]] - top) / gain).clamp(0, h)
+        assert torch.equal(got.boxes, expect)
+        assert (got.boxes[:, [0, 2]] <= w).all() and (got.boxes[:, [1, 3]] <= h).all()
 
 
 def test_checkpoint_round_trip(model_n, tmp_path):

@@ -65,7 +65,7 @@ from anydepth_kernels.cuda_graphs import keep_alive
 
 from .._optional import require
 from ..depth import DepthConfig, DepthLike, DepthSpace, KnobSpec
-from ..detection import Detections, resize_batch
+from ..detection import Detections, canvas_side, resize_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_dir, is_file, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
 from ..nn import ConvNormAct, FusedConv, SkipAwareLayerNorm, SkippableStage, deploy_shared_basis_convs
@@ -851,18 +851,19 @@ class AnyDepthRTDETR(AnyDepthModel):
     def predict(self, images, depth=None, conf: float = 0.5, imgsz: int = 640,
                 max_det: int = 300) -> List[Detections]:
         """Detect objects in ``images`` (one or a list; HxWx3 uint8 RGB or 3xHxW float in [0, 1],
-        any size): plain resize to ``imgsz`` x ``imgsz`` (as RT-DETR does), run at ``depth``, take
-        the top-``max_det`` (query, class) pairs by sigmoid score (as HF's post-processing does) and
-        keep those above ``conf``. Returns one :class:`~anydepth.detection.Detections` per image
-        (xyxy boxes in the original image's pixels, scores, labels), by decreasing score."""
+        any size): plain resize to ``imgsz`` x ``imgsz`` (as RT-DETR does; when ``imgsz`` is not a
+        multiple of :attr:`stride`, the resized image sits at the top-left of the next multiple,
+        zero-padded bottom/right as HF's processor pads), run at ``depth``, take the top-``max_det``
+        (query, class) pairs by sigmoid score (as HF's post-processing does) and keep those above
+        ``conf``. Returns one :class:`~anydepth.detection.Detections` per image (xyxy boxes in the
+        original image's pixels, scores, labels), by decreasing score."""
         if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.0 <= conf <= 1.0:
             raise ValueError(f"conf must be in [0, 1], got {conf!r}")
         if isinstance(max_det, bool) or not isinstance(max_det, int) or max_det < 1:
             raise ValueError(f"max_det must be a positive int, got {max_det!r}")
-        if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0 or imgsz % self.stride:
-            raise ValueError(f"imgsz must be a positive multiple of {self.stride}, got {imgsz!r}")
+        side = canvas_side(imgsz, self.stride)
         param = next(self.parameters())
-        batch, metas = resize_batch(images, imgsz, device=param.device, dtype=param.dtype)
+        batch, metas = resize_batch(images, int(imgsz), device=param.device, dtype=param.dtype, canvas=side)
         was_training = self.training
         self.eval()
         try:
@@ -876,7 +877,7 @@ class AnyDepthRTDETR(AnyDepthModel):
         labels, query = index % c, index // c
         boxes = out["pred_boxes"].float().gather(1, query[..., None].expand(-1, -1, 4))
         cxcy, wh = boxes[..., :2], boxes[..., 2:]
-        xyxy = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1) * float(imgsz)
+        xyxy = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1) * float(side)  # canvas pixels
         results = []
         for i, meta in enumerate(metas):
             keep = scores[i] > conf

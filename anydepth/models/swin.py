@@ -278,7 +278,7 @@ FAMILY = register_family(ModelFamily(
     # 0.05, gradient clip 5
     train=TrainDefaults(lr=1e-3, weight_decay=0.05, clip_grad=5.0),
     converters={"timm": lazy("anydepth.convert:from_timm"),
-                "torchvision": lazy("anydepth.convert._timm:from_torchvision_transformer")},
+                "torchvision": lazy("anydepth.convert:from_torchvision")},
     weight_import=WeightImport("a timm or torchvision Swin state dict (.pth/.bin/.safetensors)",
                                lazy("anydepth.convert._timm:is_state_dict_file"), _import_file),
     peer=Peer("timm", lazy("anydepth.convert._timm:build_peer"), lazy("anydepth.convert._timm:call_peer")),

@@ -240,7 +240,7 @@ FAMILY = register_family(ModelFamily(
     # decay 0.2, gradient clip 1
     train=TrainDefaults(lr=7.5e-4, weight_decay=0.2, clip_grad=1.0),
     converters={"timm": lazy("anydepth.convert:from_timm"),
-                "torchvision": lazy("anydepth.convert._timm:from_torchvision_transformer")},
+                "torchvision": lazy("anydepth.convert:from_torchvision")},
     weight_import=WeightImport("a timm or torchvision ViT state dict (.pth/.bin/.safetensors)",
                                lazy("anydepth.convert._timm:is_state_dict_file"), _import_file),
     peer=Peer("timm", lazy("anydepth.convert._timm:build_peer"), lazy("anydepth.convert._timm:call_peer")),

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..depth import DepthConfig, DepthLike, DepthSpace
-from ..detection import Detections, batched_nms, letterbox_batch
+from ..detection import Detections, batched_nms, canvas_side, letterbox_batch
 from ..family import ModelFamily, Peer, TrainDefaults, WeightImport, is_file, lazy, register_family
 from ..model import AnyDepthModel, warn_deprecated
 from ..nn import ConvNormAct
@@ -599,15 +599,19 @@ class AnyDepthYOLOv12(AnyDepthModel):
     def predict(self, images, depth=None, conf: float = 0.25, iou: float = 0.7, imgsz: int = 640,
                 max_det: int = 300, classes: Optional[Sequence[int]] = None) -> List[Detections]:
         """Detect objects in ``images`` (one or a list; HxWx3 uint8 RGB or 3xHxW float in [0, 1],
-        any size): letterbox to ``imgsz``, run at ``depth``, decode, class-aware NMS.
+        any size): letterbox (resize keeping the aspect ratio to fit ``imgsz``, centred on an
+        ``imgsz`` canvas, rounded up to a multiple of :attr:`stride` when it is not one, the rest
+        padded grey), run at ``depth``, decode, class-aware NMS.
 
         Returns one :class:`~anydepth.detection.Detections` per image (xyxy boxes in the original
         image's pixels, scores, labels), at most ``max_det`` each, by decreasing score.
         """
         if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
             raise ValueError(f"conf and iou must be in [0, 1], got conf={conf}, iou={iou}")
+        side = canvas_side(imgsz, self.stride)
         param = next(self.parameters())
-        batch, boxes_meta = letterbox_batch(images, imgsz, self.stride, device=param.device, dtype=param.dtype)
+        batch, boxes_meta = letterbox_batch(images, side, self.stride, device=param.device, dtype=param.dtype,
+                                            fit=int(imgsz))
         was_training = self.training
         self.eval()
         try:

@@ -551,7 +551,15 @@ class Trainer:
         from .. import checkpoint
 
         self._sync_static_norms()
-        checkpoint.save(self.eval_model(), path, extra={"train_state": self._train_state()})
+        checkpoint.save(self.eval_model(), path, extra={"train_state": self._train_state(),
+                                                        "class_names": self._class_names()})
+
+    def _class_names(self) -> List[str]:
+        """The training set's class names (in label order), saved in the checkpoints for
+        ``anydepth predict``."""
+        ds = self.train_set
+        names = getattr(ds, "class_names", None) or getattr(ds, "classes", None) or []   # detection / ImageFolder
+        return [str(n) for n in names]
 
     def _sync_static_norms(self) -> None:
         """Static training (``shallow="none"``) never runs the shallow-path norms: ship them as
@@ -600,7 +608,8 @@ class Trainer:
             from .. import checkpoint
 
             self._sync_static_norms()
-            checkpoint.save(self.eval_model(), final, extra={"config": cfg.to_dict(), "history": self.history})
+            checkpoint.save(self.eval_model(), final, extra={"config": cfg.to_dict(), "history": self.history,
+                                                             "class_names": self._class_names()})
             self._print(f"training done: {self.epoch} epochs, {self.step} steps, "
                         f"{(time.time() - start) / 60:.1f} min; weights: {final}")
         return {"final": final, "last": os.path.join(cfg.out, "last.pt"), "history": self.history,
