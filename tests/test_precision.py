@@ -325,3 +325,76 @@ def test_float32_modules_registration_is_checked():
     finally:
         ak.register_float32_modules(key, "Toy", [])
     assert ak.float32_modules(Toy()) == ()
+
+
+# --------------------------------------------------------------------------- AP of a form: anydepth eval --int8
+def test_int8_detector_runs_other_batch_sizes_in_chunks(yolo, int8):
+    from anydepth.evaluation.precision import Int8Detector
+
+    det = Int8Detector(yolo, int8)  # calibrated at batch 1: a batch of 3 runs as three chunks
+    xs = _images(3, 5)
+    out = det(torch.cat(xs), depth="base")
+    assert torch.equal(out, torch.cat([int8(x, depth="base") for x in xs]))
+    images = [(x[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy() for x in xs]
+    preds = det.predict(images, depth="base", conf=0.0, imgsz=SIZE)
+    assert len(preds) == 3 and all(p.boxes.shape[1] == 4 for p in preds)
+    assert "forward" not in yolo.__dict__  # predict's forward replacement is undone
+
+
+@pytest.fixture(scope="module")
+def synth_val(tmp_path_factory):
+    from anydepth.data import open_dataset, synth
+
+    root = tmp_path_factory.mktemp("precision") / "data"
+    synth.generate(str(root), images=3, imgsz=SIZE, seed=1, split="val", progress=False)
+    return root / "val", open_dataset(str(root / "val"), imgsz=SIZE, mode="letterbox", augment=False)
+
+
+def test_calibration_batches_are_what_predict_feeds_the_network(yolo, synth_val):
+    from anydepth.detection import letterbox_batch
+    from anydepth.evaluation.precision import calibration_batches
+
+    _, ds = synth_val
+    batches = calibration_batches(yolo, ds, 2, SIZE)
+    assert [tuple(b.shape) for b in batches] == [(1, 3, SIZE, SIZE)] * 2
+    assert torch.equal(batches[1], letterbox_batch([ds.load_original(1)[0]], SIZE, yolo.stride)[0])
+    with pytest.raises(ValueError, match="fewer than the 5 asked for"):
+        calibration_batches(yolo, ds, 5, SIZE)
+
+
+def test_cli_eval_int8_scores_the_form_next_to_float32(yolo, synth_val, tmp_path, monkeypatch, capsys):
+    """`anydepth eval --int8`: rows <depth> and <depth>+int8 on the same images, the AP difference
+    in the notes. The int8 graphs' Inductor compile (minutes here) is replaced by the reference
+    graph it lowers (the same quantize / dequantize numerics)."""
+    import anydepth.quantize as quantize
+    from anydepth import checkpoint
+    from anydepth.cli import main
+    from anydepth.evaluation import EvalReport
+
+    monkeypatch.setattr(quantize, "_compiled", lambda graph: graph)
+    val_dir, _ = synth_val
+    checkpoint.save(yolo, tmp_path / "m.pt")
+    args = ["eval", "--weights", str(tmp_path / "m.pt"), "--data", str(val_dir), "--imgsz", str(SIZE), "--device",
+            "cpu", "--quiet", "--pictures", "0", "--no-latency", "--out", str(tmp_path / "ev")]
+    assert main(args + ["--int8", "--calib-images", "2", "--depths", "base"]) == 0
+    report = EvalReport.from_json(tmp_path / "ev" / "eval-yolov12n-anydepth-64-int8.json")
+    assert [r.name for r in report.rows] == ["base", "base+int8"]
+    assert report.rows[1].code == report.rows[0].code and report.rows[1].metrics.keys() == report.rows[0].metrics.keys()
+    out = capsys.readouterr().out
+    assert f"calibrated per depth on the first 2 images of {val_dir}" in out
+    assert "base+int8: AP" in out and "vs float32" in out
+    assert main(args + ["--int8", "--device", "cuda"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_precision_forms_are_checked(yolo):
+    from anydepth.evaluation.precision import evaluate_precision, precision_form
+
+    with pytest.raises(ValueError, match="unknown precision form 'fp8'"):
+        precision_form(yolo, "fp8")
+    with pytest.raises(ValueError, match="needs calibration images"):
+        precision_form(yolo, "int8")
+    with pytest.raises(TypeError, match="detectors"):
+        precision_form(anydepth.create_model("resnet18-anydepth", num_classes=3), "bf16")
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate_precision(yolo, None, ["float16"])
