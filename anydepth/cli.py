@@ -8,6 +8,7 @@
                                                 --task classify: an ImageFolder of cropped shapes)
   anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
   anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
+                [--compile] [--dtype bf16] [--int8]  + the optimized CPU forms, next to float32
   anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
   anydepth profile --weights CKPT [--imgsz 640]  latency of every depth on this device, JSON beside the weights
   anydepth predict --weights CKPT --source SRC --save DIR [--depth D | --budget-ms 40]
@@ -368,7 +369,7 @@ def _cmd_eval(args) -> int:
             report = evaluate_precision(model, dataset, forms, depths=depths, imgsz=args.imgsz, batch_size=args.batch,
                                         calibration=calib, calibration_images=args.calib_images,
                                         calibration_name=calib_dir, reference=report, progress=not args.quiet,
-                                        max_images=args.max_images)
+                                        max_images=args.max_images, compile_int8=not args.int8_no_compile)
     except (FileNotFoundError, ValueError) as e:
         if args.profile is None or "profile" not in str(e):
             raise
@@ -695,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--int8: the data set whose first --calib-images images calibrate (default: --data; better "
                         "a training split)")
     e.add_argument("--calib-images", type=int, default=32, help="--int8: how many calibration images")
+    e.add_argument("--int8-no-compile", action="store_true",
+                   help="--int8: score the quantized reference graphs (quantize / dequantize around float ops: the "
+                        "numerics Inductor lowers to int8 kernels) without compiling them (minutes per depth)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)

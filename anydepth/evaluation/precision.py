@@ -11,9 +11,8 @@ model; the report holds the float32 rows (``full``, ``base``, ...) and one row p
   a family's registered float32 submodules, e.g. RT-DETR's decoder, stay float32);
 * ``"int8"``: ``optimize(model, quantize="int8", calibration=..., depths=...)``, calibrated per
   depth on ``calibration_images`` images of ``calibration`` (preprocessed as ``model.predict``
-  preprocesses them, one image per batch), compiled. The int8 graphs are static: every image must
-  preprocess to the calibrated shape (square ``imgsz`` inputs; a data set whose images letterbox
-  to other shapes raises the runner's shape error), and a batch is run in chunks of the
+  preprocesses them, one image per batch), compiled. The int8 graphs are static: ``predict``
+  feeds ``imgsz`` x ``imgsz`` batches (letterbox or resize), which run in chunks of the
   calibration batch.
 """
 from __future__ import annotations
@@ -167,7 +166,9 @@ def evaluate_precision(model: nn.Module, dataset, forms: Sequence[str], depths: 
             calib = calibration_batches(model, calib_set, calibration_images, imgsz)
             where = calibration_name or getattr(calib_set, "name", None) or type(calib_set).__name__
             notes.append(f"int8: calibrated per depth on the first {len(calib)} images of {where}, one image per "
-                         "batch (PT2E, X86InductorQuantizer: int8 activations per tensor, weights per channel)")
+                         "batch (PT2E, X86InductorQuantizer: int8 activations per tensor, weights per channel); "
+                         + ("compiled by Inductor" if compile_int8 else "scored on the quantized reference graphs "
+                            "(quantize / dequantize around float ops, not compiled)"))
         runner = precision_form(model, form, calib, depths=depths, compile_int8=compile_int8)
         report = evaluate(runner, dataset, depths=depths, imgsz=imgsz, batch_size=batch_size, progress=progress,
                           measure_latency=False, **kwargs)
