@@ -8,6 +8,7 @@
                                                 --task classify: an ImageFolder of cropped shapes)
   anydepth train --model NAME --data DIR        self-distillation training (anydepth train -h)
   anydepth eval --weights CKPT --data DIR       COCO AP per depth configuration, table + JSON + plot
+                [--compile] [--dtype bf16] [--int8]  + the optimized CPU forms, next to float32
   anydepth demo [--out runs/demo]               synth data -> train (distill on/off) -> eval every depth
   anydepth profile --weights CKPT [--imgsz 640]  latency of every depth on this device, JSON beside the weights
   anydepth predict --weights CKPT --source SRC --save DIR [--depth D | --budget-ms 40]
@@ -370,13 +371,33 @@ def _cmd_eval(args) -> int:
         print(f"anydepth eval: the model predicts {model.num_classes} classes, the dataset has "
               f"{dataset.num_classes}", file=sys.stderr)
         return 2
+    forms = (["compiled"] if args.compile else []) + (["bf16"] if args.dtype == "bf16" else []) + \
+        (["int8"] if args.int8 else [])
+    if forms and family.task != "detect":
+        print("anydepth eval: --compile / --dtype bf16 / --int8 are evaluated for detectors", file=sys.stderr)
+        return 2
+    if args.depths is None:
+        args.depths = "full,base" if forms else "ladder"
     depths = None if args.depths == "ladder" else [d.strip() for d in args.depths.split(",") if d.strip()]
     device = _device(args.device)
+    if forms and device != "cpu":
+        print("anydepth eval: --compile / --dtype bf16 / --int8 are the CPU forms; use --device cpu", file=sys.stderr)
+        return 2
     model = model.to(device)
     try:
         report = evaluate(model, dataset, depths=depths, imgsz=args.imgsz, batch_size=args.batch, device=device,
                           progress=not args.quiet, measure_latency=not args.no_latency, max_images=args.max_images,
                           latency_rounds=args.latency_rounds, latency_form=args.latency_form, profile=args.profile)
+        if forms:
+            from anydepth.evaluation.precision import evaluate_precision
+
+            calib_dir = args.calib_data or args.data
+            calib = open_dataset(calib_dir, imgsz=args.imgsz, mode=args.mode or family.preprocess, augment=False) \
+                if "int8" in forms else None
+            report = evaluate_precision(model, dataset, forms, depths=depths, imgsz=args.imgsz, batch_size=args.batch,
+                                        calibration=calib, calibration_images=args.calib_images,
+                                        calibration_name=calib_dir, reference=report, progress=not args.quiet,
+                                        max_images=args.max_images, compile_int8=not args.int8_no_compile)
     except (FileNotFoundError, ValueError) as e:
         if args.profile is None or "profile" not in str(e):
             raise
@@ -387,7 +408,7 @@ def _cmd_eval(args) -> int:
     print(report.table())
     for note in report.notes:
         print(f"- {note}")
-    stem = f"eval-{name}-{args.imgsz}"
+    stem = f"eval-{name}-{args.imgsz}" + "".join(f"-{f}" for f in forms)
     pictures = {}
     if args.pictures > 0 and report.task == "classify":
         print("anydepth eval: --pictures draws detections; not drawn for a classifier", file=sys.stderr)
@@ -728,8 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True,
                    help="dataset directory (COCO-JSON or YOLO-txt; classifiers: an ImageFolder)")
     e.add_argument("--imgsz", type=int, default=None, help="input size (default 640; classifiers 224)")
-    e.add_argument("--depths", default="ladder",
-                   help="'ladder' (every configuration of the FLOP ladder) or a comma list, e.g. full,base")
+    e.add_argument("--depths", default=None,
+                   help="'ladder' (every configuration of the FLOP ladder; the default) or a comma list, e.g. "
+                        "full,base (the default with --compile / --dtype bf16 / --int8)")
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--mode", choices=["letterbox", "resize"], default=None,
                    help="dataset preprocessing (default: the model family's)")
@@ -745,6 +767,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "deployment device) instead of measuring it")
     e.add_argument("--pictures", type=int, default=3,
                    help="validation images in the per-depth detections picture (<stem>-depths.png; 0: none)")
+    e.add_argument("--compile", action="store_true",
+                   help="also score the float32 model compiled (optimize(model, compile=True)), rows <depth>+compiled")
+    e.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="bf16: also score optimize(model, dtype=torch.bfloat16), rows <depth>+bf16")
+    e.add_argument("--int8", action="store_true",
+                   help="also score the int8 model (optimize(model, quantize='int8'), calibrated per depth), rows "
+                        "<depth>+int8")
+    e.add_argument("--calib-data", default=None,
+                   help="--int8: the data set whose first --calib-images images calibrate (default: --data; better "
+                        "a training split)")
+    e.add_argument("--calib-images", type=int, default=32, help="--int8: how many calibration images")
+    e.add_argument("--int8-no-compile", action="store_true",
+                   help="--int8: score the quantized reference graphs (quantize / dequantize around float ops: the "
+                        "numerics Inductor lowers to int8 kernels) without compiling them (minutes per depth)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)

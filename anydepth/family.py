@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from anydepth_kernels import register_swap, unregister_swap
+from anydepth_kernels import register_float32_modules, register_swap, unregister_swap
 
 PREPROCESSING = ("letterbox", "resize")
 #: ``"detect"``: boxes + classes (COCO AP); ``"classify"``: one label per image (top-1/top-5),
@@ -86,6 +86,9 @@ class ModelFamily:
     * ``converters``: peer name -> converter (e.g. ``anydepth.convert.from_ultralytics``).
     * ``weight_import``: :class:`WeightImport` for peer weights given as a path, or ``None``.
     * ``peer``: :class:`Peer` (builder with equal weights, call convention, benchmark label).
+    * ``float32_modules``: submodule names that stay float32 in ``optimize(model,
+      dtype=torch.bfloat16)`` and ``quantize="int8"`` (numerically sensitive parts, e.g.
+      RT-DETR's decoder: deformable sampling at box coordinates).
     """
 
     name: str
@@ -98,6 +101,7 @@ class ModelFamily:
     converters: Mapping[str, Callable] = field(default_factory=dict)
     weight_import: Optional[WeightImport] = None
     peer: Optional[Peer] = None
+    float32_modules: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -152,6 +156,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     cls = family.model_class
     register_swap(cls.__module__.split(".", 1)[0], cls.__name__, _inference_form,
                   note="its own inference form (to_inference())")
+    register_float32_modules(cls.__module__.split(".", 1)[0], cls.__name__, family.float32_modules)
     _FAMILIES[family.name] = family
     return family
 
@@ -171,6 +176,7 @@ def unregister_family(name: str) -> None:
         _REGISTRY.pop(n, None)
     cls = fam.model_class
     unregister_swap(cls.__module__.split(".", 1)[0], cls.__name__)
+    register_float32_modules(cls.__module__.split(".", 1)[0], cls.__name__, ())
 
 
 def families() -> List[ModelFamily]:

@@ -65,7 +65,34 @@ def _quantizer(x86: Any) -> Any:
         def _annotate_conv2d_binary(self, *args: Any, **kwargs: Any) -> None:
             return None
 
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            super().annotate(model)
+            _drop_non_float_annotations(model)
+            return model
+
     return Quantizer()
+
+
+def _is_float(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return not isinstance(val, torch.Tensor) or val.is_floating_point()
+
+
+def _drop_non_float_annotations(model: torch.fx.GraphModule) -> int:
+    """Unannotate every op the quantizer annotated (a ``mul``, an ``add``) whose inputs are not
+    all floating point: RT-DETR's anchor mask multiplies two boolean masks, and an observer on a
+    boolean tensor fails (its histogram). Those ops stay as they are. Returns how many."""
+    dropped = 0
+    for node in model.graph.nodes:
+        ann = node.meta.get("quantization_annotation")
+        if ann is None or not ann.input_qspec_map:
+            continue
+        if all(_is_float(n) for n in ann.input_qspec_map) and _is_float(node):
+            continue
+        ann.input_qspec_map = {}
+        ann.output_qspec = None
+        dropped += 1
+    return dropped
 
 
 def _constant(gm: torch.fx.GraphModule, node: Any, seen: Dict[Any, Any]) -> Any:
@@ -145,6 +172,8 @@ class PerDepthInt8(nn.Module):
         self.graphs: Dict[DepthConfig, Any] = {}
         self.max_abs_diff: Dict[DepthConfig, float] = {}
         self._specs: Dict[DepthConfig, TreeSpec] = {}
+        #: submodules left in float32 (registered for the model's family, e.g. RT-DETR's decoder)
+        self.float32_modules: Tuple[str, ...] = ()
 
     def resolve_depth(self, depth: DepthLike, input_shape: Optional[Sequence[int]] = None) -> DepthConfig:
         return self._model.resolve_depth(depth, input_shape)
@@ -192,9 +221,13 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Any], depths: Optional
         if isinstance(depths, (str, DepthConfig)) or not isinstance(depths, Sequence) or not depths:
             raise TypeError(f"depths must be a non-empty list of depths, got {depths!r}")
         configs = [model.resolve_depth(d, shape) for d in depths]
+    from anydepth_kernels import float32_modules
+
+    kept = float32_modules(model)
     was_training = model.training
     model.eval()
     result = PerDepthInt8(model, shape)
+    result.float32_modules = kept
     traced = copy.deepcopy(model).float().cpu().eval()
     _install_samplers(traced, batches[0], "decompose")
     try:
@@ -206,6 +239,8 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Any], depths: Optional
                 ep = torch.export.export(_OneDepth(traced, config), (batches[0],), strict=False)
             quantizer = _quantizer(x86)
             quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+            for name in kept:  # _OneDepth holds the model as .model
+                quantizer.set_module_name_qconfig(f"model.{name}", None)
             graph = copy.deepcopy(ep.module())  # norm folding rewrites weights: not the traced copy's
             _fold_computed_weights(graph)
             prepared = pt2e.prepare_pt2e(graph, quantizer)

@@ -12,7 +12,8 @@ from .ops.concat_conv import concat_conv1x1
 from .ops.basis_conv import basis_conv_norm_act
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.attention import area_attention, attention
-from .optimize import OptimizeReport, bf16_supported, optimize, register_swap, unregister_swap
+from .optimize import (OptimizeReport, bf16_supported, float32_modules, optimize, register_float32_modules,
+                       register_swap, unregister_swap)
 from .shared_basis import (
     FactoredConvNormAct,
     SharedBasis,
@@ -48,6 +49,8 @@ __all__ = [
     "ms_deform_attn",
     "optimize",
     "OptimizeReport",
+    "register_float32_modules",
+    "float32_modules",
     "register_swap",
     "unregister_swap",
     "scale_bias_act",

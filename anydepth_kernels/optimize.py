@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -362,6 +362,30 @@ def unregister_swap(package: str, class_name: str) -> None:
     _NOTES.pop((package, class_name), None)
 
 
+#: (package, class name) -> names of submodules that stay float32 under ``dtype=torch.bfloat16``
+#: (and that an int8 quantizer should leave float: :func:`float32_modules`)
+_FLOAT32: Dict[tuple, Tuple[str, ...]] = {}
+
+
+def register_float32_modules(package: str, class_name: str, names: Sequence[str]) -> None:
+    """Keep the submodules ``names`` (dotted paths, e.g. ``"decoder"``) of models of this class in
+    float32 when :func:`optimize` runs them in bfloat16: their parameters stay float32 and their
+    floating inputs are cast to float32 on the way in (e.g. RT-DETR's decoder, whose deformable
+    attention samples at box coordinates that bf16's 8 significant bits would round to steps of
+    2^-8 of the image, 2.5 px at 640). An empty ``names`` forgets the entry."""
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"register_float32_modules: names must be a list of submodule names, got {names!r}")
+    if names:
+        _FLOAT32[(package, class_name)] = tuple(names)
+    else:
+        _FLOAT32.pop((package, class_name), None)
+
+
+def float32_modules(model: nn.Module) -> Tuple[str, ...]:
+    """The submodule names registered for ``model``'s class with :func:`register_float32_modules`."""
+    return _FLOAT32.get(_key(model), ())
+
+
 def _key(m: nn.Module) -> tuple:
     return type(m).__module__.split(".", 1)[0], type(m).__name__
 
@@ -459,15 +483,28 @@ def _to_dtype(dtype: torch.dtype) -> Callable[[Any], Any]:
     return cast
 
 
-def _bf16_hooks(model: nn.Module) -> None:
+def _bf16_hooks(model: nn.Module) -> List[str]:
     """Inputs cast to bfloat16 on the way in, floating-point outputs back to float32 on the way out
-    (callers keep passing and receiving float32; inside ``model.compile`` the casts are graph ops)."""
+    (callers keep passing and receiving float32; inside ``model.compile`` the casts are graph ops).
+    The submodules of :func:`float32_modules` go back to float32, their inputs cast to float32;
+    returns their names."""
     from torch.utils._pytree import tree_map
 
     to_bf16, to_f32 = _to_dtype(torch.bfloat16), _to_dtype(torch.float32)
     model.register_forward_pre_hook(lambda m, args, kwargs: (tree_map(to_bf16, args), tree_map(to_bf16, kwargs)),
                                     with_kwargs=True)
     model.register_forward_hook(lambda m, args, out: tree_map(to_f32, out))
+    names = list(float32_modules(model))
+    for name in names:
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"optimize: {type(model).__name__} registers {name!r} to stay float32, but has no such "
+                             "submodule") from e
+        sub.float()
+        sub.register_forward_pre_hook(lambda m, args, kwargs: (tree_map(to_f32, args), tree_map(to_f32, kwargs)),
+                                      with_kwargs=True)
+    return names
 
 
 def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, return_report: bool = False,
@@ -494,6 +531,8 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
     has no native bf16 (:func:`bf16_supported`) it warns and stays float32. The swapped fused
     modules are not a bf16 path (their CPU epilogue has a scalar bf16 loop only and the CPU
     deformable-attention kernel is float32/float64), so ``compile=False`` with bf16 is an error.
+    Submodules registered with :func:`register_float32_modules` (RT-DETR: its decoder) stay
+    float32.
     ``quantize="int8"``: post-training static int8 quantization (PT2E, ``X86InductorQuantizer``,
     needs ``torchao``: ``pip install "anydepth[quant]"``), calibrated on ``calibration`` (an
     iterable of image batches, or of tuples / lists whose first item is the batch) separately for
@@ -547,9 +586,11 @@ def optimize(model: nn.Module, backend: str = "auto", verbose: bool = False, ret
             # them into the bf16 conv weights in float32 (folded in bf16, the bias's
             # beta - mean * scale loses digits to cancellation); eagerly they take bf16 inputs
             norms = [m.float() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            _bf16_hooks(model)
+            kept = _bf16_hooks(model)
             report.notes.append("bfloat16 weights and activations (inputs cast in, outputs cast to float32); "
                                 f"{len(norms)} batch norms keep float32 parameters (folded into the convs)")
+            if kept:
+                report.notes.append(f"kept in float32 (registered for {type(model).__name__}): {', '.join(kept)}")
     compile = bool(compile)
     if model.training:
         report.notes.append("model switched to eval mode (norms are folded with their running statistics)")

@@ -191,3 +191,219 @@ def test_bench_summary_reads_precision_rows_and_the_best_peer_row():
     # every full-depth form of ours against the faster peer row (compiled), fastest first
     assert len(best) == 4 and best[0].startswith("full+int8 vs the best peer row (ultralytics peer+compiled)")
     assert "2.25x (40.0 ms vs 90.0 ms)" in best[0]
+
+
+# --------------------------------------------------------------------------- RT-DETR
+#: a tiny RT-DETR-R18 at 64 px. num_queries=84 is every encoder position (8x8 + 4x4 + 2x2 at
+#: strides 8/16/32): the top-k query selection then keeps all of them, only their order can
+#: differ, and the decoder (self-attention without a per-slot embedding) is permutation
+#: equivariant, so the outputs compare as sets (_set_error) instead of through a discrete top-k
+#: that a random network flips under any rounding
+RT_KW = dict(num_classes=3, num_queries=84, num_denoising=10, encoder_hidden_dim=32, encoder_ffn_dim=64,
+             d_model=32, decoder_ffn_dim=64, num_heads=4, encoder_heads=4, decoder_layers=2)
+
+
+@pytest.fixture(scope="module")
+def rtdetr():
+    model = anydepth.create_model("rtdetr-r18-anydepth", **RT_KW).eval()
+    randomize_(model, seed=3, calibrate_shape=(2, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def _set_error(out, ref) -> float:
+    """Mean distance between the two sets of queries (boxes in [0, 1] and class scores, per
+    coordinate), each query to the nearest of the other set, both ways (a symmetric Chamfer
+    distance: the order of the queries is free, see RT_KW)."""
+    a = torch.cat([out["pred_boxes"].float(), out["logits"].float().sigmoid()], -1)[0]
+    b = torch.cat([ref["pred_boxes"].float(), ref["logits"].float().sigmoid()], -1)[0]
+    d = torch.cdist(a, b, p=1) / a.shape[-1]
+    return float(d.min(0).values.mean() + d.min(1).values.mean()) / 2
+
+
+def _rounded(model, kind: str):
+    """A copy of ``model`` with its weights rounded as the format rounds them outside the
+    float32 submodules (RT-DETR's decoder): ``"bf16"`` every floating parameter and buffer to
+    bfloat16 and back, ``"int8"`` every conv / linear weight to 255 levels per output channel
+    (symmetric, scale max|w| / 127, as the quantizer's per-channel weight observer). Returns the
+    copy and its modules outside the float32 submodules."""
+    sim = copy.deepcopy(model)
+    kept = {id(m) for name in ak.float32_modules(sim) for m in sim.get_submodule(name).modules()}
+    mods = [m for m in sim.modules() if id(m) not in kept]
+    with torch.no_grad():
+        for m in mods:
+            if kind == "bf16":
+                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                    if t.is_floating_point():
+                        t.copy_(t.to(torch.bfloat16).float())
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                w = m.weight
+                scale = w.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (w.dim() - 1)) / 127
+                w.copy_((w / scale).round().clamp(-127, 127) * scale)
+    return sim, mods
+
+
+def _simulated_rtdetr(model, x: torch.Tensor, depth: str, kind: str) -> float:
+    """``_set_error`` of the format simulated on the float32 network: weights rounded
+    (:func:`_rounded`) and every conv / linear output outside the float32 submodules perturbed by
+    one rounding of the format, as :func:`_noisy_reference` does."""
+    sim, mods = _rounded(model, kind)
+    g = torch.Generator().manual_seed(11)
+
+    def perturb(module, args, out):
+        noise = torch.rand(out.shape, generator=g) * 2 - 1
+        if kind == "bf16":
+            return out * (1 + noise * 2.0 ** -8)
+        return out + noise * (out.max() - out.min()) / 255 / 2
+
+    hooks = [m.register_forward_hook(perturb) for m in mods if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            noisy = sim(x, depth=depth)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        return _set_error(noisy, model(x, depth=depth))
+
+
+@pytest.fixture(scope="module")
+def rtdetr_int8(rtdetr):
+    from anydepth.quantize import quantize_int8
+
+    # reference int8 graphs (compile=False), as for yolov12n above
+    return quantize_int8(rtdetr, _images(4, 2), depths=["full", "base"], compile=False)
+
+
+@pytest.mark.slow
+def test_rtdetr_int8_per_depth_close_to_float32(rtdetr, rtdetr_int8):
+    # the decoder depth is part of the depth: full runs 2 decoder layers, base 1 (and skips stages)
+    full, base = rtdetr.resolve_depth("full"), rtdetr.resolve_depth("base")
+    assert full.knob("decoder_layers") == 2 and base.knob("decoder_layers") == 1
+    assert set(rtdetr_int8.depths) == {full, base}
+    assert rtdetr_int8.float32_modules == ("decoder",)
+    for config in (full, base):  # int8 convolutions in the backbone and encoder, a float32 decoder
+        targets = [str(n.target) for n in rtdetr_int8.graphs[config].graph.nodes]
+        assert any("quantize_per_tensor" in t for t in targets)
+        assert any("quantize_per_channel" in t or "dequantize_per_channel" in t for t in targets)
+    x = _images(1, 7)[0]  # not a calibration batch
+    for depth in ("full", "base"):
+        with torch.no_grad():
+            ref = rtdetr(x, depth=depth)
+        out = rtdetr_int8(x, depth=depth)
+        assert set(out) == set(ref) and out["logits"].dtype == torch.float32
+        err = _set_error(out, ref)
+        sim = _simulated_rtdetr(rtdetr, x, depth, "int8")
+        print(f"rtdetr int8 {depth}: set error {err:.2e}, simulated {sim:.2e}")
+        assert err <= FACTOR * sim, depth
+    assert not torch.equal(rtdetr_int8(x, depth="full")["logits"], rtdetr_int8(x, depth="base")["logits"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ak.bf16_supported("cpu"), reason="this CPU has no native bfloat16 (the fallback is "
+                    "tested in test_bf16_falls_back_to_float32_where_unsupported)")
+def test_rtdetr_bf16_keeps_the_decoder_float32(rtdetr):
+    model, report = ak.optimize(copy.deepcopy(rtdetr), dtype=torch.bfloat16, return_report=True)
+    assert any("kept in float32" in n and "decoder" in n for n in report.notes)
+    assert all(p.dtype == torch.float32 for p in model.decoder.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.backbone.parameters())
+    x = _images(1, 7)[0]
+    with torch.no_grad():  # one compile (full: both decoder layers)
+        ref = rtdetr(x, depth="full")
+        out = model(x, depth="full")
+    assert out["logits"].dtype == torch.float32 and out["pred_boxes"].dtype == torch.float32
+    err = _set_error(out, ref)
+    sim = _simulated_rtdetr(rtdetr, x, "full", "bf16")
+    print(f"rtdetr bf16 full: set error {err:.2e}, simulated {sim:.2e}")
+    assert err <= FACTOR * sim
+
+
+def test_float32_modules_registration_is_checked():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="list of submodule names"):
+        ak.register_float32_modules("test_precision", "Toy", "head")
+    assert ak.float32_modules(anydepth.create_model("rtdetr-r18-anydepth", **RT_KW)) == ("decoder",)
+    key = Toy.__module__.split(".", 1)[0]
+    ak.register_float32_modules(key, "Toy", ["missing"])
+    try:
+        assert ak.float32_modules(Toy()) == ("missing",)
+        if ak.bf16_supported("cpu"):
+            with pytest.raises(ValueError, match="'missing' to stay float32, but has no such submodule"):
+                ak.optimize(Toy(), dtype=torch.bfloat16)
+    finally:
+        ak.register_float32_modules(key, "Toy", [])
+    assert ak.float32_modules(Toy()) == ()
+
+
+# --------------------------------------------------------------------------- AP of a form: anydepth eval --int8
+def test_int8_detector_runs_other_batch_sizes_in_chunks(yolo, int8):
+    from anydepth.evaluation.precision import Int8Detector
+
+    det = Int8Detector(yolo, int8)  # calibrated at batch 1: a batch of 3 runs as three chunks
+    xs = _images(3, 5)
+    out = det(torch.cat(xs), depth="base")
+    assert torch.equal(out, torch.cat([int8(x, depth="base") for x in xs]))
+    images = [(x[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy() for x in xs]
+    preds = det.predict(images, depth="base", conf=0.0, imgsz=SIZE)
+    assert len(preds) == 3 and all(p.boxes.shape[1] == 4 for p in preds)
+    assert "forward" not in yolo.__dict__  # predict's forward replacement is undone
+
+
+@pytest.fixture(scope="module")
+def synth_val(tmp_path_factory):
+    from anydepth.data import open_dataset, synth
+
+    root = tmp_path_factory.mktemp("precision") / "data"
+    synth.generate(str(root), images=3, imgsz=SIZE, seed=1, split="val", progress=False)
+    return root / "val", open_dataset(str(root / "val"), imgsz=SIZE, mode="letterbox", augment=False)
+
+
+def test_calibration_batches_are_what_predict_feeds_the_network(yolo, synth_val):
+    from anydepth.detection import letterbox_batch
+    from anydepth.evaluation.precision import calibration_batches
+
+    _, ds = synth_val
+    batches = calibration_batches(yolo, ds, 2, SIZE)
+    assert [tuple(b.shape) for b in batches] == [(1, 3, SIZE, SIZE)] * 2
+    assert torch.equal(batches[1], letterbox_batch([ds.load_original(1)[0]], SIZE, yolo.stride)[0])
+    with pytest.raises(ValueError, match="fewer than the 5 asked for"):
+        calibration_batches(yolo, ds, 5, SIZE)
+
+
+def test_cli_eval_int8_scores_the_form_next_to_float32(yolo, synth_val, tmp_path, capsys):
+    """`anydepth eval --int8`: rows <depth> and <depth>+int8 on the same images, the AP difference
+    in the notes. --int8-no-compile: the reference graphs Inductor would lower (the same quantize
+    / dequantize numerics; compiling costs minutes here)."""
+    from anydepth import checkpoint
+    from anydepth.cli import main
+    from anydepth.evaluation import EvalReport
+
+    val_dir, _ = synth_val
+    checkpoint.save(yolo, tmp_path / "m.pt")
+    args = ["eval", "--weights", str(tmp_path / "m.pt"), "--data", str(val_dir), "--imgsz", str(SIZE), "--device",
+            "cpu", "--quiet", "--pictures", "0", "--no-latency", "--out", str(tmp_path / "ev")]
+    assert main(args + ["--int8", "--int8-no-compile", "--calib-images", "2", "--depths", "base"]) == 0
+    report = EvalReport.from_json(tmp_path / "ev" / "eval-yolov12n-anydepth-64-int8.json")
+    assert [r.name for r in report.rows] == ["base", "base+int8"]
+    assert report.rows[1].code == report.rows[0].code and report.rows[1].metrics.keys() == report.rows[0].metrics.keys()
+    out = capsys.readouterr().out
+    assert f"calibrated per depth on the first 2 images of {val_dir}" in out and "not compiled" in out
+    assert "base+int8: AP" in out and "vs float32" in out
+    assert main(args + ["--int8", "--device", "cuda"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_precision_forms_are_checked(yolo):
+    from anydepth.evaluation.precision import evaluate_precision, precision_form
+
+    with pytest.raises(ValueError, match="unknown precision form 'fp8'"):
+        precision_form(yolo, "fp8")
+    with pytest.raises(ValueError, match="needs calibration images"):
+        precision_form(yolo, "int8")
+    with pytest.raises(TypeError, match="detectors"):
+        precision_form(anydepth.create_model("resnet18-anydepth", num_classes=3), "bf16")
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate_precision(yolo, None, ["float16"])

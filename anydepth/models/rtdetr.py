@@ -939,4 +939,7 @@ FAMILY = register_family(ModelFamily(
                                lambda path: is_dir(path) or is_file(path), _import_weights),
     peer=Peer("transformers", lazy("anydepth.convert._transformers:build_peer"),
               lambda m, x: m(pixel_values=x)),
+    # bf16 / int8 (optimize): the decoder (query selection, deformable sampling at box
+    # coordinates, box refinement) stays float32
+    float32_modules=("decoder",),
 ))
