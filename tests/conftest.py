@@ -14,6 +14,15 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+# One torch thread per test process (ANYDEPTH_TEST_THREADS to change it), and one OpenMP thread in
+# the processes the tests start: the suite's forwards are tiny, and ``make test`` runs two test
+# processes on a 2-core machine, where a second spinning OpenMP thread per process multiplies the
+# CPU time of every small op (measured: a 64-px yolov12n forward takes 0.02 s of CPU with one
+# thread, 1-2 s with two on a loaded machine). Tests that need more threads set them themselves.
+TEST_THREADS = int(os.environ.get("ANYDEPTH_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+torch.set_num_threads(TEST_THREADS)
+
 
 def pytest_addoption(parser):
     parser.addoption("--only-triton-cpu", action="store_true",
@@ -94,7 +103,8 @@ def aot_triton(request):
 def one_torch_thread():
     """One torch thread for a module of many tiny forwards (``pytestmark =
     pytest.mark.usefixtures("one_torch_thread")``): on a loaded 2-core machine two spinning threads
-    make every call far slower, and one thread repeats better."""
+    make every call far slower, and one thread repeats better. (The suite's default is one thread
+    already, see TEST_THREADS; this keeps such a module at one when ANYDEPTH_TEST_THREADS is set.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
