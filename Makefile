@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 ifeq ($(TEST_WORKERS),0)
 XDIST_ARGS :=
 else
-XDIST_ARGS := -n $(TEST_WORKERS) --dist loadfile
+XDIST_ARGS := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 endif
 
 # nvcc lives here on the development machines; the CUDA extension is built when it is found.
