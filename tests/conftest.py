@@ -17,11 +17,14 @@ except ImportError:  # pragma: no cover
 # One torch thread per test process (ANYDEPTH_TEST_THREADS to change it), and one OpenMP thread in
 # the processes the tests start: the suite's forwards are tiny, and ``make test`` runs two test
 # processes on a 2-core machine, where a second spinning OpenMP thread per process multiplies the
-# CPU time of every small op (measured: a 64-px yolov12n forward takes 0.02 s of CPU with one
-# thread, 1-2 s with two on a loaded machine). Tests that need more threads set them themselves.
-TEST_THREADS = int(os.environ.get("ANYDEPTH_TEST_THREADS", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
-torch.set_num_threads(TEST_THREADS)
+# CPU time of every small op (measured on a loaded machine: four training tests take 9.7 s of CPU
+# with one thread, 167 s with two). Tests that need more threads set them themselves. With a GPU
+# (``make gpu-check``: large CPU references on a many-core machine) torch's default is kept
+# unless ANYDEPTH_TEST_THREADS says otherwise.
+_threads = os.environ.get("ANYDEPTH_TEST_THREADS", None if torch.cuda.is_available() else "1")
+if _threads is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(_threads))
 
 
 def pytest_addoption(parser):
