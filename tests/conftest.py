@@ -22,6 +22,12 @@ except ImportError:  # pragma: no cover
 # (``make gpu-check``: large CPU references on a many-core machine) torch's default is kept
 # unless ANYDEPTH_TEST_THREADS says otherwise.
 _threads = os.environ.get("ANYDEPTH_TEST_THREADS", None if torch.cuda.is_available() else "1")
+# (the test processes of pytest-xdist inherit OMP_NUM_THREADS=1: they read the count from here)
+TORCH_DEFAULT_THREADS = int(os.environ.setdefault("ANYDEPTH_TORCH_DEFAULT_THREADS", str(torch.get_num_threads())))
+#: files kept at torch's default thread count: test_yolov12.py::test_fused_separate_shallow_conv
+#: (fused vs eager within 1e-5) gives 1.47e-5 with one thread (oneDNN's one-thread convolutions sum
+#: in another order), 1e-5 or less with two; to be looked at, until then it runs as before
+DEFAULT_THREAD_FILES = ("test_yolov12.py",)
 if _threads is not None:
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     torch.set_num_threads(int(_threads))
@@ -120,6 +126,18 @@ def aot_triton(request):
                     f"`make test` (or `make {venv}/triton36/.installed`) to install it, or set "
                     "ANYDEPTH_NO_TRITON36=1 to skip these cases.", pytrace=False)
     return AotTriton("3.6", folder, TRITON36_VERSION, TRITON36_ARCHS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _default_threads_for_some_files(request):
+    """torch's default thread count for the modules of :data:`DEFAULT_THREAD_FILES`."""
+    if request.module.__name__.rsplit(".", 1)[-1] + ".py" not in DEFAULT_THREAD_FILES:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
