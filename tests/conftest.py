@@ -52,8 +52,8 @@ def _triton_on_cpu(item) -> bool:
 #: keep their order. A file missing here only runs later; a name of a file gone is ignored.
 HEAVY_FILES = (
     "test_export_aoti.py", "test_export.py", "test_precision.py", "test_train.py", "test_attention.py",
-    "test_triton_conv_norm_act.py", "test_shared_basis.py", "test_ms_deform_attn.py", "test_concat_conv.py",
-    "test_classify.py", "test_vit_swin.py",
+    "test_optimize.py", "test_ms_deform_attn.py", "test_shared_basis.py", "test_triton_conv_norm_act.py",
+    "test_concat_conv.py", "test_gpucheck.py",
 )
 
 
