@@ -13,12 +13,14 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS ?= --model yolov12s-anydepth --model rtdetr-r50-anydepth --imgsz 640 --kernels --compile
 PYTEST_ARGS ?=
 # the suite runs in TEST_WORKERS processes (pytest-xdist; a test file stays in one process, so its
-# module fixtures are built once); TEST_WORKERS=0 runs it in this process
+# module fixtures are built once); files are handed out in collection order, the heaviest first
+# (tests/conftest.py::HEAVY_FILES; --no-loadscope-reorder keeps that order); TEST_WORKERS=0 runs
+# it in this process
 TEST_WORKERS ?= 2
 ifeq ($(TEST_WORKERS),0)
 XDIST_ARGS :=
 else
-XDIST_ARGS := -n $(TEST_WORKERS) --dist loadfile
+XDIST_ARGS := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 endif
 
 # nvcc lives here on the development machines; the CUDA extension is built when it is found.

@@ -124,3 +124,60 @@ def load_authors_fixture(name):
     for key, shape in fx["drawn"].items():
         sd[key] = authors_weight(key, shape, fx["weight_seed"])
     return fx, sd
+
+
+# -- the export tests (tests/test_export.py: ONNX; tests/test_export_aoti.py: AOTInductor) ---------
+#: the exported models, at 64 px (each file builds them from the same seed)
+EXPORT_IMGSZ = 64
+EXPORT_MODELS = {
+    "yolov12n-anydepth": dict(num_classes=4),
+    "rtdetr-r18-anydepth": dict(num_classes=4, num_queries=20),
+}
+EXPORT_TOL = 1e-4  # max |out - eager| / max |eager|, per output
+
+
+def export_model(name):
+    """A random model of ``EXPORT_MODELS`` (seed 0), its norm statistics calibrated at 64 px."""
+    import anydepth
+    from anydepth.testing import randomize_
+
+    torch.manual_seed(0)
+    m = anydepth.create_model(name, **EXPORT_MODELS[name]).eval()
+    return randomize_(m, calibrate_shape=(2, 3, EXPORT_IMGSZ, EXPORT_IMGSZ))
+
+
+def export_rel(out, ref):
+    """max |out - ref| / max |ref| (same shapes)."""
+    import numpy as np
+
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def export_eager(model, x, config):
+    """The eager model's outputs at ``config`` as numpy arrays, in the exported files' order."""
+    with torch.no_grad():
+        out = model(x, depth=config)
+    return [t.numpy() for t in (out.values() if isinstance(out, dict) else [out])]
+
+
+def export_mid(model):
+    """A mid-ladder depth: some switches skipped, some run."""
+    ladder = model.depth_configs((1, 3, EXPORT_IMGSZ, EXPORT_IMGSZ))
+    return ladder[len(ladder) // 2]
+
+
+def export_input(batch=1, seed=1):
+    return torch.rand((batch, 3, EXPORT_IMGSZ, EXPORT_IMGSZ), generator=torch.Generator().manual_seed(seed))
+
+
+def export_depth_grid(model):
+    """Every ladder depth, and off the ladder: alternating switches and (RT-DETR) each decoder
+    depth at base switches."""
+    space = model.depth_space
+    configs = list(model.depth_configs((1, 3, EXPORT_IMGSZ, EXPORT_IMGSZ)))
+    configs.append(space.make({s: i % 2 == 0 for i, s in enumerate(space.switches)}))
+    for k, spec in space.knob_specs.items():
+        configs += [space.make(dict.fromkeys(space.switches, True), {k: v}) for v in range(spec.low, spec.high + 1)]
+    return list(dict.fromkeys(configs))

@@ -1,49 +1,29 @@
-"""anydepth.export: per-depth ONNX, the multi-depth ONNX (depth as graph inputs, one If per
-refinement path), TensorRT's deformable-attention node, AOTInductor packages, the CLI and errors.
+"""anydepth.export to ONNX: per-depth ONNX, the multi-depth ONNX (depth as graph inputs, one If per
+refinement path), TensorRT's deformable-attention node, the CLI and errors (the AOTInductor
+packages: tests/test_export_aoti.py, a file of its own so that the two test processes of ``make
+test`` export in parallel).
 
-Each model is traced once (module-scoped fixtures: the traces and the AOTInductor compilation are
-the slow part; the ONNX and the AOTInductor exports share the multi-depth trace) at 64 px; every
-file runs in onnxruntime / AOTInductor and is compared with the eager model. The tracing, ONNX
-translation and AOTInductor compilation take minutes on a 2-core machine: those tests are marked
-``slow`` (``-m "not slow"`` leaves the argument checks and the CLI)."""
+Each model is traced once at 64 px (a module-scoped fixture: every depth in one trace, the
+per-depth files are its specialisations); every file runs in onnxruntime and is compared with the
+eager model. The tracing and the ONNX translation take minutes on a 2-core machine: those tests
+are marked ``slow`` (``-m "not slow"`` leaves the argument checks and the CLI)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import anydepth
-from anydepth.testing import randomize_
-
-IMGSZ = 64
-MODELS = {
-    "yolov12n-anydepth": dict(num_classes=4),
-    "rtdetr-r18-anydepth": dict(num_classes=4, num_queries=20),
-}
-TOL = 1e-4  # max |out - eager| / max |eager|, per output
-
-
-def _model(name):
-    torch.manual_seed(0)
-    m = anydepth.create_model(name, **MODELS[name]).eval()
-    return randomize_(m, calibrate_shape=(2, 3, IMGSZ, IMGSZ))
-
-
-def _rel(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
-
-
-def _eager(model, x, config):
-    with torch.no_grad():
-        out = model(x, depth=config)
-    return [t.numpy() for t in (out.values() if isinstance(out, dict) else [out])]
+from helpers import EXPORT_IMGSZ as IMGSZ
+from helpers import EXPORT_MODELS as MODELS
+from helpers import EXPORT_TOL as TOL
+from helpers import export_depth_grid as _depth_grid
+from helpers import export_eager as _eager
+from helpers import export_input as _x
+from helpers import export_model as _model
+from helpers import export_rel as _rel
 
 
 def _session(path):
@@ -53,26 +33,7 @@ def _session(path):
 
 
 @pytest.fixture(scope="module")
-def models():
-    """name -> (model, traces): one random model per name and the dict its traces are kept in
-    (``export(traces=...)``), so the ONNX and AOTInductor exports trace it once."""
-    done = {}
-
-    def get(name):
-        if name not in done:
-            done[name] = _model(name), {}
-        return done[name]
-    return get
-
-
-def _mid(model):
-    """A mid-ladder depth: some switches skipped, some run."""
-    ladder = model.depth_configs((1, 3, IMGSZ, IMGSZ))
-    return ladder[len(ladder) // 2]
-
-
-@pytest.fixture(scope="module")
-def onnx_exports(tmp_path_factory, models):
+def onnx_exports(tmp_path_factory):
     """name -> (model, ExportResult) of depth='all' with a dynamic batch (every ladder file + the
     multi-depth file), exported once per module on first use."""
     pytest.importorskip("onnxruntime")
@@ -83,28 +44,10 @@ def onnx_exports(tmp_path_factory, models):
 
     def get(name):
         if name not in done:
-            model, traces = models(name)
+            model = _model(name)
             out = tmp_path_factory.mktemp(name)
             done[name] = model, export(model, out, format="onnx", depth="all", imgsz=IMGSZ, dynamic_batch=True,
-                                       check=False, name=name, traces=traces)
-        return done[name]
-    return get
-
-
-@pytest.fixture(scope="module")
-def aoti_exports(tmp_path_factory, models):
-    """name -> (model, ExportResult) of the multi-depth AOTInductor package (from the ONNX
-    export's trace when it ran first) and one mid-ladder per-depth package, dynamic batch."""
-    from anydepth.export import export
-
-    done = {}
-
-    def get(name):
-        if name not in done:
-            model, traces = models(name)
-            out = tmp_path_factory.mktemp(f"{name}-aoti")
-            done[name] = model, export(model, out, format="aoti", depth=["multi", _mid(model).code], imgsz=IMGSZ,
-                                       dynamic_batch=True, check=False, name=name, traces=traces)
+                                       check=False, name=name)
         return done[name]
     return get
 
@@ -112,10 +55,6 @@ def aoti_exports(tmp_path_factory, models):
 @pytest.fixture(params=list(MODELS))
 def onnx_all(request, onnx_exports):
     return onnx_exports(request.param)
-
-
-def _x(batch=1, seed=1):
-    return torch.rand((batch, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.slow
@@ -145,17 +84,6 @@ def test_per_depth_onnx_equals_eager_at_every_ladder_depth(onnx_all):
         got = _session(f.path).run(None, {"images": x.numpy()})
         for o, r in zip(got, _eager(model, x, config)):
             assert _rel(o, r) <= TOL, (config.code, _rel(o, r))
-
-
-def _depth_grid(model):
-    """Every ladder depth, and off the ladder: alternating switches and (RT-DETR) each decoder
-    depth at base switches."""
-    space = model.depth_space
-    configs = list(model.depth_configs((1, 3, IMGSZ, IMGSZ)))
-    configs.append(space.make({s: i % 2 == 0 for i, s in enumerate(space.switches)}))
-    for k, spec in space.knob_specs.items():
-        configs += [space.make(dict.fromkeys(space.switches, True), {k: v}) for v in range(spec.low, spec.high + 1)]
-    return list(dict.fromkeys(configs))
 
 
 @pytest.mark.slow
@@ -270,82 +198,6 @@ def test_trt_plugin_node_has_tensorrt_signature(tmp_path):
         shapes, starts = inits[n.input[1]], inits[n.input[2]]
         assert shapes.dtype == np.int32 and starts.dtype == np.int32
         assert shapes.tolist() == [[8, 8], [4, 4], [2, 2]] and starts.tolist() == [0, 64, 80]  # strides 8/16/32
-
-
-@pytest.fixture(params=list(MODELS))
-def aoti_all(request, aoti_exports):
-    pytest.importorskip("onnxruntime")  # the shared trace is made by the ONNX fixture first
-    return aoti_exports(request.param)
-
-
-@pytest.mark.slow
-def test_aoti_multi_depth_package_equals_eager_at_every_depth(aoti_all):
-    """One AOTInductor package of the multi-depth graph (torch.cond) serves every depth: compared
-    with eager at every ladder depth and off the ladder (batch 2; the batch axis is dynamic), and the
-    per-depth package at its depth (batch 1)."""
-    from anydepth.export import aoti_depth_inputs, aoti_load
-
-    model, result = aoti_all
-    multi, mid = result.file("multi"), result.file(_mid(model).code)
-    assert multi.path.endswith("-multidepth.pt2") and mid.path.endswith(f"-{_mid(model).code}.pt2")
-    runner = aoti_load(multi.path)
-    x = _x(batch=2)
-    outs = {}
-    for config in _depth_grid(model):
-        with torch.no_grad():
-            got = runner(x, *aoti_depth_inputs(model, config))
-        for o, r in zip(got, _eager(model, x, config)):
-            assert _rel(o.numpy(), r) <= TOL, (config.code, _rel(o.numpy(), r))
-        outs[config] = got[0]
-    space = model.depth_space
-    assert not torch.allclose(outs[space.base()], outs[space.full()])
-    x1 = _x(batch=1, seed=2)
-    with torch.no_grad():
-        got = aoti_load(mid.path)(x1)
-    for o, r in zip(got, _eager(model, x1, _mid(model))):
-        assert _rel(o.numpy(), r) <= TOL
-
-
-@pytest.mark.slow
-def test_aoti_packages_run_without_our_code(aoti_exports, tmp_path):
-    """The multi-depth and the per-depth package of each model, loaded in a process where anydepth
-    cannot be imported, at the mid-ladder depth (batch 2: a dynamic-batch multi-depth package
-    takes batch >= 2, see the README)."""
-    from anydepth.export import aoti_depth_inputs
-
-    runs = []
-    x = _x(batch=2)
-    torch.save(x, tmp_path / "x.pt")
-    for name in MODELS:
-        model, result = aoti_exports(name)
-        config = _mid(model)
-        ref = _eager(model, x, config)
-        depth = tmp_path / f"{name}-depth.pt"
-        torch.save(list(aoti_depth_inputs(model, config)), depth)
-        none = tmp_path / "none.pt"
-        torch.save([], none)
-        runs.append((result.file("multi").path, depth, tmp_path / f"{name}-multi-y.pt", ref))
-        runs.append((result.file(config.code).path, none, tmp_path / f"{name}-mid-y.pt", ref))
-    script = textwrap.dedent("""
-        import sys
-        for mod in ("anydepth", "anydepth_kernels"):
-            sys.modules[mod] = None  # importing our code would fail here
-        import torch
-        x = torch.load(sys.argv[1], weights_only=True)
-        for pkg, depth, y in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
-            runner = torch._inductor.aoti_load_package(pkg)
-            with torch.no_grad():
-                out = runner(x, *torch.load(depth, weights_only=True))
-            torch.save([t.contiguous() for t in out], y)
-        """)
-    args = [str(tmp_path / "x.pt"), *(str(a) for run in runs for a in run[:3])]
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for _, _, y, ref in runs:
-        got = torch.load(y, weights_only=True)
-        assert len(got) == len(ref)
-        for o, r in zip(got, ref):
-            assert _rel(o.numpy(), r) <= TOL
 
 
 @pytest.mark.slow
