@@ -305,7 +305,11 @@ def test_rtdetr_bf16_keeps_the_decoder_float32(rtdetr):
     model, report = ak.optimize(copy.deepcopy(rtdetr), dtype=torch.bfloat16, return_report=True)
     assert any("kept in float32" in n and "decoder" in n for n in report.notes)
     assert all(p.dtype == torch.float32 for p in model.decoder.parameters())
-    assert all(p.dtype == torch.bfloat16 for p in model.backbone.parameters())
+    # the backbone in bf16 but for its batch norms, whose float32 parameters fold into the convs
+    norms = {id(p) for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    assert norms and all(p.dtype == (torch.float32 if id(p) in norms else torch.bfloat16)
+                         for p in model.backbone.parameters())
     x = _images(1, 7)[0]
     with torch.no_grad():  # one compile (full: both decoder layers)
         ref = rtdetr(x, depth="full")
