@@ -26,6 +26,14 @@ def warn_deprecated(old: str, new: str) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` (non-empty) holds no NaN or infinity: its minimum and maximum (one reduction,
+    NaN propagates) are finite. ``torch.isfinite(x).all()`` without the boolean tensor: ~10x
+    faster on a 640x640 image here."""
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class AnyDepthModel(nn.Module):
     """A model whose depth is chosen per call: ``model(x, depth=...)``.
 
@@ -60,7 +68,7 @@ class AnyDepthModel(nn.Module):
             raise ValueError(f"input height and width must be positive multiples of {self.stride}, got "
                              f"{h}x{w} (batch {x.shape[0]}); predict() takes images of any size")
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a CUDA graph
-        if not torch.compiler.is_compiling() and not capturing and not torch.isfinite(x).all():
+        if not torch.compiler.is_compiling() and not capturing and not all_finite(x):
             raise ValueError("input contains NaN or infinite values")
 
     def forward_depth(self, x: torch.Tensor, depth: DepthConfig):

@@ -37,6 +37,26 @@ def _accepts_skip(module: nn.Module) -> bool:
         return False
 
 
+def inplace_ok(t: torch.Tensor) -> bool:
+    """Whether a fresh intermediate ``t`` may be overwritten by the next pointwise op: eager
+    inference (autograd does not need it) and not while ``torch.compile`` / ``torch.export``
+    traces (their graphs stay the functional ones that Inductor and the quantizer match)."""
+    return not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def act_(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``act(t)`` computed in place in ``t`` (same kernel, same values) for torch's ReLU, SiLU and
+    Identity; any other activation module is called as it is."""
+    kind = type(act)
+    if kind is nn.ReLU:
+        return torch.relu_(t)
+    if kind is nn.SiLU:
+        return nn.functional.silu(t, inplace=True)
+    if kind is nn.Identity:
+        return t
+    return act(t)
+
+
 class SkipAwareBatchNorm2d(nn.Module):
     """Two BatchNorm2d sets: ``bn`` for full depth, ``bn_skip`` for when the stage runs shallow,
     so each depth keeps its own statistics. ``forward(x, skip)`` applies the matching one."""
@@ -105,6 +125,9 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor, skip: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.conv(x)
         y = self.bn(y, skip) if self.skip_aware else self.bn(y)
+        if inplace_ok(y):  # inference: the norm's output is ours; same values, two tensors fewer
+            y = act_(self.act, y)
+            return y if residual is None else y.add_(residual)
         y = self.act(y)
         return y if residual is None else y + residual
 

@@ -434,3 +434,144 @@ def test_stem_max_pool_is_exact(shape):
     x = torch.randn(shape)
     x[..., 0, 0] = float("inf")  # infinities pass through like the library's max-pool
     assert torch.equal(_max_pool_3x3s2(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed costs at inference (issue 20): each fast path against the path it replaces
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("batch,shapes,queries,seed", [
+    (1, ((16, 16), (8, 8), (4, 4)), 300, 0), (2, ((12, 20), (6, 10), (3, 5)), 100, 1),
+    (3, ((8, 8), (4, 4), (2, 2)), 17, 2), (1, ((4, 4), (2, 2), (1, 1)), 3, 3)])
+def test_query_selection_equals_the_training_path_selection(batch, shapes, queries, seed):
+    """Inference query selection (box head on the selected rows only) against ``_select`` (every
+    row, then gathered): same positions in the same order, the same queries bit for bit, the
+    same boxes up to the matrix multiply's rounding for the row count."""
+    from anydepth.models.rtdetr import RTDETRDecoder
+
+    torch.manual_seed(seed)
+    dec = randomize_(RTDETRDecoder([32] * 3, 7, 32, 4, 64, 2, 2, queries, "relu", 1e-5, 1e-5, False), seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(batch, 32, h, w, generator=g) for h, w in shapes]
+    with torch.no_grad():
+        memory, shapes_t, starts, out_mem, enc_logits, enc_coord, idx = dec._select(feats)
+        x, ref = dec._query_selection(memory, tuple(shapes))
+    assert torch.equal(x, out_mem.gather(1, idx[..., None].expand(-1, -1, out_mem.shape[-1])))
+    expect = enc_coord.gather(1, idx[..., None].expand(-1, -1, 4)).sigmoid()
+    assert ref.shape == expect.shape == (batch, queries, 4)
+    assert (ref - expect).abs().max().item() <= 1e-6
+
+
+def _no_inplace(monkeypatch):
+    import anydepth.models.resnet as rn
+    import anydepth.models.rtdetr as rt
+    import anydepth.nn as nn_mod
+
+    for mod in (nn_mod, rn, rt):
+        monkeypatch.setattr(mod, "inplace_ok", lambda t: False)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("act", ["relu", "silu", "identity"])
+def test_conv_norm_act_in_place_inference_is_exact(act, monkeypatch):
+    """The eager block's in-place activation and residual add give the functional result bit for
+    bit (both norm sets, with and without a residual); with autograd on it stays functional."""
+    from anydepth.nn import ConvNormAct
+
+    torch.manual_seed(0)
+    for k, s, cin, cout, size in ((3, 1, 4, 8, 9), (1, 1, 8, 8, 6), (3, 2, 3, 5, 11)):
+        m = randomize_(ConvNormAct(cin, cout, k, s, act=act, skip_aware=True), 0).eval()
+        x = torch.randn(2, cin, size, size)
+        res = torch.randn(2, cout, (size - 1) // s + 1, (size - 1) // s + 1)
+        with torch.no_grad():
+            fast = [m(x, skip, r) for skip in (False, True) for r in (None, res)]
+        with monkeypatch.context() as mp:
+            _no_inplace(mp)
+            with torch.no_grad():
+                ref = [m(x, skip, r) for skip in (False, True) for r in (None, res)]
+        assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    from anydepth.nn import inplace_ok
+
+    t = torch.randn(3, requires_grad=True) * 2
+    assert not inplace_ok(t)  # autograd needs it: the functional path
+    with torch.no_grad():
+        assert inplace_ok(t * 2)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name,size", [("rtdetr-r18-anydepth", 96), ("rtdetr-r50-anydepth", 64)])
+def test_eager_inference_fast_paths_are_exact(name, size, monkeypatch):
+    """The eager model with its inference fast paths (in-place pointwise ops in conv blocks,
+    residual blocks and RepVGG blocks) equals the functional forward bit for bit at every depth."""
+    torch.manual_seed(3)
+    model = randomize_(create_model(name, num_queries=20), 3).eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 3, size, size, generator=g)
+    depths = ("full", "base", {"backbone.stage2": True, "encoder": True, "decoder_layers": 2})
+    with torch.no_grad():
+        fast = [model(x, depth=d) for d in depths]
+    _no_inplace(monkeypatch)
+    with torch.no_grad():
+        ref = [model(x, depth=d) for d in depths]
+    for a, b, d in zip(fast, ref, depths):
+        assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"]), d
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fused_stem_runs_channels_last_and_hands_nchw_on(r18):
+    """The inference form runs its stem and max-pool channels-last on the CPU and hands stage 1 an
+    NCHW tensor equal (max-pool exact, convs to rounding) to the NCHW stem's."""
+    _, model = r18
+    fused = copy.deepcopy(model).to_inference()
+    bb = fused.backbone
+    assert bb.stem_channels_last and not model.backbone.stem_channels_last
+    x = _images(2, 96)
+    with torch.no_grad():
+        y = bb._pool(bb._stem(x))
+        bb.stem_channels_last = False
+        ref = bb._pool(bb._stem(x))
+    assert y.is_contiguous() and ref.is_contiguous()
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_matches_isfinite(dtype):
+    from anydepth.model import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 3, 32, 32), (2, 3, 7, 5), (1, 1, 1, 1)):
+        x = torch.rand(shape, generator=g).to(dtype)
+        assert all_finite(x)
+        n = x.numel()
+        for value in (float("nan"), float("inf"), float("-inf")):
+            for pos in {0, n // 2, n - 1}:
+                y = x.clone()
+                y.view(-1)[pos] = value
+                assert not all_finite(y) and not bool(torch.isfinite(y).all())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_stage_profile_tool_mirrors_the_forward(capsys):
+    """tools/rtdetr_stage_profile.py: its staged forward (new and baseline paths) equals the
+    model's own output (it checks that itself before timing) and it prints one table per form."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "rtdetr_stage_profile.py"
+    spec = importlib.util.spec_from_file_location("rtdetr_stage_profile", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    threads = torch.get_num_threads()
+    try:
+        assert tool.main(["--model", "rtdetr-r18-anydepth", "--imgsz", "64", "--num-queries", "20", "--rounds", "1",
+                          "--warmup", "0", "--threads", "1", "--baseline"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for title in ("### eager", "### fused", "### before (--baseline): eager", "### before (--baseline): fused"):
+        assert title in out
+    assert out.count("depth efficiency (whole forward)") == 4
+    import anydepth.models.rtdetr as rt
+    import anydepth.nn as nn_mod
+
+    assert nn_mod.inplace_ok is rt.inplace_ok  # the baseline patches were undone
