@@ -42,6 +42,21 @@ def test_model_report_end_to_end(tmp_path):
     assert any("matmul rate" in line for line in report.summary())
 
 
+def test_matmul_ceiling_is_read_in_the_runs_dtype_only():
+    # a bf16 / int8 row beats the float32 matmul rate by design: the "fastest form" against that
+    # rate is the fastest row of the run's own dtype
+    def row(name, ms):
+        return benchmark.Row(name, "F", 10.0, 1.0, ms, ms, ms)
+
+    report = benchmark.ModelReport("m", 64, 1, "cpu", "float32", 1, {}, gemm_gflop_per_s=100.0, rows=[
+        row("full", 200.0), row("base", 150.0), row("full+compiled", 125.0), row("base+compiled", 120.0),
+        row("full+bf16", 50.0), row("base+bf16", 40.0), row("full+int8", 25.0), row("base+int8", 20.0)])
+    lines = [line for line in report.summary() if "of the matmul rate" in line]
+    assert len(lines) == 2
+    assert "fastest float32 form (full+compiled) 80%" in lines[0]
+    assert "fastest float32 form (base+compiled) 83%" in lines[1]
+
+
 def test_gemm_rate_counts_flops_of_the_product(monkeypatch):
     # a fixed 2 ms per product: 2 n^3 FLOPs / 2 ms
     monkeypatch.setattr(benchmark, "timer", lambda device: (lambda fn: (fn(), 2.0)[1]))
