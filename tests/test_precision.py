@@ -48,6 +48,14 @@ def _noisy_reference(model, x: torch.Tensor, depth: str, kind: str):
     its range). This is the format's error simulated on the same network, so the bound adapts to
     how sensitive this particular (random, untrained, chaotic) network is: rounding the input
     alone moves single scores by up to 0.2 here, so a fixed bound would say nothing."""
+    noisy = _perturbed_forward(model, model.modules(), (torch.nn.Conv2d,), x, depth, kind)
+    with torch.no_grad():
+        return _errors(noisy, model(x, depth=depth))
+
+
+def _perturbed_forward(model, modules, types, x: torch.Tensor, depth: str, kind: str):
+    """``model(x, depth)`` with every output of ``modules`` of ``types`` perturbed by one rounding of
+    the format (see :func:`_noisy_reference`), the noise seeded."""
     g = torch.Generator().manual_seed(11)
 
     def perturb(module, args, out):
@@ -56,15 +64,13 @@ def _noisy_reference(model, x: torch.Tensor, depth: str, kind: str):
             return out * (1 + noise * 2.0 ** -8)
         return out + noise * (out.max() - out.min()) / 255 / 2
 
-    hooks = [m.register_forward_hook(perturb) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(perturb) for m in modules if isinstance(m, types)]
     try:
         with torch.no_grad():
-            noisy = model(x, depth=depth)
+            return model(x, depth=depth)
     finally:
         for h in hooks:
             h.remove()
-    with torch.no_grad():
-        return _errors(noisy, model(x, depth=depth))
 
 
 #: the format rounds more tensors than the simulation perturbs (weights, the input, attention and
@@ -247,21 +253,7 @@ def _simulated_rtdetr(model, x: torch.Tensor, depth: str, kind: str) -> float:
     (:func:`_rounded`) and every conv / linear output outside the float32 submodules perturbed by
     one rounding of the format, as :func:`_noisy_reference` does."""
     sim, mods = _rounded(model, kind)
-    g = torch.Generator().manual_seed(11)
-
-    def perturb(module, args, out):
-        noise = torch.rand(out.shape, generator=g) * 2 - 1
-        if kind == "bf16":
-            return out * (1 + noise * 2.0 ** -8)
-        return out + noise * (out.max() - out.min()) / 255 / 2
-
-    hooks = [m.register_forward_hook(perturb) for m in mods if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            noisy = sim(x, depth=depth)
-    finally:
-        for h in hooks:
-            h.remove()
+    noisy = _perturbed_forward(sim, mods, (torch.nn.Conv2d, torch.nn.Linear), x, depth, kind)
     with torch.no_grad():
         return _set_error(noisy, model(x, depth=depth))
 

@@ -91,6 +91,15 @@ def _randomised(model, seed):
     return model.eval()
 
 
+def _assert_same_detections(model, x, depths, outs):
+    """``model``'s logits and boxes at each of ``depths`` equal ``outs`` (<= TOL)."""
+    with torch.no_grad():
+        for d, want in zip(depths, outs):
+            got = model(x, depth=d)
+            assert rel_err(got["logits"], want["logits"]) <= TOL, d
+            assert rel_err(got["pred_boxes"], want["pred_boxes"]) <= TOL, d
+
+
 def _well_separated(model, depths, size=96):
     """An input whose decoder query selection (top-k of the encoder scores) has a margin above
     float rounding at every one of ``depths`` (the eager model as the oracle)."""
@@ -147,11 +156,7 @@ def test_inference_form_equals_eager_at_every_depth(r34_shared):
         assert not torch.allclose(feats[(False,) * 5], feats[(True, True, False, False, False)])
     depths = ("full", "base", MIXED)
     x, outs = _well_separated(eager, depths)
-    with torch.no_grad():
-        for d, want in zip(depths, outs):
-            got = fused(x, depth=d)
-            assert rel_err(got["logits"], want["logits"]) <= TOL, d
-            assert rel_err(got["pred_boxes"], want["pred_boxes"]) <= TOL, d
+    _assert_same_detections(fused, x, depths, outs)
 
 
 def test_share_bases_init_from_an_unshared_detector_is_exact():
@@ -173,11 +178,7 @@ def test_share_bases_init_from_an_unshared_detector_is_exact():
                 assert rel_err(a, b) <= TOL, skips
     depths = ("full", MIXED)
     x, outs = _well_separated(plain, depths)
-    with torch.no_grad():
-        for d, want in zip(depths, outs):
-            got = shared(x, depth=d)
-            assert rel_err(got["logits"], want["logits"]) <= TOL, d
-            assert rel_err(got["pred_boxes"], want["pred_boxes"]) <= TOL, d
+    _assert_same_detections(shared, x, depths, outs)
     with pytest.raises(ValueError, match="already has shared bases"):
         to_shared_bases(shared, dict(shared_rank=8))
     with pytest.raises(ValueError, match="coefficients=False"):
